@@ -1,0 +1,207 @@
+"""The planner: for one request, which offerings may serve it, in what order, and why the others may not.
+
+A pure function of its inputs (request, policy, catalog, state): no IO, no clock, no randomness, so
+`imagebroker route` shows exactly what `generate()` would do.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal
+
+from ..errors import RequestError
+from ..providers.catalog import Catalog
+from ..providers.offering import Offering
+from ..types import Candidate, Cost, ImageRequest, Plan, Rejection
+from .pricing import estimate
+from .schema import Constraints, Policy, Rule
+
+DEFAULT_LOAD_S = 15.0
+
+
+@dataclass(frozen=True)
+class PlannerState:
+    """What the planner knows of the world beyond the request and the policy."""
+
+    today: date
+    unavailable: Mapping[str, str] = field(default_factory=dict)   # offering id or provider -> why
+    observed_latency: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # p50, p95
+    warm: frozenset[str] = frozenset()          # local offerings whose pipeline is loaded
+    local_device: str = "cuda"
+    max_marginal_usd: Decimal | None = None     # a `restrict` budget's remaining headroom
+
+
+@dataclass
+class _Effective:
+    constraints: Constraints
+    objective: str
+    prefer: tuple[str, ...]
+    deny: tuple[str, ...]
+    rule: str | None
+
+
+def _matches(o: Offering, pattern: str) -> bool:
+    return pattern == o.provider or pattern in o.aliases or fnmatch.fnmatchcase(o.id, pattern)
+
+
+def _rule_applies(rule: Rule, request: ImageRequest) -> bool:
+    w = rule.when
+    return all([
+        all(request.tags.get(k) == v for k, v in w.tags.items()),
+        w.size is None or request.size == w.size,
+        w.min_n is None or request.n >= w.min_n,
+        w.adapters is None or bool(request.adapters) == w.adapters,
+        w.model is None or request.model == w.model,
+        w.negative_prompt is None or bool(request.negative_prompt) == w.negative_prompt,
+    ])
+
+
+def effective_settings(request: ImageRequest, policy: Policy) -> _Effective:
+    eff = _Effective(policy.constraints, policy.objective, policy.prefer, policy.deny, None)
+    for rule in policy.rules:
+        if _rule_applies(rule, request):
+            s = rule.set
+            if s.constraints is not None:
+                eff.constraints = eff.constraints.model_copy(
+                    update=s.constraints.model_dump(exclude_unset=True))
+            eff.objective = s.objective or eff.objective
+            eff.prefer = s.prefer if s.prefer is not None else eff.prefer
+            eff.deny = s.deny if s.deny is not None else eff.deny
+            eff.rule = rule.name
+            break
+    return eff
+
+
+def latency_estimate(o: Offering, state: PlannerState) -> float:
+    p50 = state.observed_latency.get(o.id, (o.latency.p50_s, o.latency.p95_s))[0]
+    if o.kind == "local" and o.id not in state.warm:
+        p50 += float(o.settings.get("load_s", DEFAULT_LOAD_S))  # type: ignore[arg-type]
+    return p50
+
+
+def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints) -> tuple[list[str], list[str]]:
+    """(hard reasons the offering cannot serve the request, soft fields it would drop)."""
+    caps, hard, soft = o.capabilities, [], []
+    if r.width and r.height and (problem := caps.size_problem(r.width, r.height)):
+        hard.append(problem)
+    if r.n > caps.max_n:
+        hard.append(f"n={r.n} above its max of {caps.max_n}")
+    if r.adapters and not caps.adapters:
+        hard.append("no LoRA/adapter support")
+    elif len(r.adapters) > caps.max_adapters and caps.adapters:
+        hard.append(f"{len(r.adapters)} adapters above its max of {caps.max_adapters}")
+    if c.require_adapters and not caps.adapters:
+        hard.append("no LoRA support (policy requires adapters)")
+    if r.background == "transparent" and not caps.transparent_background:
+        hard.append("no transparent background")
+    if not caps.seed:
+        if c.require_seed:
+            hard.append("no seed support (policy requires reproducible seeds)")
+        elif r.seed is not None:
+            soft.append("seed")
+    if r.quality and r.quality != "auto":
+        if not caps.qualities:
+            soft.append("quality")
+        elif r.quality not in caps.qualities:
+            hard.append(f"quality {r.quality} not offered ({', '.join(caps.qualities)})")
+    for name, given, supported in (("negative_prompt", r.negative_prompt, caps.negative_prompt),
+                                   ("steps", r.steps, caps.steps),
+                                   ("guidance_scale", r.guidance_scale, caps.guidance),
+                                   ("scheduler", r.scheduler, caps.scheduler)):
+        if given is not None and not supported:
+            soft.append(name)
+    if r.output_format and r.output_format not in caps.output_formats:
+        soft.append("output_format")  # converted locally after the call
+    return hard, soft
+
+
+def _policy_reasons(o: Offering, r: ImageRequest, c: Constraints, cost: Cost, latency: float,
+                    state: PlannerState) -> list[str]:
+    reasons = []
+    need = c.licenses
+    if need == "commercial" and o.license.commercial_use != "yes":
+        reasons.append(f"license {o.license.name}: commercial use {o.license.commercial_use}")
+    elif need == "conditional" and o.license.commercial_use == "no":
+        reasons.append(f"license {o.license.name}: non-commercial")
+    if c.regions is not None:
+        outside = [g for g in o.regions if g not in c.regions]
+        if outside:
+            reasons.append(f"processes data in {', '.join(outside)}, policy allows "
+                           f"{', '.join(c.regions)}")
+    max_latency = min(x for x in (c.max_latency_s, r.max_latency_s, float("inf")) if x is not None)
+    if latency > max_latency:
+        reasons.append(f"est latency {latency:g} s > max {max_latency:g} s")
+    limits = [(c.max_cost_per_image_usd, "image"), (c.max_cost_per_call_usd, "call"),
+              (r.max_cost_usd, "call (request)"), (state.max_marginal_usd, "call (budget headroom)")]
+    for limit, per in limits:
+        if limit is None:
+            continue
+        if cost.usd is None:
+            reasons.append(f"price unknown ({cost.detail}); cannot check max ${limit}/{per.split()[0]}")
+            break
+        value = cost.usd / r.n if per == "image" else cost.usd
+        if value > limit:
+            reasons.append(f"est ${value:.4f}/{per} > max ${limit}")
+    return reasons
+
+
+def _sort_key(objective: str, cand: Candidate, o: Offering, prefer: tuple[str, ...]):
+    pref = next((i for i, p in enumerate(prefer) if _matches(o, p)), len(prefer))
+    usd = cand.estimated_cost.usd
+    cost = (0, usd) if usd is not None else (1, Decimal(0))  # unpriced sorts after any priced
+    lat = cand.estimated_latency_s or 0.0
+    if objective == "fastest":
+        return (lat, pref, cost, o.id)
+    if objective == "best":
+        return (-o.rank, pref, cost, lat, o.id)
+    if objective == "ordered":
+        return (pref, cost, lat, o.id)
+    return (cost, pref, lat, o.id)
+
+
+def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: PlannerState) -> Plan:
+    eff = effective_settings(request, policy)
+    c = eff.constraints
+    pinned: list[Offering] | None = None
+    if request.model:
+        pinned = [o for o in catalog if _matches(o, request.model)]
+        if not pinned:
+            raise RequestError(f"unknown model {request.model!r}: not an offering id, alias or "
+                               "provider in the catalog (see `imagebroker providers`)")
+    pool = pinned if pinned is not None else [o for o in catalog if not o.retired(state.today)]
+    eligible: list[tuple[Candidate, Offering]] = []
+    held: list[tuple[Candidate, Offering]] = []
+    rejected: list[Rejection] = []
+    for o in sorted(pool, key=lambda x: x.id):
+        reasons: list[str] = []
+        if o.retired(state.today):
+            reasons.append(f"retired (shut down {o.shutdown or 'already'})")
+        reasons += [f"denied by policy ({p})" for p in eff.deny if _matches(o, p)][:1]
+        why = state.unavailable.get(o.id) or state.unavailable.get(o.provider)
+        if why:
+            reasons.append(why)
+        hard, soft = _capability_reasons(o, request, c)
+        reasons += hard
+        device = state.local_device if o.kind == "local" else "cuda"
+        cost = estimate(request, o, device=device)
+        latency = latency_estimate(o, state)
+        reasons += _policy_reasons(o, request, c, cost, latency, state)
+        if reasons:
+            rejected.append(Rejection(offering=o.id, reasons=tuple(reasons)))
+            continue
+        cand = Candidate(offering=o.id, estimated_cost=cost, estimated_latency_s=round(latency, 3),
+                         dropped=tuple(soft))
+        is_last = pinned is None and any(_matches(o, p) for p in policy.last_resort)
+        (held if is_last else eligible).append((cand, o))
+    if eligible:
+        rejected += [Rejection(offering=o.id, reasons=(
+            "last resort: used only when no other offering is eligible",)) for _, o in held]
+    else:
+        eligible = held
+    eligible.sort(key=lambda pair: _sort_key(eff.objective, pair[0], pair[1], eff.prefer))
+    rejected.sort(key=lambda rj: rj.offering)
+    return Plan(candidates=tuple(cand for cand, _ in eligible), rejected=tuple(rejected),
+                policy=policy.name, rule=eff.rule, objective=eff.objective)

@@ -1,0 +1,176 @@
+"""Pricing as pure functions: `estimate` before a call, `settle` from the provider's reported units after.
+
+Every function returns a `Cost` whose status says how it was reached: `priced` from units the provider
+reported (tokens, seconds, credits, images it returned), `estimated` from the catalog's formula, or
+`unpriced` when no price is known. Nothing is ever a silent $0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from ..providers.offering import (
+    GpuSecondsPrice,
+    Offering,
+    PerCreditPrice,
+    PerImagePrice,
+    PerMegapixelPrice,
+    PerSecondPrice,
+    PerTokenPrice,
+)
+from ..types import Cost, ImageRequest, parse_size
+
+PLACES = Decimal("1e-9")  # the ledger stores integer nano-USD
+CHARS_PER_TOKEN = 4  # prompt-token estimate before the call; `usage` settles the real count
+
+
+def _q(value: Decimal) -> Decimal:
+    return value.quantize(PLACES).normalize() if value else Decimal(0)
+
+
+def request_size(request: ImageRequest, offering: Offering) -> tuple[int, int]:
+    if request.width and request.height:
+        return request.width, request.height
+    return parse_size(offering.capabilities.default_size)
+
+
+def _per_image_usd(price: PerImagePrice, size: str, quality: str | None) -> Decimal:
+    """The table row for this size and quality, else one naming only the size or the quality, else
+    the base price. An unspecified (or `auto`) quality is priced as medium."""
+    q = quality if quality not in (None, "auto") else "medium"
+    for match in (lambda r: r.size == size and r.quality == q,
+                  lambda r: r.size == size and r.quality is None,
+                  lambda r: r.size is None and r.quality == q):
+        for row in price.table:
+            if match(row):
+                return row.usd
+    return price.usd
+
+
+def megapixel_usd(price: PerMegapixelPrice, width: int, height: int) -> Decimal:
+    mp = Decimal(width * height) / Decimal(1_000_000)
+    if price.rounding == "ceil":
+        mp = Decimal(math.ceil(mp))
+    if price.first_mp_usd is not None:
+        return price.first_mp_usd + max(Decimal(0), mp - 1) * price.usd_per_mp
+    return mp * price.usd_per_mp
+
+
+def estimated_output_tokens(price: PerTokenPrice, width: int, height: int, quality: str | None) -> int:
+    table = price.output_tokens
+    key = quality if quality in table else "auto" if "auto" in table else "medium"
+    base = table.get(key) or max(table.values(), default=0)
+    rw, rh = parse_size(price.output_tokens_size)
+    return math.ceil(base * (width * height) / (rw * rh))
+
+
+def token_usd(price: PerTokenPrice, units: Mapping[str, Any]) -> Decimal:
+    def rate(name: str, fallback: Decimal) -> Decimal:
+        value = getattr(price, name)
+        return value if value is not None else fallback
+
+    return (
+        Decimal(units.get("input_text_tokens", 0)) * price.text_input
+        + Decimal(units.get("cached_input_text_tokens", 0)) * rate("cached_text_input", price.text_input)
+        + Decimal(units.get("input_image_tokens", 0)) * price.image_input
+        + Decimal(units.get("cached_input_image_tokens", 0)) * rate("cached_image_input", price.image_input)
+        + Decimal(units.get("output_image_tokens", 0)) * price.image_output
+        + Decimal(units.get("output_text_tokens", 0)) * price.text_output
+    )
+
+
+def _gpu_rate(price: GpuSecondsPrice, device: str) -> Decimal | None:
+    return price.cpu_usd_per_hour if device == "cpu" else price.usd_per_gpu_hour
+
+
+def _with_uplift(usd: Decimal, uplift: Decimal) -> Decimal:
+    return usd * (1 + uplift) if uplift else usd
+
+
+def estimate(request: ImageRequest, offering: Offering, *, device: str = "cuda") -> Cost:
+    """What the call should cost, before it is made. Status `estimated`, or `unpriced`."""
+    price = offering.price
+    if price is None:
+        return Cost.unpriced("none", f"no price in the catalog for {offering.id}")
+    w, h = request_size(request, offering)
+    n = request.n
+    units: dict[str, Any] = {"images": n, "width": w, "height": h}
+    if isinstance(price, PerImagePrice):
+        each = _per_image_usd(price, f"{w}x{h}", request.quality)
+        usd, detail = each * n, f"{n} x ${each}/image"
+    elif isinstance(price, PerMegapixelPrice):
+        each = megapixel_usd(price, w, h)
+        usd, detail = each * n, f"{n} x {w}x{h} at ${price.usd_per_mp}/MP ({price.rounding})"
+    elif isinstance(price, PerTokenPrice):
+        out = estimated_output_tokens(price, w, h, request.quality)
+        prompt = math.ceil(len(request.prompt) / CHARS_PER_TOKEN)
+        units.update(input_text_tokens=prompt * n, output_image_tokens=out * n)
+        usd, detail = token_usd(price, units), f"~{prompt} prompt + {out} image tokens per image"
+    elif isinstance(price, PerSecondPrice):
+        secs = price.typical_seconds * n
+        units["predict_time_s"] = secs
+        usd, detail = Decimal(str(secs)) * price.usd_per_second, f"~{secs:g} s on {price.hardware}"
+    elif isinstance(price, PerCreditPrice):
+        usd, detail = price.credits * n * price.usd_per_credit, f"{n} x {price.credits} credits"
+    else:
+        rate = _gpu_rate(price, device)
+        dw, dh = parse_size(offering.capabilities.default_size)
+        secs = price.typical_seconds * n * (w * h) / (dw * dh)
+        default_steps = offering.settings.get("steps")
+        if request.steps and isinstance(default_steps, int) and default_steps:
+            secs *= request.steps / default_steps
+        units.update(gpu_seconds=round(secs, 3), device=device)
+        if rate is None:
+            return Cost.unpriced("gpu_seconds", "set local.gpu_usd_per_hour in the policy", units)
+        usd = Decimal(str(secs)) * rate / 3600
+        detail = f"~{secs:.2f} s on {device} at ${rate}/h"
+    return Cost(usd=_q(_with_uplift(usd, price.uplift)), status="estimated", unit=price.unit,
+                units=units, detail=detail)
+
+
+def settle(usage: Mapping[str, Any], offering: Offering, request: ImageRequest) -> Cost:
+    """What the call cost, from the units the provider reported (`usage`)."""
+    price = offering.price
+    units = dict(usage)
+    if price is None:
+        return Cost.unpriced("none", f"no price in the catalog for {offering.id}", units)
+    images = int(units.get("images", request.n))
+    w = int(units.get("width") or request_size(request, offering)[0])
+    h = int(units.get("height") or request_size(request, offering)[1])
+    status = "priced"
+    if isinstance(price, PerImagePrice):
+        each = _per_image_usd(price, f"{w}x{h}", units.get("quality") or request.quality)
+        usd, detail = each * images, f"{images} x ${each}/image"
+    elif isinstance(price, PerMegapixelPrice):
+        sizes = units.get("sizes") or [[w, h]] * images
+        usd = sum((megapixel_usd(price, int(a), int(b)) for a, b in sizes), Decimal(0))
+        detail = f"{len(sizes)} image(s) at ${price.usd_per_mp}/MP ({price.rounding})"
+    elif isinstance(price, PerTokenPrice):
+        if not any(k.endswith("_tokens") for k in units):
+            est = estimate(request, offering)
+            return est.model_copy(update={"detail": "provider reported no token usage; " + est.detail})
+        usd, detail = token_usd(price, units), "from reported token usage"
+    elif isinstance(price, PerSecondPrice):
+        if units.get("predict_time_s") is None:
+            est = estimate(request, offering)
+            return est.model_copy(update={"detail": "no predict_time reported; " + est.detail})
+        secs = Decimal(str(units["predict_time_s"]))
+        usd, detail = secs * price.usd_per_second, f"{secs} s x ${price.usd_per_second}/s ({price.hardware})"
+    elif isinstance(price, PerCreditPrice):
+        reported = units.get("credits")
+        credits = Decimal(str(reported)) if reported is not None else price.credits * images
+        usd, detail = credits * price.usd_per_credit, f"{credits} credits x ${price.usd_per_credit}"
+    else:
+        device = str(units.get("device", "cuda"))
+        rate = _gpu_rate(price, device)
+        if units.get("gpu_seconds") is None:
+            return Cost.unpriced("gpu_seconds", "no busy seconds were measured", units)
+        if rate is None:
+            return Cost.unpriced("gpu_seconds", "set local.gpu_usd_per_hour in the policy", units)
+        secs = Decimal(str(units["gpu_seconds"]))
+        usd, detail = secs * rate / 3600, f"{secs} s on {device} at ${rate}/h"
+    return Cost(usd=_q(_with_uplift(usd, price.uplift)), status=status, unit=price.unit, units=units,
+                detail=detail)

@@ -1,0 +1,103 @@
+"""The provider protocol: one backend's wire protocol, nothing about policy.
+
+A provider maps an `ImageRequest` onto its API, returns image bytes and the usage units it was billed
+in, and translates its failures into `imagebroker.errors` once, in its own module.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..policies.schema import Policy, ProviderSettings
+from ..providers.offering import Offering
+from ..types import ImageRequest
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RawImage:
+    data: bytes = field(repr=False)
+    seed: int | None = None
+
+
+@dataclass
+class ProviderResult:
+    """What came back: image bytes, the billed units (`usage`) and what was actually sent."""
+
+    images: list[RawImage]
+    usage: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    applied: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CallContext:
+    """Per-call settings handed to `Provider.generate`. The key is kept out of repr."""
+
+    timeout_s: float
+    api_key: str | None = field(default=None, repr=False)
+    progress: ProgressCallback | None = None
+    attempt: int = 1
+
+
+class Provider(ABC):
+    """Subclass this, set `name` (and `api_key_env` if it needs a key), implement `generate`.
+
+    Register it under the entry-point group `imagebroker.providers`; the built-ins do the same.
+    """
+
+    name: ClassVar[str]
+    api_key_env: ClassVar[str | None] = None
+    default_base_url: ClassVar[str | None] = None
+
+    def __init__(self, settings: ProviderSettings, policy: Policy) -> None:
+        self.settings = settings
+        self.policy = policy
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} base_url={self.base_url!r}>"
+
+    @property
+    def key_env(self) -> str | None:
+        return self.settings.api_key_env or self.api_key_env
+
+    @property
+    def base_url(self) -> str | None:
+        return (self.settings.base_url or self.default_base_url or "").rstrip("/") or None
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.key_env) if self.key_env else None
+
+    def availability(self, offering: Offering) -> str | None:
+        """None when the offering can be called now; otherwise the reason, naming the fix."""
+        if not self.settings.enabled:
+            return f"provider {self.name} disabled in the policy"
+        if self.key_env and not self.api_key():
+            return f"no API key: set {self.key_env}"
+        return None
+
+    def base_url_for(self, offering: Offering) -> str | None:
+        """The policy's base_url wins; else the pinned region's host; else the default."""
+        if self.settings.base_url:
+            return self.settings.base_url.rstrip("/")
+        region = self.settings.region
+        option = offering.region_options.get(region) if region else None
+        if option and option.base_url:
+            return option.base_url.rstrip("/")
+        return self.base_url
+
+    def is_warm(self, offering: Offering) -> bool:
+        return True
+
+    @abstractmethod
+    async def generate(self, request: ImageRequest, offering: Offering,
+                       ctx: CallContext) -> ProviderResult:
+        """Make the images. Raise `imagebroker.errors.ProviderError` subclasses on failure."""
+
+    async def aclose(self) -> None:
+        """Release clients, threads and pipelines."""

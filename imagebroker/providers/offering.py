@@ -1,0 +1,192 @@
+"""What the catalog says about one offering: capabilities, price rule, license, regions, provenance."""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..types import parse_size
+
+Kind = Literal["closed", "open-weight-hosted", "canvas", "local"]
+Confidence = Literal["high", "medium", "low"]
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SizeRule(_Data):
+    """Any WxH inside these bounds (gpt-image-2, FLUX hosts, local models)."""
+
+    min_side: int = 64
+    max_side: int = 2048
+    multiple_of: int = 8
+    max_megapixels: float | None = None
+    max_aspect: float = 4.0  # long side / short side
+
+    def check(self, width: int, height: int) -> str | None:
+        if min(width, height) < self.min_side or max(width, height) > self.max_side:
+            return f"size {width}x{height} outside {self.min_side}..{self.max_side} px"
+        if width % self.multiple_of or height % self.multiple_of:
+            return f"size {width}x{height} not a multiple of {self.multiple_of}"
+        if self.max_megapixels and width * height > self.max_megapixels * 1_000_000:
+            return f"size {width}x{height} above {self.max_megapixels} MP"
+        if max(width, height) / min(width, height) > self.max_aspect:
+            return f"size {width}x{height} aspect ratio beyond {self.max_aspect}:1"
+        return None
+
+
+class Capabilities(_Data):
+    default_size: str = "1024x1024"
+    sizes: tuple[str, ...] = ()          # fixed list; empty means size_rule decides
+    size_rule: SizeRule | None = None
+    max_n: int = 1
+    seed: bool = False
+    negative_prompt: bool = False
+    steps: bool = False
+    guidance: bool = False
+    scheduler: bool = False
+    adapters: bool = False
+    max_adapters: int = 0
+    transparent_background: bool = False
+    qualities: tuple[str, ...] = ()
+    output_formats: tuple[str, ...] = ("png",)
+    edit: bool = False
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Capabilities:
+        for s in (self.default_size, *self.sizes):
+            parse_size(s)
+        if not self.sizes and self.size_rule is None:
+            object.__setattr__(self, "sizes", (self.default_size,))
+        return self
+
+    def size_problem(self, width: int, height: int) -> str | None:
+        if self.sizes:
+            if f"{width}x{height}" in self.sizes:
+                return None
+            return f"size {width}x{height} not offered (sizes: {', '.join(self.sizes)})"
+        assert self.size_rule is not None
+        return self.size_rule.check(width, height)
+
+
+class _PriceBase(_Data):
+    source: str
+    checked: date
+    confidence: Confidence
+    note: str = ""
+    uplift: Decimal = Decimal(0)   # set from a region option: +10% for OpenAI data residency
+
+
+class PerImagePrice(_PriceBase):
+    unit: Literal["per_image"]
+    usd: Decimal
+    table: tuple[PerImageRow, ...] = ()   # size x quality exceptions to `usd`
+
+
+class PerImageRow(_Data):
+    size: str | None = None
+    quality: str | None = None
+    usd: Decimal
+
+
+class PerMegapixelPrice(_PriceBase):
+    unit: Literal["per_megapixel"]
+    usd_per_mp: Decimal
+    first_mp_usd: Decimal | None = None   # BFL FLUX.2: the first MP costs this, each further MP usd_per_mp
+    rounding: Literal["exact", "ceil"] = "exact"   # fal rounds each image up to whole MP
+
+
+class PerTokenPrice(_PriceBase):
+    unit: Literal["per_token"]
+    text_input: Decimal
+    image_input: Decimal = Decimal(0)
+    image_output: Decimal
+    text_output: Decimal = Decimal(0)
+    cached_text_input: Decimal | None = None
+    cached_image_input: Decimal | None = None
+    # image-output tokens per image at a reference size, by quality (estimate before the call)
+    output_tokens: dict[str, int] = Field(default_factory=dict)
+    output_tokens_size: str = "1024x1024"
+
+
+class PerSecondPrice(_PriceBase):
+    unit: Literal["per_second"]
+    usd_per_second: Decimal
+    hardware: str
+    typical_seconds: float   # per image, to estimate before the call
+
+
+class PerCreditPrice(_PriceBase):
+    unit: Literal["per_credit"]
+    credits: Decimal          # per image
+    usd_per_credit: Decimal = Decimal("0.01")
+
+
+class GpuSecondsPrice(_PriceBase):
+    unit: Literal["gpu_seconds"]
+    usd_per_gpu_hour: Decimal | None = None   # from the policy; None leaves GPU runs unpriced
+    cpu_usd_per_hour: Decimal = Decimal(0)
+    typical_seconds: float = 5.0              # per image on the reference device
+
+
+PriceRule = Annotated[
+    PerImagePrice | PerMegapixelPrice | PerTokenPrice | PerSecondPrice | PerCreditPrice
+    | GpuSecondsPrice,
+    Field(discriminator="unit"),
+]
+
+
+class License(_Data):
+    commercial_use: Literal["yes", "no", "conditional"]
+    name: str
+    note: str = ""
+
+
+class Latency(_Data):
+    p50_s: float
+    p95_s: float
+
+
+class RegionOption(_Data):
+    """A processing region a provider can be pinned to (OpenAI data residency, BFL's EU host)."""
+
+    regions: tuple[str, ...]
+    uplift: Decimal = Decimal(0)   # price multiplier minus one, e.g. 0.10 for +10%
+    base_url: str | None = None
+
+
+class Offering(_Data):
+    id: str
+    provider: str
+    model: str
+    kind: Kind
+    aliases: tuple[str, ...] = ()
+    capabilities: Capabilities
+    price: PriceRule | None = None
+    license: License
+    regions: tuple[str, ...]
+    latency: Latency
+    rank: int = Field(default=50, ge=0, le=100)  # editorial quality rank used by objective "best"
+    status: Literal["current", "deprecated", "shutdown"] = "current"
+    shutdown: date | None = None
+    source: str
+    checked: date
+    notes: str = ""
+    region_options: dict[str, RegionOption] = Field(default_factory=dict)
+    settings: dict[str, object] = Field(default_factory=dict)  # provider-specific (endpoint, version)
+
+    @model_validator(mode="after")
+    def _id(self) -> Offering:
+        if self.id != f"{self.provider}/{self.model}":
+            raise ValueError(f"id must be provider/model, i.e. {self.provider}/{self.model}")
+        return self
+
+    def retired(self, today: date) -> bool:
+        return self.status == "shutdown" or (self.shutdown is not None and self.shutdown <= today)
+
+
+PerImagePrice.model_rebuild()

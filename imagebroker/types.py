@@ -1,0 +1,220 @@
+"""The values that cross the public API: the request, the result, and what planning and pricing say."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RequestError
+
+MIN_SIDE, MAX_SIDE = 64, 4096
+MAX_N = 10
+CostStatus = Literal["priced", "estimated", "unpriced"]
+Quality = Literal["auto", "low", "medium", "high", "xhigh", "max"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_RATIO = re.compile(r"^(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _request_error(exc: ValidationError) -> RequestError:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(msg if msg.startswith(("size ", "aspect_ratio ")) else f"{field}: {msg}")
+    return RequestError("; ".join(parts))
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    m = _SIZE.match(size.strip())
+    if not m or not all(MIN_SIDE <= int(v) <= MAX_SIDE for v in m.groups()):
+        raise ValueError(f'size "{size}" is not WIDTHxHEIGHT with both sides {MIN_SIDE}..{MAX_SIDE}')
+    return int(m.group(1)), int(m.group(2))
+
+
+class Adapter(_Frozen):
+    """A LoRA (or other adapter) to apply: a path, a Hub id or a provider-specific reference."""
+
+    ref: str = Field(min_length=1)
+    scale: float = Field(default=1.0, ge=-4.0, le=4.0)
+
+    @classmethod
+    def parse(cls, text: str) -> Adapter:
+        """`REF` or `REF:SCALE` (the scale after the last colon, when it is a number)."""
+        ref, _, scale = text.rpartition(":")
+        try:
+            return cls(ref=ref, scale=float(scale)) if ref else cls(ref=text)
+        except ValueError:
+            return cls(ref=text)
+
+
+class ImageRequest(_Frozen):
+    """One text-to-image request. Field names follow the OpenAI images API and Diffusers."""
+
+    prompt: str = Field(min_length=1, max_length=32_000)
+    negative_prompt: str | None = None
+    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
+    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
+    aspect_ratio: str | None = None
+    resolution: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE,
+                                   description="long side in pixels, with aspect_ratio")
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    steps: int | None = Field(default=None, ge=1, le=500)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
+    scheduler: str | None = None
+    quality: Quality | None = None
+    output_format: OutputFormat | None = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    adapters: tuple[Adapter, ...] = ()
+    model: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    max_cost_usd: Decimal | None = Field(default=None, ge=0)
+    max_latency_s: float | None = Field(default=None, gt=0)
+    idempotency_key: str | None = None
+    extra: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _request_error(exc) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_forms(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        size = data.pop("size", None)
+        if size is not None:
+            if data.get("width") or data.get("height") or data.get("aspect_ratio"):
+                raise ValueError("give size, or width/height, or aspect_ratio; not several")
+            data["width"], data["height"] = parse_size(str(size))
+        ratio = data.get("aspect_ratio")
+        if ratio is not None:
+            m = _RATIO.match(str(ratio))
+            if not m or float(m.group(1)) <= 0 or float(m.group(2)) <= 0:
+                raise ValueError(f'aspect_ratio "{ratio}" is not W:H, e.g. 16:9')
+            if data.get("width") or data.get("height"):
+                raise ValueError("give aspect_ratio or width/height, not both")
+            w, h = float(m.group(1)), float(m.group(2))
+            if not 1 / 8 <= w / h <= 8:
+                raise ValueError(f'aspect_ratio "{ratio}" is outside 1:8..8:1')
+            long_side = int(data.get("resolution") or 1024)
+            scale = long_side / max(w, h)
+            data["width"] = max(MIN_SIDE, round(w * scale / 16) * 16)
+            data["height"] = max(MIN_SIDE, round(h * scale / 16) * 16)
+        return data
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ImageRequest:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height go together: give both or neither")
+        if self.background == "transparent" and self.output_format == "jpeg":
+            raise ValueError("background transparent needs output_format png or webp, not jpeg")
+        return self
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_keys(cls, tags: dict[str, str]) -> dict[str, str]:
+        for key in tags:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", key):
+                raise ValueError(f"tag key {key!r} must be 1-64 letters, digits, '_', '.', '-'")
+        return tags
+
+    @property
+    def size(self) -> str | None:
+        return f"{self.width}x{self.height}" if self.width else None
+
+    def prompt_sha256(self) -> str:
+        return hashlib.sha256(self.prompt.encode()).hexdigest()
+
+
+class Cost(_Frozen):
+    """Money in Decimal USD, and how sure we are of it. `usd` is None only when status is unpriced."""
+
+    usd: Decimal | None
+    status: CostStatus
+    unit: str
+    units: dict[str, Any] = Field(default_factory=dict)
+    detail: str = ""
+
+    @model_validator(mode="after")
+    def _honest(self) -> Cost:
+        if (self.usd is None) != (self.status == "unpriced"):
+            raise ValueError("a cost has usd exactly when it is not unpriced")
+        return self
+
+    @classmethod
+    def unpriced(cls, unit: str, why: str, units: dict[str, Any] | None = None) -> Cost:
+        return cls(usd=None, status="unpriced", unit=unit, units=units or {}, detail=why)
+
+    def __str__(self) -> str:
+        return "unpriced" if self.usd is None else f"${self.usd:.6f} ({self.status})"
+
+
+class GeneratedImage(_Frozen):
+    data: bytes = Field(repr=False)
+    format: OutputFormat
+    width: int
+    height: int
+    seed: int | None = None
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+class Rejection(_Frozen):
+    offering: str
+    reasons: tuple[str, ...]
+
+
+class Candidate(_Frozen):
+    offering: str
+    estimated_cost: Cost
+    estimated_latency_s: float | None
+    dropped: tuple[str, ...] = ()
+
+
+class Plan(_Frozen):
+    candidates: tuple[Candidate, ...]
+    rejected: tuple[Rejection, ...]
+    policy: str
+    rule: str | None = None
+    objective: str = "cheapest"
+
+
+class Attempt(_Frozen):
+    number: int
+    offering: str
+    started_at: datetime
+    latency_s: float
+    status: Literal["ok", "error"]
+    error_type: str | None = None
+    error: str | None = None
+    http_status: int | None = None
+    provider_request_id: str | None = None
+    cost: Cost | None = None
+
+
+class ImageResult(_Frozen):
+    request_id: str
+    images: tuple[GeneratedImage, ...]
+    offering: str
+    cost: Cost
+    latency_s: float
+    plan: Plan
+    attempts: tuple[Attempt, ...]
+    applied: dict[str, Any]
+    dropped: tuple[str, ...] = ()
