@@ -107,6 +107,12 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints) -> tuple[l
             soft.append("quality")
         elif r.quality not in caps.qualities:
             hard.append(f"quality {r.quality} not offered ({', '.join(caps.qualities)})")
+    if r.scheduler and caps.scheduler:
+        from ..local_backend.schedulers import problem
+
+        family = str(o.settings.get("family", "sd"))
+        if why := problem(r.scheduler, family):
+            hard.append(why)
     for name, given, supported in (("negative_prompt", r.negative_prompt, caps.negative_prompt),
                                    ("steps", r.steps, caps.steps),
                                    ("guidance_scale", r.guidance_scale, caps.guidance),

@@ -1,0 +1,81 @@
+"""Loading a text-to-image pipeline from what the policy declared: the bundled model, a Diffusers
+folder, a single-file checkpoint, or a Hub id already in the local cache. Never touches the network."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import AutoPipelineForText2Image
+from transformers.utils import logging as transformers_logging
+
+from ..errors import ModelNotFound
+from ..policies.schema import LocalSettings
+from ..providers.offering import Offering
+from . import resolve_source
+
+transformers_logging.disable_progress_bar()
+transformers_logging.set_verbosity_error()
+
+SINGLE_FILE = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+               "flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def family_of(pipe: Any) -> str:
+    name = type(pipe).__name__
+    if "Flux" in name:
+        return "flux"
+    if "StableDiffusion3" in name:
+        return "sd3"
+    return "sdxl" if "XL" in name else "sd"
+
+
+def pick_dtype(setting: str, family: str, device: str) -> torch.dtype:
+    if setting != "auto":
+        return DTYPES[setting]
+    if device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if family in ("flux", "sd3") else torch.float16
+
+
+def pipeline_bytes(pipe: Any) -> int:
+    return sum(p.numel() * p.element_size() for m in pipe.components.values()
+               if isinstance(m, torch.nn.Module) for p in m.parameters())
+
+
+def load_pipeline(offering: Offering, settings: LocalSettings, device: str) -> tuple[Any, str]:
+    s = offering.settings
+    source = str(s.get("source", ""))
+    kind, path = resolve_source(source)
+    if path is None:
+        raise ModelNotFound(f"local model {source!r} is not installed", provider="local",
+                            offering=offering.id)
+    family = str(s.get("family") or "sd")
+    dtype = pick_dtype(str(s.get("dtype") or "auto"), family, device)
+    variant = s.get("variant")
+    if kind == "file":
+        cls = getattr(diffusers, SINGLE_FILE[family])
+        pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=True)
+    else:
+        pipe = AutoPipelineForText2Image.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                         variant=variant)
+    family = family_of(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    if settings.cpu_offload and device == "cuda":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    if settings.vae_slicing:
+        pipe.vae.enable_slicing()
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    if settings.attention_backend:
+        denoiser.set_attention_backend(settings.attention_backend)
+    if settings.compile:
+        denoiser.compile_repeated_blocks(fullgraph=True)
+        w, h = (int(v) for v in offering.capabilities.default_size.split("x"))
+        pipe(prompt="warm-up", height=h, width=w, num_inference_steps=2, output_type="latent")
+    return pipe, family
