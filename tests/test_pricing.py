@@ -73,7 +73,8 @@ def test_per_token_counts_image_input_and_cached_input():
 
 def test_per_token_estimate_scales_tokens_by_pixels_and_quality():
     # 2.5-flare high at 1024x1536: 1756 x 1.5 = 2634 tokens x $30/M = 0.07902, + 2 prompt tokens x $5/M
-    cost = estimate(req(prompt="a cat", size="1024x1536", quality="high"), offering("openai/gpt-image-2.5-flare"))
+    request = req(prompt="a cat", size="1024x1536", quality="high")
+    cost = estimate(request, offering("openai/gpt-image-2.5-flare"))
     assert (cost.usd, cost.status) == (D("0.07903"), "estimated")
 
 

@@ -82,7 +82,10 @@ class Provider(ABC):
         return None
 
     def base_url_for(self, offering: Offering) -> str | None:
-        """The policy's base_url wins; else the pinned region's host; else the default."""
+        """Most specific first: the offering's own base_url, the policy's provider base_url, the
+        pinned region's host, the provider's default."""
+        if offering.settings.get("base_url"):
+            return str(offering.settings["base_url"]).rstrip("/")
         if self.settings.base_url:
             return self.settings.base_url.rstrip("/")
         region = self.settings.region

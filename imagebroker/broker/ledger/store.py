@@ -203,7 +203,7 @@ class Ledger:
     def start_call(self, row: dict[str, Any]) -> None:
         """A pending row, written before a call that holds a reservation (so a crash is visible)."""
         with self.engine.begin() as conn:
-            conn.execute(insert(calls).values(**row, status="pending"))
+            conn.execute(insert(calls).values({**row, "status": "pending"}))
 
     def record_call(self, row: dict[str, Any], attempt_rows: Sequence[dict[str, Any]],
                     tags: dict[str, str], pending: bool = False) -> None:

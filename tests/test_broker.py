@@ -1,0 +1,224 @@
+"""generate() end to end against the scriptable mock and a fake HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sqlite3
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imagebroker import AsyncBroker, Broker
+from imagebroker.errors import AllAttemptsFailed, NoRouteError, ProviderUnavailable
+from imagebroker.providers.base import ProviderResult, RawImage
+from imagebroker.testing.fake_http import FakeImageServer, free_port
+from imagebroker.testing.mock import MockProvider, mock_offering, ok_result
+from tests.conftest import mock_policy
+
+FAKE_KEY = "sk-test-DEADBEEF-0123456789-recognisable"
+
+
+def http_offering(model: str, base_url: str, usd: str = "0.01") -> dict:
+    o = mock_offering(model, provider="fakehttp", price={"usd": usd})
+    o["id"] = f"fakehttp/{model}"
+    return o
+
+
+def rows(db: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_429_with_retry_after_is_retried_after_waiting(tmp_path, monkeypatch):
+    """(a) 429 with Retry-After: 1, then success: one call, two attempts, the retry waited >= 1 s."""
+    monkeypatch.setenv("FAKEHTTP_API_KEY", FAKE_KEY)
+    with FakeImageServer(["status:429:1", "ok"]) as server:
+        policy = mock_policy(http_offering("a", server.url),
+                             providers={"fakehttp": {"base_url": server.url}})
+        with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+            result = b.generate("a cat", size="128x128")
+    assert [a.status for a in result.attempts] == ["error", "ok"]
+    assert result.attempts[0].error_type == "RateLimited" and result.attempts[0].http_status == 429
+    gap = result.attempts[1].started_at - result.attempts[0].started_at
+    assert gap.total_seconds() >= 1.0
+    assert rows(tmp_path / "l.db", "select count(*), sum(attempts) from calls") == [(1, 2)]
+
+
+def test_fallback_down_then_empty_then_ok_records_every_attempt(tmp_path, monkeypatch):
+    """(b) the first offering refuses connections, the second answers 200 with zero images, the third
+    succeeds: the result is the third's and the ledger holds the call and all its attempts."""
+    monkeypatch.setenv("FAKEHTTP_API_KEY", FAKE_KEY)
+    down = f"http://127.0.0.1:{free_port()}"
+    with FakeImageServer(["empty"]) as empty, FakeImageServer(["ok"]) as good:
+        policy = mock_policy(
+            http_offering("first", down, "0.01"), http_offering("second", empty.url, "0.02"),
+            http_offering("third", good.url, "0.03"), objective="cheapest",
+            retry={"max_attempts": 2, "initial_delay_s": 0.01},
+            providers={"fakehttp": {"base_url": down}})
+        # each offering has its own server: route by model through per-offering base URLs
+        policy = mock_policy(*[dict(o, settings={"base_url": url}) for o, url in zip(
+            policy.offerings, [down, empty.url, good.url], strict=True)], objective="cheapest",
+            retry={"max_attempts": 2, "initial_delay_s": 0.01})
+        with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+            result = b.generate("a cat", size="128x128", n=2)
+    assert result.offering == "fakehttp/third" and len(result.images) == 2
+    assert result.cost.usd == Decimal("0.06")
+    kinds = [(a.offering, a.error_type) for a in result.attempts]
+    assert kinds == [("fakehttp/first", "ProviderUnavailable"), ("fakehttp/first", "ProviderUnavailable"),
+                     ("fakehttp/second", "BadProviderResponse"), ("fakehttp/third", None)]
+    db = tmp_path / "l.db"
+    assert rows(db, "select status, offering, attempts, cost_nusd from calls") == [
+        ("ok", "fakehttp/third", 4, 60_000_000)]
+    assert rows(db, "select offering, status, error_type from attempts order by number") == [
+        ("fakehttp/first", "error", "ProviderUnavailable"), ("fakehttp/first", "error", "ProviderUnavailable"),
+        ("fakehttp/second", "error", "BadProviderResponse"), ("fakehttp/third", "ok", None)]
+
+
+def test_every_offering_failing_raises_all_attempts_failed_and_keeps_every_row(tmp_path):
+    """(c) every offering fails: AllAttemptsFailed carrying each attempt, and every row recorded."""
+    policy = mock_policy(
+        mock_offering("x", settings={"script": ["error:ProviderUnavailable"]}),
+        mock_offering("y", settings={"script": ["broken"]}),
+        mock_offering("z", settings={"script": ["error:ContentRejected"]}),
+        retry={"max_attempts": 2, "initial_delay_s": 0.01})
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b, \
+            pytest.raises(AllAttemptsFailed) as exc:
+        b.generate("a cat")
+    types = [a.error_type for a in exc.value.attempts]
+    assert types == ["ProviderUnavailable", "ProviderUnavailable", "BadProviderResponse",
+                     "ContentRejected"]  # non-retryable errors are tried once
+    db = tmp_path / "l.db"
+    assert rows(db, "select status, attempts, error_type from calls") == [("error", 4, "AllAttemptsFailed")]
+    assert rows(db, "select count(*) from attempts") == [(4,)]
+
+
+@pytest.mark.parametrize("step", ["empty", "broken", "short"])
+def test_a_200_without_the_images_asked_for_is_never_a_success(tmp_path, step):
+    policy = mock_policy(mock_offering("x", settings={"script": [step]}))
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b, pytest.raises(AllAttemptsFailed) as e:
+        b.generate("a cat", n=2)
+    assert e.value.attempts[0].error_type == "BadProviderResponse"
+
+
+def test_no_route_is_recorded_with_every_reason(tmp_path):
+    policy = mock_policy(mock_offering("x", capabilities={"max_n": 1}))
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b, pytest.raises(NoRouteError) as e:
+        b.generate("a cat", n=3)
+    assert "mock/x: n=3 above its max of 1" in str(e.value)
+    assert rows(tmp_path / "l.db", "select status, error_type from calls") == [("rejected", "NoRouteError")]
+
+
+def test_sync_and_async_agree(tmp_path):
+    policy = mock_policy(mock_offering("x"), mock_offering("y", price={"usd": "0.5"}))
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 's.db'}") as b:
+        sync = b.generate("a cat", n=2, seed=3, size="96x64")
+
+    async def run():
+        async with AsyncBroker(policy, ledger=f"sqlite:///{tmp_path / 'a.db'}") as ab:
+            return await ab.generate("a cat", n=2, seed=3, size="96x64")
+
+    asyn = asyncio.run(run())
+    assert (sync.offering, sync.cost, sync.applied) == (asyn.offering, asyn.cost, asyn.applied)
+    assert [i.data for i in sync.images] == [i.data for i in asyn.images]
+    assert sync.plan == asyn.plan
+
+
+def test_seeds_dropped_params_and_output_format_are_reported(tmp_path):
+    policy = mock_policy(mock_offering("x", capabilities={"seed": False, "negative_prompt": False,
+                                                            "output_formats": ["png"]}))
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        result = b.generate("a cat", seed=4, negative_prompt="blur", output_format="webp")
+    assert set(result.dropped) == {"seed", "negative_prompt", "output_format"}
+    assert Image.open(io.BytesIO(result.images[0].data)).format == "WEBP"  # converted locally
+
+
+def test_circuit_breaker_skips_a_failing_provider_then_probes_it(tmp_path):
+    calls = []
+
+    def handler(request, offering, ctx):
+        calls.append(offering.id)
+        if offering.id == "mock/flaky" and calls.count("mock/flaky") <= 3:
+            raise ProviderUnavailable("down", provider="mock")
+        return ok_result(request, offering)
+
+    spare = mock_offering("spare", provider="backup", price={"usd": "0.02"})
+    spare["id"] = "backup/spare"
+    policy = mock_policy(mock_offering("flaky"), spare, retry={"max_attempts": 1},
+                         breaker={"failure_threshold": 2, "cooldown_s": 0.3})
+    scripted = MockProvider.with_handler(handler)
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}",
+                providers={"mock": scripted, "backup": scripted}) as b:
+        assert b.generate("x").offering == "backup/spare"   # flaky fails (1)
+        assert b.generate("x").offering == "backup/spare"   # flaky fails (2): circuit opens
+        n = len(calls)
+        third = b.generate("x")                             # flaky skipped without a call
+        assert third.attempts[0].error_type == "CircuitOpen" and calls[n:] == ["backup/spare"]
+        time.sleep(0.35)
+        assert b.generate("x").offering == "backup/spare"   # the probe fails (3): open again
+        time.sleep(0.35)
+        assert b.generate("x").offering == "mock/flaky"   # the next probe succeeds: closed
+
+
+def test_timeout_moves_to_the_next_offering(tmp_path):
+    policy = mock_policy(mock_offering("slow", settings={"script": ["sleep:5"]}),
+                         mock_offering("quick", price={"usd": "0.02"}), timeout_s=0.3,
+                         retry={"max_attempts": 1})
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        t0 = time.perf_counter()
+        result = b.generate("x")
+    assert result.offering == "mock/quick" and time.perf_counter() - t0 < 3
+    assert "timed out after 0.3 s" in result.attempts[0].error
+
+
+def test_no_secret_reaches_logs_ledger_errors_or_reprs(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FAKEHTTP_API_KEY", FAKE_KEY)
+
+    def leaky(request, offering, ctx):  # a careless adapter echoing the key back
+        raise ProviderUnavailable(f"upstream said: bad token {os.environ['FAKEHTTP_API_KEY']}",
+                                  provider="mock")
+
+    caplog.set_level("DEBUG")
+    with FakeImageServer(["status:401"]) as server:
+        policy = mock_policy(mock_offering("leaky"), http_offering("h", server.url),
+                             retry={"max_attempts": 1}, providers={"fakehttp": {"base_url": server.url}})
+        with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}",
+                    providers={"mock": MockProvider.with_handler(leaky)}) as b:
+            b._async.provider("fakehttp")  # so its key is known to the redactor
+            with pytest.raises(AllAttemptsFailed) as exc:
+                b.generate("x")
+            texts = [str(exc.value), repr(exc.value), repr(b), repr(b._async.provider("fakehttp")),
+                     repr(exc.value.attempts), caplog.text]
+        assert server.requests[0]["auth"] == f"Bearer {FAKE_KEY}"  # it was sent to the provider...
+    db = (tmp_path / "l.db").read_bytes()
+    assert FAKE_KEY.encode() not in db                            # ...and stored nowhere
+    for text in texts:
+        assert FAKE_KEY not in text
+    assert "bad token ***" in str(exc.value)
+
+
+def test_learned_latency_replaces_the_catalog_estimate(tmp_path):
+    policy = mock_policy(mock_offering("x", latency={"p50_s": 30, "p95_s": 60}))
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        assert b.plan("x").candidates[0].estimated_latency_s == 30
+        for _ in range(20):
+            b.generate("x")
+        b._async._latency_at = 0  # refresh now rather than in 30 s
+        p50 = b.plan("x").candidates[0].estimated_latency_s
+    assert p50 < 1  # measured: the mock answers in milliseconds
+
+
+def test_custom_result_handler_gets_usage_priced(tmp_path):
+    def handler(request, offering, ctx):
+        res = ok_result(request, offering)
+        return ProviderResult([RawImage(i.data, 1) for i in res.images], {"images": 1}, "r-1", {})
+
+    policy = mock_policy(mock_offering("x", price={"usd": "0.04"}))
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}",
+                providers={"mock": MockProvider.with_handler(handler)}) as b:
+        r = b.generate("x")
+    assert (r.cost.usd, r.cost.status, r.attempts[0].provider_request_id) == (Decimal("0.04"), "priced", "r-1")

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, inspect, select
+
+from imagebroker import Broker
+from imagebroker.broker.ledger.schema import budget_counters, calls, reservations
+from imagebroker.broker.ledger.store import Ledger
+from imagebroker.broker.report import cost_report
+from imagebroker.testing.mock import mock_offering
+from tests.budget_worker import run_calls
+from tests.conftest import mock_policy
+
+EXPECTED_SCHEMA = {
+    "calls": {
+        "request_id": "VARCHAR(40)", "created_at": "FLOAT", "day": "VARCHAR(10)", "status": "VARCHAR(16)",
+        "offering": "VARCHAR(200)", "provider": "VARCHAR(64)", "n": "INTEGER", "images": "INTEGER",
+        "width": "INTEGER", "height": "INTEGER", "seed": "BIGINT", "policy": "VARCHAR(200)",
+        "rule": "VARCHAR(200)", "attempts": "INTEGER", "latency_s": "FLOAT", "estimated_nusd": "BIGINT",
+        "cost_nusd": "BIGINT", "cost_status": "VARCHAR(16)", "cost_unit": "VARCHAR(32)",
+        "usage_json": "TEXT", "catalog_version": "VARCHAR(64)", "prompt_sha256": "VARCHAR(64)",
+        "prompt": "TEXT", "image_sha256s": "TEXT", "tags_json": "TEXT", "error_type": "VARCHAR(64)",
+        "error": "TEXT"},
+    "attempts": {
+        "id": "INTEGER", "request_id": "VARCHAR(40)", "number": "INTEGER", "offering": "VARCHAR(200)",
+        "provider": "VARCHAR(64)", "started_at": "FLOAT", "latency_s": "FLOAT", "status": "VARCHAR(16)",
+        "error_type": "VARCHAR(64)", "error": "TEXT", "http_status": "INTEGER",
+        "provider_request_id": "VARCHAR(200)", "cost_nusd": "BIGINT", "cost_status": "VARCHAR(16)",
+        "usage_json": "TEXT"},
+    "call_tags": {"request_id": "VARCHAR(40)", "key": "VARCHAR(64)", "value": "VARCHAR(256)"},
+    "budget_counters": {"budget": "VARCHAR(200)", "period": "VARCHAR(16)", "spent_nusd": "BIGINT",
+                        "reserved_nusd": "BIGINT"},
+    "reservations": {"id": "VARCHAR(40)", "request_id": "VARCHAR(40)", "counters_json": "TEXT",
+                     "amount_nusd": "BIGINT", "created_at": "FLOAT", "expires_at": "FLOAT",
+                     "host": "VARCHAR(200)", "pid": "INTEGER", "status": "VARCHAR(16)"},
+    "imagebroker_migrations": {"name": "VARCHAR(100)", "applied_at": "FLOAT"},
+}
+
+
+def test_final_schema_is_pinned_on_both_engines(ledger_url):
+    ledger = Ledger(ledger_url)
+    insp = inspect(ledger.engine)
+    norm = {"DOUBLE PRECISION": "FLOAT", "DOUBLE_PRECISION": "FLOAT"}
+    found = {t: {c["name"]: norm.get(str(c["type"]), str(c["type"])) for c in insp.get_columns(t)}
+             for t in insp.get_table_names()}
+    assert found == EXPECTED_SCHEMA
+    assert Ledger(ledger_url).migrate() == []  # migrations run once, by name
+
+
+def test_money_round_trips_exactly(ledger_url):
+    offering = mock_offering("x")
+    offering["price"] = {"unit": "per_megapixel", "usd_per_mp": "0.0027", "source": "t",
+                         "checked": "2026-11-22", "confidence": "high"}
+    policy = mock_policy(offering)
+    with Broker(policy, ledger=ledger_url) as b:
+        r = b.generate("x", size="1024x768")
+    assert r.cost.usd == Decimal("0.002123366")  # 0.786432 MP x $0.0027, to the nano-dollar
+    groups, total = cost_report(Ledger(ledger_url), by="offering")
+    assert total.cost_usd == r.cost.usd  # stored as integer nano-USD: exact, never float
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_budget_holds_under_four_processes(engine, request, tmp_path):
+    """200 calls from 4 processes against a budget that admits exactly 37 of them."""
+    url = f"sqlite:///{tmp_path / 'l.db'}" if engine == "sqlite" else request.getfixturevalue("pg_url")
+    Ledger(url)  # migrate once, before the race
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.map(run_calls, [(url, "0.37", 50)] * 4)
+    ok = sum(r[0] for r in results)
+    rejected = sum(r[1] for r in results)
+    assert (ok, rejected) == (37, 163)
+    ledger = Ledger(url)
+    with ledger.engine.connect() as conn:
+        spent, reserved = conn.execute(select(budget_counters.c.spent_nusd,
+                                              budget_counters.c.reserved_nusd)).one()
+        statuses = dict(conn.execute(
+            select(calls.c.status, func.count()).group_by(calls.c.status)).all())
+    assert spent == 370_000_000 and reserved == 0       # $0.37 spent, nothing left held
+    assert statuses == {"ok": 37, "rejected": 163}      # no ledger row lost
+
+
+def test_kill_9_mid_call_is_reconciled_by_the_next_process(tmp_path):
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    Ledger(url)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.budget_worker", url], cwd=Path(__file__).parents[1],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    ledger = Ledger(url)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with ledger.engine.connect() as conn:
+            held = conn.execute(select(reservations.c.status)).scalars().all()
+        if held == ["held"]:
+            break
+        time.sleep(0.1)
+    assert held == ["held"]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    fresh = Ledger(url)  # opening the ledger reconciles
+    with fresh.engine.connect() as conn:
+        assert conn.execute(select(reservations.c.status)).scalars().all() == ["expired"]
+        assert conn.execute(select(budget_counters.c.reserved_nusd)).scalar() == 0
+        assert conn.execute(select(calls.c.status)).scalars().all() == ["abandoned"]
+
+
+def test_restrict_budget_routes_to_what_still_fits(tmp_path):
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    policy = mock_policy(mock_offering("pricey", price={"usd": "0.05"}, rank=90),
+                         mock_offering("cheap", price={"usd": "0.001"}), objective="best",
+                         budgets=[{"name": "month", "period": "month", "limit_usd": "0.105",
+                                   "on_exceed": "restrict"}])
+    with Broker(policy, ledger=url) as b:
+        used = [b.generate("x").offering for _ in range(4)]
+    assert used == ["mock/pricey", "mock/pricey", "mock/cheap", "mock/cheap"]
+
+
+def test_costs_report_groups_and_totals(tmp_path):
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    unpriced = mock_offering("u")
+    unpriced["price"] = None
+    policy = mock_policy(mock_offering("a", price={"usd": "0.01"}), mock_offering("b", price={"usd": "0.02"}),
+                         unpriced, objective="ordered")
+    with Broker(policy, ledger=url) as b:
+        b.generate("x", n=2, tags={"team": "red"}, model="mock/a")
+        b.generate("x", tags={"team": "blue"}, model="mock/b")
+        b.generate("x", tags={"team": "red"}, model="mock/u")
+    groups, total = cost_report(Ledger(url), by="offering")
+    by = {g.key: g for g in groups}
+    assert (by["mock/a"].calls, by["mock/a"].images, by["mock/a"].cost_usd) == (1, 2, Decimal("0.02"))
+    assert by["mock/a"].avg_cost_per_image_usd == Decimal("0.01")
+    assert by["mock/u"].unpriced == 1 and by["mock/u"].cost_usd == 0
+    assert (total.calls, total.images, total.cost_usd, total.unpriced) == (3, 4, Decimal("0.04"), 1)
+    tags, _ = cost_report(Ledger(url), by="tag:team")
+    assert {g.key: g.calls for g in tags} == {"red": 2, "blue": 1}
