@@ -75,7 +75,8 @@ def test_fallback_down_then_empty_then_ok_records_every_attempt(tmp_path, monkey
     assert rows(db, "select status, offering, attempts, cost_nusd from calls") == [
         ("ok", "fakehttp/third", 4, 60_000_000)]
     assert rows(db, "select offering, status, error_type from attempts order by number") == [
-        ("fakehttp/first", "error", "ProviderUnavailable"), ("fakehttp/first", "error", "ProviderUnavailable"),
+        ("fakehttp/first", "error", "ProviderUnavailable"),
+        ("fakehttp/first", "error", "ProviderUnavailable"),
         ("fakehttp/second", "error", "BadProviderResponse"), ("fakehttp/third", "ok", None)]
 
 
@@ -221,4 +222,5 @@ def test_custom_result_handler_gets_usage_priced(tmp_path):
     with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}",
                 providers={"mock": MockProvider.with_handler(handler)}) as b:
         r = b.generate("x")
-    assert (r.cost.usd, r.cost.status, r.attempts[0].provider_request_id) == (Decimal("0.04"), "priced", "r-1")
+    assert (r.cost.usd, r.cost.status) == (Decimal("0.04"), "priced")
+    assert r.attempts[0].provider_request_id == "r-1"

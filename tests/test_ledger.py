@@ -64,7 +64,7 @@ def test_money_round_trips_exactly(ledger_url):
     with Broker(policy, ledger=ledger_url) as b:
         r = b.generate("x", size="1024x768")
     assert r.cost.usd == Decimal("0.002123366")  # 0.786432 MP x $0.0027, to the nano-dollar
-    groups, total = cost_report(Ledger(ledger_url), by="offering")
+    _, total = cost_report(Ledger(ledger_url), by="offering")
     assert total.cost_usd == r.cost.usd  # stored as integer nano-USD: exact, never float
 
 
