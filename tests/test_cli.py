@@ -1,0 +1,130 @@
+"""The CLI as a user types it (Typer's runner, in process), exit codes included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from imagebroker.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str, code: int = 0):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == code, result.output
+    return result
+
+
+def mock_policy_file(tmp_path: Path, **settings) -> Path:
+    from imagebroker.testing.mock import mock_offering
+
+    p = tmp_path / "policy.yaml"
+    policy = {"name": "cli", "extends": "default",
+              "deny": ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui",
+                       "local"],
+              "offerings": [mock_offering("a", price={"usd": "0.01"}, **settings),
+                            mock_offering("b", price={"usd": "0.03"})]}
+    p.write_text(json.dumps(policy, default=str))  # JSON is YAML
+    return p
+
+
+def test_route_json_shape_and_no_network(tmp_path):
+    out = run("route", "a cat", "--size", "512x512", "--policy", str(mock_policy_file(tmp_path)), "--json")
+    data = json.loads(out.stdout)
+    assert [c["offering"] for c in data["candidates"]] == ["mock/a", "mock/b"]
+    assert data["candidates"][0]["estimated_cost_usd"] == "0.01"  # decimal string, not float
+    assert all(r["reasons"] for r in data["rejected"])
+
+
+def test_route_on_eu_only_lists_only_eu_or_on_prem(tmp_path):
+    data = json.loads(run("route", "x", "--size", "1024x1024", "--policy", "eu-only", "--json").stdout)
+    regions = {o["id"]: o["regions"] for o in json.loads(
+        run("providers", "--policy", "eu-only", "--json").stdout)}
+    assert regions["bfl/flux-2-pro"] == ["eu"]  # the preset pins BFL to its EU host
+    for c in data["candidates"]:
+        assert set(regions[c["offering"]]) <= {"eu", "on_prem"}
+
+
+def test_route_table_for_people(tmp_path):
+    out = run("route", "a cat", "--policy", str(mock_policy_file(tmp_path)))
+    assert "candidates, in the order they will be tried" in out.stdout and "mock/a" in out.stdout
+
+
+def test_providers_json_lists_the_catalog(tmp_path):
+    data = json.loads(run("providers", "--json").stdout)
+    by_id = {o["id"]: o for o in data}
+    flux = by_id["fal/fal-ai/flux/dev"]
+    assert flux["price"]["unit"] == "per_megapixel" and flux["license"]["commercial_use"] == "yes"
+    assert flux["available"] is False and "not installed" in flux["unavailable_reason"] or \
+        "FAL_KEY" in flux["unavailable_reason"]
+    assert by_id["openai/gpt-image-2"]["stale_price"] is True
+
+
+def test_policy_check_exit_codes(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("extends: cheapest\nconstraints: {max_cost_per_image_usd: 0.05}\n")
+    assert "ok: policy 'good'" in run("policy", "check", str(good)).stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: cheapest\nconstraints:\n  max_cost_per_imag_usd: 0.05\n")
+    result = run("policy", "check", str(bad), code=2)
+    assert "bad.yaml:3: constraints.max_cost_per_imag_usd: unknown key" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_generate_writes_images_with_provenance_and_records_cost(tmp_path):
+    policy = mock_policy_file(tmp_path)
+    out = run("generate", "a cat", "-n", "2", "--seed", "5", "--size", "128x96", "--policy", str(policy),
+              "--out", str(tmp_path / "imgs"), "--tag", "team=red", "--json")
+    data = json.loads(out.stdout)
+    assert data["offering"] == "mock/a" and data["cost"] == {"usd": "0.02", "status": "priced",
+                                                             "unit": "per_image", "detail": "2 x $0.01/image"}
+    assert [i["seed"] for i in data["images"]] == [5, 6]
+    img = Image.open(data["images"][0]["path"])
+    assert img.size == (128, 96)
+    meta = json.loads(img.text["imagebroker"])
+    assert meta["request_id"] == data["request_id"] and meta["prompt"] == "a cat" and meta["seed"] == 5
+    costs = json.loads(run("costs", "--by", "tag:team", "--format", "json").stdout)
+    assert costs["groups"][0]["key"] == "red" and costs["total"]["cost_usd"] == "0.02"
+    csv_out = run("costs", "--format", "csv").stdout.splitlines()
+    assert csv_out[0].startswith("key,calls,images") and csv_out[-1].startswith("total,1,2")
+
+
+def test_generate_jpeg_carries_provenance_in_exif(tmp_path):
+    out = run("generate", "x", "--output-format", "jpeg", "--policy", str(mock_policy_file(tmp_path)),
+              "--out", str(tmp_path), "--json")
+    path = json.loads(out.stdout)["images"][0]["path"]
+    assert path.endswith(".jpg")
+    assert "mock/a" in Image.open(path).getexif()[0x010E]
+
+
+def test_generate_failure_exits_nonzero_without_traceback(tmp_path):
+    policy = mock_policy_file(tmp_path, settings={"script": ["error:AuthError"]})
+    result = run("generate", "x", "--policy", str(policy), "--model", "mock/a", code=1)
+    assert "AllAttemptsFailed" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--size", "1000x7"], 'size "1000x7" is not WIDTHxHEIGHT'),
+    (["route", "x", "--tag", "novalue"], "--tag 'novalue' is not key=value"),
+    (["route", "x", "--model", "nope/nope"], "unknown model 'nope/nope'"),
+    (["costs", "--since", "yesterday-ish"], "is not a duration"),
+    (["costs", "--by", "colour"], "--by 'colour'"),
+    (["route", "x", "--policy", "missing.yaml"], "missing.yaml does not exist"),
+])
+def test_user_mistakes_exit_2_with_a_message(args, message):
+    result = run(*args, code=2)
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_ledger_path_and_export(tmp_path):
+    policy = mock_policy_file(tmp_path)
+    run("generate", "x", "--policy", str(policy), "--out", str(tmp_path))
+    assert run("ledger", "path").stdout.strip().endswith("ledger.db")
+    rows = json.loads(run("ledger", "export", "--format", "json").stdout)
+    assert rows[0]["cost_usd"] == "0.01" and rows[0]["offering"] == "mock/a"
+    assert "cost_usd" in run("ledger", "export").stdout.splitlines()[0]
