@@ -60,7 +60,7 @@ def test_providers_json_lists_the_catalog(tmp_path):
     by_id = {o["id"]: o for o in data}
     flux = by_id["fal/fal-ai/flux/dev"]
     assert flux["price"]["unit"] == "per_megapixel" and flux["license"]["commercial_use"] == "yes"
-    assert flux["available"] is False and "not installed" in flux["unavailable_reason"] or \
+    assert (flux["available"] is False and "not installed" in flux["unavailable_reason"]) or \
         "FAL_KEY" in flux["unavailable_reason"]
     assert by_id["openai/gpt-image-2"]["stale_price"] is True
 
