@@ -111,7 +111,7 @@ def test_a_timed_out_call_interrupts_the_pipeline(models, tmp_path):
     with Broker(p, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
         b.generate("warm", model="local/tsd", steps=2)
         t0 = time.perf_counter()
-        with pytest.raises(AllAttemptsFailed, match="timed out after 0.5 s"):
+        with pytest.raises(AllAttemptsFailed, match=r"timed out after 0\.5 s"):
             b.generate("a cat", model="local/tsd", steps=400, progress=lambda i, n: seen.append(i))
         time.sleep(1.0)  # let the worker notice and stop
         steps_run = len(seen)
@@ -156,7 +156,7 @@ def test_flux_pipeline_runs_and_reports_its_seeds(broker):
 
 
 def test_a_model_that_is_not_installed_says_how_to_install_it(broker):
-    with pytest.raises(NoRouteError, match="hf download stabilityai/stable-diffusion-xl-base-1.0"):
+    with pytest.raises(NoRouteError, match=r"hf download stabilityai/stable-diffusion-xl-base-1\.0"):
         Broker(Policy(name="t", deny=["openai", "google", "replicate", "fal", "together", "stability",
                                       "bfl", "comfyui"])).generate("x", model="local/sdxl")
 
