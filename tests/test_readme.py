@@ -1,0 +1,21 @@
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def quickstart_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section, flags=re.S)
+
+
+def test_quickstart_has_exactly_two_commands():
+    commands = quickstart_commands()
+    assert len(commands) == 2 and all("\n" not in c for c in commands)
+    assert 'imagebroker generate "a red circle on a blue background" --out out/' in commands[0]
+    assert "pytest" in commands[1]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    assert quickstart_commands()[1] in (ROOT / ".ci" / "run").read_text()
