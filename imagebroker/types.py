@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from datetime import datetime
@@ -34,6 +35,7 @@ def _request_error(exc: ValidationError) -> RequestError:
     return RequestError("; ".join(parts))
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_size(size: str) -> tuple[int, int]:
     m = _SIZE.match(size.strip())
     if not m or not all(MIN_SIDE <= int(v) <= MAX_SIDE for v in m.groups()):

@@ -7,6 +7,7 @@ A pure function of its inputs (request, policy, catalog, state): no IO, no clock
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -16,7 +17,7 @@ from ..errors import RequestError
 from ..providers.catalog import Catalog
 from ..providers.offering import Offering
 from ..types import Candidate, Cost, ImageRequest, Plan, Rejection
-from .pricing import estimate
+from .pricing import CHARS_PER_TOKEN, estimate
 from .schema import Constraints, Policy, Rule
 
 DEFAULT_LOAD_S = 15.0
@@ -44,7 +45,12 @@ class _Effective:
 
 
 def _matches(o: Offering, pattern: str) -> bool:
-    return pattern == o.provider or pattern in o.aliases or fnmatch.fnmatchcase(o.id, pattern)
+    return _match(o.id, o.provider, o.aliases, pattern)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _match(oid: str, provider: str, aliases: tuple[str, ...], pattern: str) -> bool:
+    return pattern == provider or pattern in aliases or fnmatch.fnmatchcase(oid, pattern)
 
 
 def _rule_applies(rule: Rule, request: ImageRequest) -> bool:
@@ -80,6 +86,19 @@ def latency_estimate(o: Offering, state: PlannerState) -> float:
     if o.kind == "local" and o.id not in state.warm:
         p50 += float(o.settings.get("load_s", DEFAULT_LOAD_S))  # type: ignore[arg-type]
     return p50
+
+
+def _capabilities(catalog: Catalog, o: Offering, r: ImageRequest,
+                  c: Constraints) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`_capability_reasons`, memoised on the catalog by every request field it reads."""
+    key = (o.id, r.width, r.height, r.n, len(r.adapters), r.background, r.seed is None, r.quality,
+           r.scheduler, r.negative_prompt is None, r.steps is None, r.guidance_scale is None,
+           r.output_format, c.require_seed, c.require_adapters)
+    found = catalog.capability_checks.get(key)
+    if found is None:
+        hard, soft = _capability_reasons(o, r, c)
+        found = catalog.capability_checks[key] = (tuple(hard), tuple(soft))
+    return found
 
 
 def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints) -> tuple[list[str], list[str]]:
@@ -124,8 +143,16 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints) -> tuple[l
     return hard, soft
 
 
+def _limits(r: ImageRequest, c: Constraints, state: PlannerState) -> tuple[float, list[tuple[Decimal, str]]]:
+    """The latency ceiling and the cost ceilings that apply to this request, computed once per plan."""
+    max_latency = min(x for x in (c.max_latency_s, r.max_latency_s, float("inf")) if x is not None)
+    limits = [(c.max_cost_per_image_usd, "image"), (c.max_cost_per_call_usd, "call"),
+              (r.max_cost_usd, "call (request)"), (state.max_marginal_usd, "call (budget headroom)")]
+    return max_latency, [(limit, per) for limit, per in limits if limit is not None]
+
+
 def _policy_reasons(o: Offering, r: ImageRequest, c: Constraints, cost: Cost, latency: float,
-                    state: PlannerState) -> list[str]:
+                    max_latency: float, limits: list[tuple[Decimal, str]]) -> list[str]:
     reasons = []
     need = c.licenses
     if need == "commercial" and o.license.commercial_use != "yes":
@@ -137,14 +164,9 @@ def _policy_reasons(o: Offering, r: ImageRequest, c: Constraints, cost: Cost, la
         if outside:
             reasons.append(f"processes data in {', '.join(outside)}, policy allows "
                            f"{', '.join(c.regions)}")
-    max_latency = min(x for x in (c.max_latency_s, r.max_latency_s, float("inf")) if x is not None)
     if latency > max_latency:
         reasons.append(f"est latency {latency:g} s > max {max_latency:g} s")
-    limits = [(c.max_cost_per_image_usd, "image"), (c.max_cost_per_call_usd, "call"),
-              (r.max_cost_usd, "call (request)"), (state.max_marginal_usd, "call (budget headroom)")]
     for limit, per in limits:
-        if limit is None:
-            continue
         if cost.usd is None:
             reasons.append(f"price unknown ({cost.detail}); cannot check max ${limit}/{per.split()[0]}")
             break
@@ -168,6 +190,17 @@ def _sort_key(objective: str, cand: Candidate, o: Offering, prefer: tuple[str, .
     return (cost, pref, lat, o.id)
 
 
+def _estimate(catalog: Catalog, r: ImageRequest, o: Offering, device: str) -> Cost:
+    """`pricing.estimate`, memoised on the (immutable) catalog: a pure function of these fields."""
+    key = (o.id, r.width, r.height, r.n, r.quality, r.steps, -(-len(r.prompt) // CHARS_PER_TOKEN), device)
+    cost = catalog.estimates.get(key)
+    if cost is None:
+        if len(catalog.estimates) > 100_000:
+            catalog.estimates.clear()
+        cost = catalog.estimates[key] = estimate(r, o, device=device)
+    return cost
+
+
 def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: PlannerState) -> Plan:
     eff = effective_settings(request, policy)
     c = eff.constraints
@@ -178,10 +211,11 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
             raise RequestError(f"unknown model {request.model!r}: not an offering id, alias or "
                                "provider in the catalog (see `imagebroker providers`)")
     pool = pinned if pinned is not None else [o for o in catalog if not o.retired(state.today)]
+    max_latency, limits = _limits(request, c, state)
     eligible: list[tuple[Candidate, Offering]] = []
     held: list[tuple[Candidate, Offering]] = []
     rejected: list[Rejection] = []
-    for o in sorted(pool, key=lambda x: x.id):
+    for o in pool:  # the catalog is kept sorted by id
         reasons: list[str] = []
         if o.retired(state.today):
             reasons.append(f"retired (shut down {o.shutdown or 'already'})")
@@ -189,17 +223,16 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
         why = state.unavailable.get(o.id) or state.unavailable.get(o.provider)
         if why:
             reasons.append(why)
-        hard, soft = _capability_reasons(o, request, c)
+        hard, soft = _capabilities(catalog, o, request, c)
         reasons += hard
-        device = state.local_device if o.kind == "local" else "cuda"
-        cost = estimate(request, o, device=device)
+        cost = _estimate(catalog, request, o, state.local_device if o.kind == "local" else "cuda")
         latency = latency_estimate(o, state)
-        reasons += _policy_reasons(o, request, c, cost, latency, state)
+        reasons += _policy_reasons(o, request, c, cost, latency, max_latency, limits)
         if reasons:
             rejected.append(Rejection(offering=o.id, reasons=tuple(reasons)))
             continue
-        cand = Candidate(offering=o.id, estimated_cost=cost, estimated_latency_s=round(latency, 3),
-                         dropped=tuple(soft))
+        cand = Candidate(offering=o.id, estimated_cost=cost,
+                                         estimated_latency_s=round(latency, 3), dropped=tuple(soft))
         is_last = pinned is None and any(_matches(o, p) for p in policy.last_resort)
         (held if is_last else eligible).append((cand, o))
     if eligible:

@@ -65,11 +65,14 @@ class Catalog:
 
     def __init__(self, offerings: Iterable[Offering], version: str) -> None:
         self.offerings: dict[str, Offering] = {}
-        for o in offerings:
+        for o in sorted(offerings, key=lambda x: x.id):
             if o.id in self.offerings:
                 raise ConfigError(f"offering {o.id} is defined twice")
             self.offerings[o.id] = o
         self.version = version
+        # The planner's memos: pure functions of an offering (immutable here) and request fields.
+        self.estimates: dict[tuple[object, ...], object] = {}
+        self.capability_checks: dict[tuple[object, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._aliases = {a: o.id for o in self.offerings.values() for a in o.aliases}
 
     def __iter__(self):
