@@ -81,6 +81,9 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.offerings)
 
+    def providers(self) -> list[str]:
+        return sorted({o.provider for o in self})
+
     def resolve(self, name: str) -> Offering | None:
         """An offering by id or alias."""
         oid = name if name in self.offerings else self._aliases.get(name)

@@ -19,36 +19,12 @@ from typing import Any
 
 import httpx
 
-from ..errors import (
-    AuthError,
-    BadProviderResponse,
-    ContentRejected,
-    ModelNotFound,
-    ProviderError,
-    ProviderUnavailable,
-    RateLimited,
-)
+from ..errors import BadProviderResponse, ProviderUnavailable
 from ..providers.base import CallContext, Provider, ProviderResult, RawImage
+from ..providers.http import status_error
 from ..providers.offering import Offering
 from ..types import ImageRequest
 from .images import make_image
-
-
-def status_error(status: int, body: str, headers: httpx.Headers, **where: Any) -> ProviderError:
-    """The one place an HTTP status becomes an imagebroker error (shared by the fake providers)."""
-    msg = f"HTTP {status}: {body[:300]}"
-    if status == 429:
-        ra = headers.get("retry-after")
-        return RateLimited(msg, retry_after=float(ra) if ra else None, status=status, **where)
-    if status in (401, 403):
-        return AuthError(msg, status=status, **where)
-    if status == 404:
-        return ModelNotFound(msg, status=status, **where)
-    if status in (408, 409) or status >= 500:
-        return ProviderUnavailable(msg, status=status, **where)
-    if status in (400, 422) and ("moderat" in body or "safety" in body):
-        return ContentRejected(msg, status=status, **where)
-    return ProviderError(msg, status=status, **where)
 
 
 class FakeHTTPProvider(Provider):

@@ -1,0 +1,72 @@
+"""Black Forest Labs: POST /v1/{model} with `x-key`, then poll the returned `polling_url` and download
+`result.sample` at once (it expires in ten minutes). The EU and US hosts pin processing regions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import BadProviderResponse, ContentRejected, ModelNotFound, ProviderUnavailable
+from ..policies.pricing import request_size
+from ..types import ImageRequest
+from .base import CallContext, ProviderResult, RawImage
+from .http import HttpProvider
+from .offering import Offering
+
+MODERATED = ("Request Moderated", "Content Moderated")
+
+
+class BFLProvider(HttpProvider):
+    name = "bfl"
+    api_key_env = "BFL_API_KEY"
+    default_base_url = "https://api.bfl.ai"
+
+    def headers(self, key: str | None) -> dict[str, str]:
+        return {"x-key": key} if key else {}
+
+    async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
+        where = {"provider": self.name, "offering": offering.id}
+        w, h = request_size(request, offering)
+        body: dict[str, Any] = {"prompt": request.prompt, "width": w, "height": h,
+                                "output_format": "png" if request.output_format == "png" else "jpeg"}
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if offering.capabilities.steps and request.steps:
+            body["steps"] = request.steps
+        if offering.capabilities.guidance and request.guidance_scale is not None:
+            body["guidance"] = request.guidance_scale
+        body.update(request.extra.get(self.name, {}))
+        path = str(offering.settings.get("endpoint", offering.model))
+        headers = self.headers(ctx.api_key)
+        resp = await self.send("POST", f"{self.base_url_for(offering)}/v1/{path}", where=where,
+                               json=body, headers=headers, timeout=ctx.timeout_s)
+        task = self.json(resp, where)
+        if "polling_url" not in task:
+            raise BadProviderResponse("submit answered without a polling_url", **where)
+        where["request_id"] = task.get("id")
+        interval = self.settings.poll_interval_s or 0.5
+
+        async def check() -> dict[str, Any] | None:
+            r = await self.send("GET", task["polling_url"], where=where, headers=headers)
+            result = self.json(r, where)
+            status = result.get("status")
+            if status == "Ready":
+                return result
+            if status in MODERATED:
+                raise ContentRejected(f"BFL: {status}", **where)
+            if status == "Task not found":
+                raise ModelNotFound("BFL: task not found (expired or unknown id)", **where)
+            if status in ("Error", "Failed"):
+                raise ProviderUnavailable(f"BFL: {result.get('error') or status}", **where)
+            return None
+
+        result = await self.poll(check, interval=interval, deadline_s=ctx.timeout_s, where=where)
+        sample = (result.get("result") or {}).get("sample")
+        if not sample:
+            raise BadProviderResponse("Ready without result.sample", **where)
+        image = await self.download(sample, where)
+        usage: dict[str, Any] = {"images": 1, "width": w, "height": h}
+        if task.get("cost") is not None:  # newer responses may report credits (not verified)
+            usage["credits"] = task["cost"]
+        seed = (result.get("result") or {}).get("seed", request.seed)
+        return ProviderResult([RawImage(image, seed)], usage, task.get("id"),
+                              {"endpoint": path, **{k: v for k, v in body.items() if k != "prompt"}})

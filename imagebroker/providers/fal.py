@@ -1,0 +1,83 @@
+"""fal.ai queue API: submit, poll the status URL, fetch the result, download the images at once.
+`Authorization: Key ...`; a timed-out or cancelled call is cancelled on fal (PUT cancel_url).
+Billed per megapixel, each image rounded up: the units are the sizes fal reports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from ..errors import BadProviderResponse, ContentRejected, ProviderUnavailable
+from ..policies.pricing import request_size
+from ..types import ImageRequest
+from .base import CallContext, ProviderResult, RawImage
+from .http import HttpProvider
+from .offering import Offering
+
+
+class FalProvider(HttpProvider):
+    name = "fal"
+    api_key_env = "FAL_KEY"
+    default_base_url = "https://queue.fal.run"
+
+    def headers(self, key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Key {key}"} if key else {}
+
+    async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
+        where: dict[str, Any] = {"provider": self.name, "offering": offering.id}
+        w, h = request_size(request, offering)
+        caps = offering.capabilities
+        body: dict[str, Any] = {"prompt": request.prompt, "image_size": {"width": w, "height": h},
+                                "num_images": request.n,
+                                "output_format": "png" if request.output_format == "png" else "jpeg"}
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.steps and caps.steps:
+            body["num_inference_steps"] = request.steps
+        if request.guidance_scale is not None and caps.guidance:
+            body["guidance_scale"] = request.guidance_scale
+        if request.adapters:
+            body["loras"] = [{"path": a.ref, "scale": a.scale} for a in request.adapters]
+        body.update(request.extra.get(self.name, {}))
+        headers = self.headers(ctx.api_key)
+        resp = await self.send("POST", f"{self.base_url_for(offering)}/{offering.model}", where=where,
+                               json=body, headers=headers, timeout=ctx.timeout_s)
+        handle = self.json(resp, where)
+        if not isinstance(handle, dict) or "status_url" not in handle:
+            raise BadProviderResponse("submit answered without a status_url", **where)
+        where["request_id"] = handle.get("request_id")
+
+        async def check() -> dict[str, Any] | None:
+            r = await self.send("GET", handle["status_url"], where=where, headers=headers)
+            status = self.json(r, where)
+            if status.get("error"):
+                raise ProviderUnavailable(f"fal: {status.get('error_type') or ''} {status['error']}",
+                                          **where)
+            if status.get("status") in ("FAILED", "CANCELED", "CANCELLED"):
+                raise ProviderUnavailable(f"fal: request {status['status'].lower()}", **where)
+            return status if status.get("status") == "COMPLETED" else None
+
+        try:
+            await self.poll(check, interval=self.settings.poll_interval_s or 0.25,
+                            deadline_s=ctx.timeout_s, where=where)
+        except (asyncio.CancelledError, ProviderUnavailable):
+            with contextlib.suppress(Exception):
+                await self.send("PUT", handle["cancel_url"], where=where, headers=headers, timeout=5)
+            raise
+        out = self.json(await self.send("GET", handle["response_url"], where=where, headers=headers),
+                        where)
+        flags = out.get("has_nsfw_concepts") or []
+        if any(flags):
+            raise ContentRejected("fal's safety checker flagged the output", **where)
+        try:
+            items = out["images"]
+            images = [RawImage(await self.download(i["url"], where),
+                               None if out.get("seed") is None else out["seed"] + n)
+                      for n, i in enumerate(items)]
+            sizes = [[i.get("width") or w, i.get("height") or h] for i in items]
+        except (KeyError, TypeError) as exc:
+            raise BadProviderResponse(f"unexpected result shape: {exc!r}", **where) from None
+        return ProviderResult(images, {"images": len(images), "sizes": sizes, "width": w, "height": h},
+                              handle.get("request_id"),
+                              {k: v for k, v in body.items() if k != "prompt"})

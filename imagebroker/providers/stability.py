@@ -1,0 +1,55 @@
+"""Stability AI REST v2beta: multipart POST to /v2beta/stable-image/generate/{ultra,core,sd3}.
+A `finish_reason` of CONTENT_FILTERED is a refusal even on HTTP 200. Billed in credits per image."""
+
+from __future__ import annotations
+
+import base64
+
+from ..errors import BadProviderResponse, ContentRejected
+from ..policies.pricing import request_size
+from ..types import ImageRequest
+from .base import CallContext, ProviderResult, RawImage
+from .http import HttpProvider
+from .offering import Offering
+
+RATIOS = {"1024x1024": "1:1", "1344x768": "16:9", "1536x640": "21:9", "832x1216": "2:3",
+          "1216x832": "3:2", "896x1088": "4:5", "1088x896": "5:4", "768x1344": "9:16", "640x1536": "9:21"}
+
+
+class StabilityProvider(HttpProvider):
+    name = "stability"
+    api_key_env = "STABILITY_API_KEY"
+    default_base_url = "https://api.stability.ai"
+
+    async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
+        where = {"provider": self.name, "offering": offering.id}
+        w, h = request_size(request, offering)
+        endpoint = str(offering.settings.get("endpoint", "core"))
+        fields: dict[str, str] = {"prompt": request.prompt, "aspect_ratio": RATIOS[f"{w}x{h}"],
+                                  "output_format": request.output_format or "png"}
+        if endpoint == "sd3":
+            fields["model"] = offering.model
+            if request.guidance_scale is not None:
+                fields["cfg_scale"] = str(request.guidance_scale)
+        if request.seed is not None:
+            fields["seed"] = str(request.seed)
+        if request.negative_prompt and offering.capabilities.negative_prompt:
+            fields["negative_prompt"] = request.negative_prompt
+        fields.update({k: str(v) for k, v in request.extra.get(self.name, {}).items()})
+        headers = {**self.headers(ctx.api_key), "Accept": "application/json"}
+        url = f"{self.base_url_for(offering)}/v2beta/stable-image/generate/{endpoint}"
+        resp = await self.send("POST", url,
+                               where=where, files={k: (None, v) for k, v in fields.items()},
+                               headers=headers, timeout=ctx.timeout_s)
+        data = self.json(resp, where)
+        if data.get("finish_reason") == "CONTENT_FILTERED":
+            raise ContentRejected("Stability filtered the output (finish_reason CONTENT_FILTERED)",
+                                  status=200, **where)
+        try:
+            image = base64.b64decode(data["image"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadProviderResponse(f"no image in response: {exc!r}", **where) from None
+        seed = data.get("seed", request.seed)
+        applied = {k: v for k, v in fields.items()}
+        return ProviderResult([RawImage(image, seed)], {"images": 1, "width": w, "height": h},
+                              resp.headers.get("x-request-id"), applied)

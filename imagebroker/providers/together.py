@@ -1,0 +1,52 @@
+"""Together AI: POST /v1/images/generations (FLUX), base64 results, LoRAs through `image_loras`.
+Billed per megapixel; the response carries no usage, so the units are the images returned."""
+
+from __future__ import annotations
+
+import base64
+
+from ..errors import BadProviderResponse
+from ..policies.pricing import request_size
+from ..types import ImageRequest
+from .base import CallContext, ProviderResult, RawImage
+from .http import HttpProvider
+from .offering import Offering
+
+
+class TogetherProvider(HttpProvider):
+    name = "together"
+    api_key_env = "TOGETHER_API_KEY"
+    default_base_url = "https://api.together.xyz/v1"  # background knowledge, not verified
+
+    async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
+        where = {"provider": self.name, "offering": offering.id}
+        w, h = request_size(request, offering)
+        caps = offering.capabilities
+        body: dict = {"model": offering.model, "prompt": request.prompt, "width": w, "height": h,
+                      "n": request.n, "response_format": "base64",
+                      "output_format": "png" if request.output_format == "png" else "jpeg"}
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.steps and caps.steps:
+            body["steps"] = request.steps
+        if request.guidance_scale is not None and caps.guidance:
+            body["guidance_scale"] = request.guidance_scale
+        if request.negative_prompt and caps.negative_prompt:
+            body["negative_prompt"] = request.negative_prompt
+        if request.adapters:
+            body["image_loras"] = [{"path": a.ref, "scale": a.scale} for a in request.adapters]
+        body.update(request.extra.get(self.name, {}))
+        resp = await self.send("POST", f"{self.base_url_for(offering)}/images/generations", where=where,
+                               json=body, headers=self.headers(ctx.api_key), timeout=ctx.timeout_s)
+        data = self.json(resp, where)
+        try:
+            items = data["data"]
+            images = [RawImage(base64.b64decode(d["b64_json"]) if d.get("b64_json") else
+                               await self.download(d["url"], where),
+                               None if request.seed is None else request.seed + i)
+                      for i, d in enumerate(items)]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadProviderResponse(f"unexpected response shape: {exc!r}", **where) from None
+        sent = {k: v for k, v in body.items() if k != "prompt"}
+        return ProviderResult(images, {"images": len(images), "width": w, "height": h},
+                              data.get("id"), {"prompt": request.prompt, **sent})

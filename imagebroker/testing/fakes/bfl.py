@@ -1,0 +1,50 @@
+"""Fake Black Forest Labs: POST /v1/{model} -> {id, polling_url}; GET /v1/get_result?id= -> Pending,
+then Ready with result.sample; GET /delivery/{id} serves the image."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import FakeServer, Reply
+
+
+class FakeBFL(FakeServer):
+    name = "bfl"
+
+    def authorised(self, req: dict[str, Any]) -> bool:
+        return req["headers"].get("x-key") == self.key
+
+    def error_body(self, message: str) -> Any:
+        return {"error": message.replace(" ", "_"), "message": message, "retry_after": 1}
+
+    def bad_key(self) -> Reply:
+        return Reply(401, {"detail": "Unauthorized: invalid x-key"})
+
+    def generate(self, req: dict[str, Any], step: str) -> Reply:
+        body = json.loads(req["body"])
+        task = f"task-{self.generations}"
+        self.state[task] = {"step": step, "polls": 0, "body": body}
+        return Reply(200, {"id": task, "polling_url": f"{self.url}/v1/get_result?id={task}"})
+
+    def other(self, req: dict[str, Any]) -> Reply:
+        if req["path"] == "/v1/get_result":
+            task = self.state.get(req["query"].get("id", [""])[0])
+            if task is None:
+                return Reply(200, {"status": "Task not found"})
+            task["polls"] += 1
+            if task["polls"] < 2:
+                return Reply(200, {"id": "x", "status": "Pending"})
+            if task["step"] == "refuse":
+                return Reply(200, {"id": "x", "status": "Content Moderated"})
+            if task["step"] == "empty":
+                return Reply(200, {"id": "x", "status": "Ready", "result": {}})
+            tid = req["query"]["id"][0]
+            return Reply(200, {"id": tid, "status": "Ready", "result": {
+                "sample": f"{self.url}/delivery/{tid}", "seed": task["body"].get("seed", 42)}})
+        if req["path"].startswith("/delivery/"):
+            task = self.state[req["path"].rsplit("/", 1)[1]]
+            b = task["body"]
+            img = self.images(task["step"], 1, b["width"], b["height"], b.get("seed"), "jpeg")[0]
+            return Reply(200, img, content_type="image/jpeg")
+        return super().other(req)

@@ -1,0 +1,62 @@
+"""Fake fal.ai queue: POST /{model} -> handle; GET .../status; GET .../requests/{id}; PUT .../cancel;
+images served from /files/."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import FakeServer, Reply
+
+
+class FakeFal(FakeServer):
+    name = "fal"
+
+    def authorised(self, req: dict[str, Any]) -> bool:
+        return req["headers"].get("authorization") == f"Key {self.key}"
+
+    def error_body(self, message: str) -> Any:
+        return {"detail": message}
+
+    def is_generation(self, req: dict[str, Any]) -> bool:
+        return req["method"] == "POST" and "/requests/" not in req["path"]
+
+    def generate(self, req: dict[str, Any], step: str) -> Reply:
+        body = json.loads(req["body"])
+        rid = f"req-{self.generations}"
+        self.state[rid] = {"step": step, "polls": 0, "body": body}
+        base = f"{self.url}{req['path']}/requests/{rid}"
+        return Reply(200, {"request_id": rid, "response_url": base, "status_url": f"{base}/status",
+                           "cancel_url": f"{base}/cancel"})
+
+    def other(self, req: dict[str, Any]) -> Reply:
+        path = req["path"]
+        if "/requests/" in path:
+            rid = path.split("/requests/", 1)[1].split("/")[0]
+            task = self.state.get(rid)
+            if task is None:
+                return Reply(404, {"detail": "request not found"})
+            if path.endswith("/cancel"):
+                task["cancelled"] = True
+                return Reply(202, {"status": "CANCELLATION_REQUESTED"})
+            if path.endswith("/status"):
+                task["polls"] += 1
+                status = "IN_QUEUE" if task["polls"] < 2 else "COMPLETED"
+                return Reply(200, {"status": status, "queue_position": 0, "logs": []})
+            b, step = task["body"], task["step"]
+            size = b["image_size"]
+            n = 0 if step == "empty" else b.get("num_images", 1)
+            return Reply(200, {"images": [{"url": f"{self.url}/files/{rid}-{i}.jpeg", "width": size["width"],
+                                           "height": size["height"], "content_type": "image/jpeg"}
+                                          for i in range(n)],
+                               "seed": b.get("seed", 7), "has_nsfw_concepts": [step == "refuse"] * max(n, 1),
+                               "prompt": b["prompt"]})
+        if path.startswith("/files/"):
+            rid, i = path.rsplit("/", 1)[1].removesuffix(".jpeg").rsplit("-", 1)
+            task = self.state[rid]
+            size = task["body"]["image_size"]
+            seed = task["body"].get("seed")
+            return Reply(200, self.images(task["step"], 1, size["width"], size["height"],
+                                          None if seed is None else seed + int(i), "jpeg")[0],
+                         content_type="image/jpeg")
+        return super().other(req)

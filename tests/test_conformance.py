@@ -1,0 +1,89 @@
+"""One conformance suite for every provider with a fake server: a new provider gets these tests by
+being registered and shipping a fake. No network beyond 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from decimal import Decimal
+
+import pytest
+from PIL import Image
+
+from imagebroker import Broker
+from imagebroker.errors import AllAttemptsFailed
+from imagebroker.policies.schema import Policy
+from imagebroker.providers.catalog import builtin_catalog
+from imagebroker.providers.registry import provider_class
+from imagebroker.testing.fakes import fakes
+
+FAKES = fakes()
+PROVIDERS = sorted(FAKES)
+# the offering each provider is exercised with (priced, current)
+OFFERING = {"together": "together/black-forest-labs/FLUX.1-schnell", "stability": "stability/sd3.5-large",
+            "bfl": "bfl/flux-2-pro", "fal": "fal/fal-ai/flux/dev"}
+
+
+@pytest.fixture(params=PROVIDERS)
+def provider(request):
+    return request.param
+
+
+def run(provider: str, script: list[str], tmp_path, monkeypatch, **policy_extra):
+    monkeypatch.setenv(provider_class(provider).api_key_env, FAKES[provider].key)
+    fake = FAKES[provider](script)
+    fake.timeout_s = 3.0
+    with fake:
+        policy = Policy.model_validate({
+            "name": "conformance", "deny": [p for p in builtin_catalog().providers() if p != provider],
+            "prefer": [OFFERING[provider]], "objective": "ordered",
+            "providers": {provider: {"base_url": fake.base_url, "poll_interval_s": 0.05}},
+            "retry": {"max_attempts": 2, "initial_delay_s": 0.01}, "fallback": {"max_offerings": 1},
+            **policy_extra})
+        with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+            offering = b.catalog.resolve(OFFERING[provider])
+            n = min(2, offering.capabilities.max_n)
+            try:
+                return b.generate("a red circle", n=n, seed=9), fake, offering
+            except AllAttemptsFailed as exc:
+                return exc, fake, offering
+
+
+def test_happy_path(provider, tmp_path, monkeypatch):
+    result, fake, offering = run(provider, ["ok"], tmp_path, monkeypatch)
+    assert not isinstance(result, Exception), result
+    w, h = (int(v) for v in offering.capabilities.default_size.split("x"))
+    assert len(result.images) == min(2, offering.capabilities.max_n)
+    for img in result.images:
+        assert Image.open(io.BytesIO(img.data)).size == (w, h) == (img.width, img.height)
+    assert result.offering == OFFERING[provider]
+    assert result.cost.status == "priced" and result.cost.usd > Decimal(0)
+    assert result.cost.units["images"] == len(result.images)
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        row = conn.execute("select offering, cost_nusd, cost_status from calls").fetchone()
+    assert row == (OFFERING[provider], int(result.cost.usd * 10**9), "priced")
+
+
+def test_429_with_retry_after_is_retried(provider, tmp_path, monkeypatch):
+    result, _, _ = run(provider, ["429", "ok"], tmp_path, monkeypatch)
+    assert not isinstance(result, Exception), result
+    assert [a.error_type for a in result.attempts] == ["RateLimited", None]
+    assert (result.attempts[1].started_at - result.attempts[0].started_at).total_seconds() >= 1.0
+
+
+@pytest.mark.parametrize("step, error, tries", [
+    ("500", "ProviderUnavailable", 2), ("malformed", "BadProviderResponse", 1),
+    ("empty", "BadProviderResponse", 1), ("broken", "BadProviderResponse", 1),
+    ("refuse", "ContentRejected", 1), ("badkey", "AuthError", 1)])
+def test_failures_map_onto_the_error_tree(provider, tmp_path, monkeypatch, step, error, tries):
+    result, _, _ = run(provider, [step], tmp_path, monkeypatch)
+    assert isinstance(result, AllAttemptsFailed)
+    assert [a.error_type for a in result.attempts] == [error] * tries
+    assert FAKES[provider].key not in str(result)
+
+
+def test_timeout(provider, tmp_path, monkeypatch):
+    result, _, _ = run(provider, ["timeout"], tmp_path, monkeypatch, timeout_s=0.5,
+                       retry={"max_attempts": 1})
+    assert isinstance(result, AllAttemptsFailed)
+    assert result.attempts[0].error_type == "ProviderUnavailable"
