@@ -50,7 +50,7 @@ def run(provider: str, script: list[str], tmp_path, monkeypatch, **policy_extra)
 
 
 def test_happy_path(provider, tmp_path, monkeypatch):
-    result, fake, offering = run(provider, ["ok"], tmp_path, monkeypatch)
+    result, _, offering = run(provider, ["ok"], tmp_path, monkeypatch)
     assert not isinstance(result, Exception), result
     w, h = (int(v) for v in offering.capabilities.default_size.split("x"))
     assert len(result.images) == min(2, offering.capabilities.max_n)
