@@ -77,8 +77,9 @@ def run(pipe, kind: str, steps: int, size: int, device: str, dtype: torch.dtype,
         kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=embeds,
                   negative_pooled_prompt_embeds=pooled, guidance_scale=7.0)
     else:
-        kw = dict(prompt_embeds=torch.randn(1, 512, 4096 // (8 if tiny else 1), generator=g).to(device, dtype),
-                  pooled_prompt_embeds=torch.randn(1, 768 // (8 if tiny else 1), generator=g).to(device, dtype),
+        div = 8 if tiny else 1
+        kw = dict(prompt_embeds=torch.randn(1, 512, 4096 // div, generator=g).to(device, dtype),
+                  pooled_prompt_embeds=torch.randn(1, 768 // div, generator=g).to(device, dtype),
                   guidance_scale=3.5)
     if device == "cuda":
         torch.cuda.synchronize()

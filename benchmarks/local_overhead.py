@@ -28,8 +28,8 @@ PROMPT = "a red circle on a blue background"
 
 
 def policy(coalesce: bool) -> Policy:
-    return Policy.model_validate({"name": "bench", "deny": ["openai", "google", "replicate", "fal", "together",
-                                                            "stability", "bfl", "comfyui"],
+    hosted = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui"]
+    return Policy.model_validate({"name": "bench", "deny": hosted,
                                   "local": {"coalesce": {"enabled": coalesce, "max_batch": 8}}})
 
 

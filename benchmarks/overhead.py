@@ -45,8 +45,8 @@ def policy(url: str) -> Policy:
 
 
 async def direct(client: httpx.AsyncClient, url: str) -> None:
-    r = await client.post(f"{url}/v1/generate", json={"model": "bench", "prompt": "x", "n": 1, "width": 64,
-                                                      "height": 64}, headers={"Authorization": f"Bearer {KEY}"})
+    body = {"model": "bench", "prompt": "x", "n": 1, "width": 64, "height": 64}
+    r = await client.post(f"{url}/v1/generate", json=body, headers={"Authorization": f"Bearer {KEY}"})
     data = r.json()
     [base64.b64decode(b) for b in data["images"]]
 
