@@ -1,0 +1,64 @@
+"""Drop-in swapping: a third-party provider package registers through the entry point, appears in
+`imagebroker providers`, and a policy moves traffic to it with no code change."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+OFFERING = {"id": "example/painter", "provider": "example", "model": "painter", "kind": "closed",
+            "regions": ["eu"], "license": {"commercial_use": "yes", "name": "example"},
+            "latency": {"p50_s": 1, "p95_s": 2}, "source": "example", "checked": "2026-11-20",
+            "capabilities": {"default_size": "64x64", "size_rule": {"min_side": 64}, "max_n": 4},
+            "price": {"unit": "per_image", "usd": "0.002", "source": "example", "checked": "2026-11-20",
+                      "confidence": "high"}}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(ROOT / "tests" / "plugin_example")],
+                   check=True, capture_output=True)
+    return target
+
+
+def cli(site: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "EXAMPLE_API_KEY": "k",
+           "IMAGEBROKER_LEDGER_URL": f"sqlite:///{tmp_path / 'l.db'}"}
+    return subprocess.run([sys.executable, "-m", "imagebroker.cli", *args], env=env, capture_output=True,
+                          text=True, cwd=tmp_path)
+
+
+def write_policy(tmp_path: Path, prefer: str) -> Path:
+    from imagebroker.testing.mock import mock_offering
+
+    p = tmp_path / "policy.yaml"
+    p.write_text(json.dumps({"extends": "default", "objective": "ordered", "prefer": [prefer],
+                             "deny": ["openai", "google", "replicate", "fal", "together", "stability", "bfl",
+                                      "comfyui", "local"],
+                             "offerings": [OFFERING, mock_offering("standby")]}, default=str))
+    return p
+
+
+def test_plugin_appears_in_providers(site, tmp_path):
+    out = cli(site, tmp_path, "providers", "--policy", str(write_policy(tmp_path, "example/*")), "--json")
+    assert out.returncode == 0, out.stderr
+    painter = {o["id"]: o for o in json.loads(out.stdout)}["example/painter"]
+    assert painter["available"] is True and painter["provider"] == "example"
+
+
+def test_changing_the_policy_moves_traffic_without_code(site, tmp_path):
+    to_plugin = cli(site, tmp_path, "generate", "x", "--policy", str(write_policy(tmp_path, "example/*")),
+                    "--out", str(tmp_path), "--json")
+    assert to_plugin.returncode == 0, to_plugin.stderr
+    assert json.loads(to_plugin.stdout)["offering"] == "example/painter"
+    to_mock = cli(site, tmp_path, "generate", "x", "--policy", str(write_policy(tmp_path, "mock/*")),
+                  "--out", str(tmp_path), "--json")
+    assert json.loads(to_mock.stdout)["offering"] == "mock/standby"

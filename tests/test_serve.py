@@ -1,0 +1,53 @@
+"""`python -m imagebroker.testing serve PROVIDER`, then `imagebroker generate` against it, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imagebroker.providers.registry import provider_class
+from imagebroker.testing.fakes import fakes
+
+ROOT = Path(__file__).parents[1]
+OFFERING = {"together": ("together/black-forest-labs/FLUX.1-schnell", "0.002831155"),  # 1.048576 MP x $0.0027, to 1e-9
+            "stability": ("stability/stable-image-core", "0.03"),                    # 3 credits
+            "bfl": ("bfl/flux-2-klein-4b", "0.014048576"),                           # $0.014 + 0.048576 MP x $0.001
+            "fal": ("fal/fal-ai/flux/schnell", "0.003")}                             # 0.79 MP -> 1 MP x $0.003
+HOSTED = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui", "local"]
+
+
+@pytest.mark.parametrize("provider", sorted(fakes()))
+def test_generate_against_a_served_fake(provider, tmp_path):
+    offering, usd = OFFERING[provider]
+    server = subprocess.Popen([sys.executable, "-m", "imagebroker.testing", "serve", provider],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        url = server.stdout.readline().split()[-1]
+        base = url + fakes()[provider].prefix
+        policy = tmp_path / "p.yaml"
+        policy.write_text(json.dumps({"extends": "default", "deny": [p for p in HOSTED if p != provider],
+                                      "prefer": [offering], "objective": "ordered",
+                                      "providers": {provider: {"base_url": base, "poll_interval_s": 0.05}}}))
+        env = {**os.environ, provider_class(provider).api_key_env: fakes()[provider].key,
+               "IMAGEBROKER_LEDGER_URL": f"sqlite:///{tmp_path / 'l.db'}", "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, "-m", "imagebroker.cli", "generate", "a red circle", "--policy",
+                              str(policy), "--out", str(tmp_path / "out"), "--json"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.terminate()
+        server.wait()
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["offering"] == offering and Decimal(data["cost"]["usd"]) == Decimal(usd)
+    assert Image.open(data["images"][0]["path"]).size == (data["images"][0]["width"], data["images"][0]["height"])
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        row = conn.execute("select offering, cost_nusd, cost_status from calls").fetchone()
+    assert row == (offering, int(Decimal(usd) * 10**9), "priced")
