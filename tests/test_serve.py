@@ -17,10 +17,12 @@ from imagebroker.providers.registry import provider_class
 from imagebroker.testing.fakes import fakes
 
 ROOT = Path(__file__).parents[1]
-OFFERING = {"together": ("together/black-forest-labs/FLUX.1-schnell", "0.002831155"),  # 1.048576 MP x $0.0027, to 1e-9
-            "stability": ("stability/stable-image-core", "0.03"),                    # 3 credits
-            "bfl": ("bfl/flux-2-klein-4b", "0.014048576"),                           # $0.014 + 0.048576 MP x $0.001
-            "fal": ("fal/fal-ai/flux/schnell", "0.003")}                             # 0.79 MP -> 1 MP x $0.003
+OFFERING = {
+    "together": ("together/black-forest-labs/FLUX.1-schnell", "0.002831155"),  # 1.048576 MP x $0.0027
+    "stability": ("stability/stable-image-core", "0.03"),                      # 3 credits
+    "bfl": ("bfl/flux-2-klein-4b", "0.014048576"),                             # $0.014 + 0.048576 MP x $0.001
+    "fal": ("fal/fal-ai/flux/schnell", "0.003"),                               # 0.79 MP -> 1 MP x $0.003
+}
 HOSTED = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui", "local"]
 
 
@@ -47,7 +49,8 @@ def test_generate_against_a_served_fake(provider, tmp_path):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["offering"] == offering and Decimal(data["cost"]["usd"]) == Decimal(usd)
-    assert Image.open(data["images"][0]["path"]).size == (data["images"][0]["width"], data["images"][0]["height"])
+    image = data["images"][0]
+    assert Image.open(image["path"]).size == (image["width"], image["height"])
     with sqlite3.connect(tmp_path / "l.db") as conn:
         row = conn.execute("select offering, cost_nusd, cost_status from calls").fetchone()
     assert row == (offering, int(Decimal(usd) * 10**9), "priced")
