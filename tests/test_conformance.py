@@ -21,7 +21,8 @@ FAKES = fakes()
 PROVIDERS = sorted(FAKES)
 # the offering each provider is exercised with (priced, current)
 OFFERING = {"together": "together/black-forest-labs/FLUX.1-schnell", "stability": "stability/sd3.5-large",
-            "bfl": "bfl/flux-2-pro", "fal": "fal/fal-ai/flux/dev"}
+            "bfl": "bfl/flux-2-pro", "fal": "fal/fal-ai/flux/dev", "openai": "openai/gpt-image-2",
+            "google": "google/gemini-3.1-flash-image"}
 
 
 @pytest.fixture(params=PROVIDERS)

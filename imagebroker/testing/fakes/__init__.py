@@ -150,7 +150,9 @@ def fakes() -> dict[str, type[FakeServer]]:
     """Every fake server, by provider name."""
     from .bfl import FakeBFL
     from .fal import FakeFal
+    from .google import FakeGoogle
+    from .openai import FakeOpenAI
     from .stability import FakeStability
     from .together import FakeTogether
 
-    return {f.name: f for f in (FakeTogether, FakeStability, FakeBFL, FakeFal)}
+    return {f.name: f for f in (FakeTogether, FakeStability, FakeBFL, FakeFal, FakeOpenAI, FakeGoogle)}

@@ -1,0 +1,70 @@
+"""Google Gemini image models over REST `generateContent` (httpx): inline base64 results, cost from
+`usageMetadata` image tokens. One image per call (no sampleCount on Gemini image models)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from ..errors import BadProviderResponse, ContentRejected
+from ..policies.pricing import request_size
+from ..types import ImageRequest
+from .base import CallContext, ProviderResult, RawImage
+from .http import HttpProvider
+from .offering import Offering
+
+# the catalog's sizes -> (aspectRatio, imageSize)
+SIZES = {"1024x1024": ("1:1", "1K"), "832x1248": ("2:3", "1K"), "1248x832": ("3:2", "1K"),
+         "864x1184": ("3:4", "1K"), "1184x864": ("4:3", "1K"), "768x1344": ("9:16", "1K"),
+         "1344x768": ("16:9", "1K"), "1536x672": ("21:9", "1K"), "2048x2048": ("1:1", "2K"),
+         "4096x4096": ("1:1", "4K")}
+BLOCKED = {"SAFETY", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "PROHIBITED_CONTENT", "IMAGE_RECITATION",
+           "RECITATION", "BLOCKLIST", "SPII", "IMAGE_OTHER", "NO_IMAGE"}
+
+
+class GoogleProvider(HttpProvider):
+    name = "google"
+    api_key_env = "GEMINI_API_KEY"
+    default_base_url = "https://generativelanguage.googleapis.com"
+
+    def headers(self, key: str | None) -> dict[str, str]:
+        return {"x-goog-api-key": key} if key else {}
+
+    async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
+        where: dict[str, Any] = {"provider": self.name, "offering": offering.id}
+        w, h = request_size(request, offering)
+        ratio, image_size = SIZES[f"{w}x{h}"]
+        body: dict[str, Any] = {
+            "contents": [{"parts": [{"text": request.prompt}]}],
+            "generationConfig": {"responseModalities": ["IMAGE"],
+                                 "imageConfig": {"aspectRatio": ratio, "imageSize": image_size}}}
+        body["generationConfig"].update(request.extra.get(self.name, {}))
+        url = f"{self.base_url_for(offering)}/v1beta/models/{offering.model}:generateContent"
+        resp = await self.send("POST", url, where=where, json=body, headers=self.headers(ctx.api_key),
+                               timeout=ctx.timeout_s)
+        data = self.json(resp, where)
+        feedback = data.get("promptFeedback") or {}
+        if feedback.get("blockReason"):
+            raise ContentRejected(f"Gemini blocked the prompt: {feedback['blockReason']}", **where)
+        candidates = data.get("candidates") or []
+        parts = ((candidates[0].get("content") or {}).get("parts") or []) if candidates else []
+        reason = candidates[0].get("finishReason") if candidates else None
+        images, texts = [], []
+        try:
+            for part in parts:
+                if "inlineData" in part:
+                    images.append(RawImage(base64.b64decode(part["inlineData"]["data"]), None))
+                elif "text" in part:
+                    texts.append(part["text"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadProviderResponse(f"unexpected response shape: {exc!r}", **where) from None
+        if not images and (reason in BLOCKED or texts):
+            why = reason if reason in BLOCKED else "answered with text: " + " ".join(texts)[:200]
+            raise ContentRejected(f"Gemini returned no image ({why})", **where)
+        meta = data.get("usageMetadata") or {}
+        image_tokens = sum(d.get("tokenCount", 0) for d in meta.get("candidatesTokensDetails", [])
+                           if d.get("modality") == "IMAGE") or meta.get("candidatesTokenCount", 0)
+        usage = {"images": len(images), "width": w, "height": h,
+                 "input_text_tokens": meta.get("promptTokenCount", 0), "output_image_tokens": image_tokens}
+        return ProviderResult(images, usage, data.get("responseId"),
+                              {"aspectRatio": ratio, "imageSize": image_size})

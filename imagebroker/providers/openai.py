@@ -1,0 +1,80 @@
+"""OpenAI Images API through the official `openai` SDK (3.x, on httpx2), with the SDK's own retries off:
+the broker retries. Token-billed: `usage` settles the cost. Data residency: a pinned region uses the
+regional host (`providers.openai.region: eu`), which also makes the offering's regions [eu]."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+
+from ..errors import BadProviderResponse, MissingExtra, ProviderUnavailable
+from ..policies.pricing import request_size
+from ..types import ImageRequest
+from .base import CallContext, Provider, ProviderResult, RawImage
+from .http import status_error
+from .offering import Offering
+
+
+class OpenAIProvider(Provider):
+    name = "openai"
+    api_key_env = "OPENAI_API_KEY"
+    default_base_url = "https://api.openai.com/v1"
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._clients: dict[tuple[str, str], Any] = {}
+
+    def _client(self, base_url: str, key: str) -> Any:
+        if (base_url, key) not in self._clients:
+            try:
+                from openai import AsyncOpenAI
+            except ImportError:
+                raise MissingExtra("openai", "openai") from None
+            self._clients[(base_url, key)] = AsyncOpenAI(api_key=key, base_url=base_url, max_retries=0)
+        return self._clients[(base_url, key)]
+
+    async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
+        import openai
+
+        where = {"provider": self.name, "offering": offering.id}
+        w, h = request_size(request, offering)
+        params: dict[str, Any] = {"model": offering.model, "prompt": request.prompt, "n": request.n,
+                                  "size": f"{w}x{h}", "output_format": request.output_format or "png"}
+        if request.quality:
+            params["quality"] = request.quality
+        if request.background:
+            params["background"] = request.background
+        params.update(request.extra.get(self.name, {}))  # moderation, output_compression, user, ...
+        client = self._client(self.base_url_for(offering) or "", ctx.api_key or "")
+        try:
+            resp = await client.images.generate(**params, timeout=ctx.timeout_s)
+        except openai.APIStatusError as exc:
+            headers = httpx.Headers(list(exc.response.headers.items()))
+            raise status_error(exc.status_code, exc.response.text, headers, **where) from None
+        except openai.APITimeoutError:
+            raise ProviderUnavailable("timed out", **where) from None
+        except openai.APIConnectionError as exc:
+            raise ProviderUnavailable(f"connection failed: {type(exc.__cause__).__name__}", **where) from None
+        except (openai.APIResponseValidationError, ValueError) as exc:  # ValueError: JSON that is not
+            raise BadProviderResponse(f"malformed response: {type(exc).__name__}", **where) from None
+        try:
+            images = [RawImage(base64.b64decode(d.b64_json), None) for d in resp.data or []]
+        except (TypeError, ValueError) as exc:
+            raise BadProviderResponse(f"undecodable b64_json: {exc!r}", **where) from None
+        usage: dict[str, Any] = {"images": len(images), "width": w, "height": h,
+                                 "quality": getattr(resp, "quality", None) or request.quality}
+        if resp.usage is not None:
+            u = resp.usage
+            inp, out = u.input_tokens_details, getattr(u, "output_tokens_details", None)
+            usage |= {"input_text_tokens": inp.text_tokens, "input_image_tokens": inp.image_tokens,
+                      "output_image_tokens": out.image_tokens if out else u.output_tokens,
+                      "output_text_tokens": getattr(out, "text_tokens", 0) or 0}
+        applied = {k: v for k, v in params.items() if k != "prompt"}
+        return ProviderResult(images, usage, getattr(resp, "_request_id", None), applied)
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
