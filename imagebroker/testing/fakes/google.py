@@ -24,8 +24,8 @@ class FakeGoogle(FakeServer):
         return {"error": {"code": 500, "message": message, "status": "INTERNAL"}}
 
     def bad_key(self) -> Reply:
-        return Reply(400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
-                                     "status": "INVALID_ARGUMENT"}})
+        message = "API key not valid. Please pass a valid API key."
+        return Reply(400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
 
     def generate(self, req: dict[str, Any], step: str) -> Reply:
         if not req["path"].endswith(":generateContent"):
@@ -37,9 +37,11 @@ class FakeGoogle(FakeServer):
         cfg = body["generationConfig"]["imageConfig"]
         w, h = SIZES[(cfg["aspectRatio"], cfg["imageSize"])]
         imgs = self.images(step, 1, w, h, 3)
-        parts = [{"inlineData": {"mimeType": "image/png", "data": base64.b64encode(b).decode()}} for b in imgs]
+        parts = [{"inlineData": {"mimeType": "image/png", "data": base64.b64encode(b).decode()}}
+                 for b in imgs]
         return Reply(200, {
             "candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": "STOP"}],
             "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 1290 * len(imgs),
-                              "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1290 * len(imgs)}]},
+                              "candidatesTokensDetails": [{"modality": "IMAGE",
+                                                           "tokenCount": 1290 * len(imgs)}]},
             "responseId": f"resp-{self.generations}"})

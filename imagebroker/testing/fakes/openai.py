@@ -31,8 +31,8 @@ class FakeOpenAI(FakeServer):
             return Reply(404, {"error": {"message": f"The model `{body['model']}` does not exist",
                                          "type": "invalid_request_error", "code": "model_not_found"}})
         if step == "refuse":
-            return Reply(400, {"error": {"message": "Your request was rejected by the safety system. "
-                                         "safety_violations=[violence]", "type": "image_generation_user_error",
+            message = "Your request was rejected by the safety system. safety_violations=[violence]"
+            return Reply(400, {"error": {"message": message, "type": "image_generation_user_error",
                                          "param": None, "code": "moderation_blocked"}})
         w, h = (int(v) for v in body.get("size", "1024x1024").split("x"))
         fmt = body.get("output_format", "png")
