@@ -22,7 +22,7 @@ PROVIDERS = sorted(FAKES)
 # the offering each provider is exercised with (priced, current)
 OFFERING = {"together": "together/black-forest-labs/FLUX.1-schnell", "stability": "stability/sd3.5-large",
             "bfl": "bfl/flux-2-pro", "fal": "fal/fal-ai/flux/dev", "openai": "openai/gpt-image-2",
-            "google": "google/gemini-3.1-flash-image"}
+            "google": "google/gemini-3.1-flash-image", "replicate": "replicate/black-forest-labs/flux-dev"}
 
 
 @pytest.fixture(params=PROVIDERS)

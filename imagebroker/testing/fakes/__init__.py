@@ -152,7 +152,9 @@ def fakes() -> dict[str, type[FakeServer]]:
     from .fal import FakeFal
     from .google import FakeGoogle
     from .openai import FakeOpenAI
+    from .replicate import FakeReplicate
     from .stability import FakeStability
     from .together import FakeTogether
 
-    return {f.name: f for f in (FakeTogether, FakeStability, FakeBFL, FakeFal, FakeOpenAI, FakeGoogle)}
+    return {f.name: f for f in (FakeTogether, FakeStability, FakeBFL, FakeFal, FakeOpenAI, FakeGoogle,
+                                   FakeReplicate)}

@@ -1,0 +1,123 @@
+"""Replicate through the official `replicate` client: official models by name (`Prefer: wait`, then
+polling), community models by version (billed by `metrics.predict_time` x the hardware rate), cancel on
+timeout, outputs downloaded at once (Replicate deletes API outputs after an hour).
+
+The client retries only idempotent requests (its polls) on 429/503/504; creates are retried by the
+broker, which honours Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import httpx
+
+from ..errors import (
+    BadProviderResponse,
+    ContentRejected,
+    MissingExtra,
+    ModelNotFound,
+    ProviderUnavailable,
+)
+from ..policies.pricing import request_size
+from ..types import ImageRequest
+from .base import CallContext, ProviderResult, RawImage
+from .http import HttpProvider, status_error
+from .offering import Offering
+
+RATIOS = {"1024x1024": "1:1", "1344x768": "16:9", "768x1344": "9:16", "1152x896": "4:3", "896x1152": "3:4",
+          "1216x832": "3:2", "832x1216": "2:3"}
+TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
+
+
+class ReplicateProvider(HttpProvider):
+    name = "replicate"
+    api_key_env = "REPLICATE_API_TOKEN"
+    default_base_url = "https://api.replicate.com"
+
+    def _input(self, request: ImageRequest, offering: Offering) -> dict[str, Any]:
+        w, h = request_size(request, offering)
+        caps = offering.capabilities
+        inp: dict[str, Any] = {"prompt": request.prompt}
+        if caps.size_rule is not None:
+            inp |= {"width": w, "height": h}
+        else:
+            inp["aspect_ratio"] = RATIOS[f"{w}x{h}"]
+        if caps.max_n > 1:
+            inp["num_outputs"] = request.n
+        if request.seed is not None:
+            inp["seed"] = request.seed
+        if request.steps and caps.steps:
+            inp["num_inference_steps"] = request.steps
+        if request.guidance_scale is not None and caps.guidance:
+            inp["guidance_scale" if caps.negative_prompt else "guidance"] = request.guidance_scale
+        if request.negative_prompt and caps.negative_prompt:
+            inp["negative_prompt"] = request.negative_prompt
+        if request.output_format and "webp" in caps.output_formats:
+            inp["output_format"] = "jpg" if request.output_format == "jpeg" else request.output_format
+        for i, a in enumerate(request.adapters[:2]):  # flux-dev-lora: lora_weights + extra_lora
+            prefix = "" if i == 0 else "extra_"
+            inp[f"{prefix}lora{'_weights' if i == 0 else ''}"] = a.ref
+            inp[f"{prefix}lora_scale"] = a.scale
+        return inp | request.extra.get(self.name, {})
+
+    async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
+        try:
+            import replicate
+            from replicate.exceptions import ModelError, ReplicateError
+        except ImportError:
+            raise MissingExtra("replicate", "replicate") from None
+        where: dict[str, Any] = {"provider": self.name, "offering": offering.id}
+        failed: list[httpx.Headers] = []
+
+        async def remember(resp: httpx.Response) -> None:  # the client's errors drop the headers
+            if resp.status_code >= 400:
+                failed.append(resp.headers)
+
+        client = replicate.Client(api_token=ctx.api_key, base_url=self.base_url_for(offering),
+                                  event_hooks={"response": [remember]})
+        inp = self._input(request, offering)
+        version = offering.settings.get("version")
+        wait = max(1, min(60, int(ctx.timeout_s)))
+        try:
+            if version:
+                pred = await client.predictions.async_create(version=str(version), input=inp, wait=wait)
+            else:
+                owner, name = offering.model.split("/", 1)
+                pred = await client.models.predictions.async_create(model=(owner, name), input=inp, wait=wait)
+            where["request_id"] = pred.id
+            interval = self.settings.poll_interval_s or client.poll_interval
+            try:
+                while pred.status not in TERMINAL:
+                    await asyncio.sleep(interval)
+                    await pred.async_reload()
+            except asyncio.CancelledError:  # the broker's timeout: stop paying for it
+                with contextlib.suppress(Exception):
+                    await pred.async_cancel()
+                raise
+        except ReplicateError as exc:
+            headers = failed[-1] if failed else httpx.Headers()
+            raise status_error(exc.status or 500, f"{exc.title}: {exc.detail}", headers, **where) from None
+        except ModelError as exc:  # raised by some client paths for failed predictions
+            raise ProviderUnavailable(f"model error: {exc}", **where) from None
+        except httpx.TransportError as exc:
+            raise ProviderUnavailable(f"connection failed: {type(exc).__name__}", **where) from None
+        except ValueError as exc:
+            raise BadProviderResponse(f"malformed response: {type(exc).__name__}", **where) from None
+        if pred.status != "succeeded":
+            error = str(pred.error or pred.status)
+            if "nsfw" in error.lower() or "safety" in error.lower():
+                raise ContentRejected(f"Replicate: {error}", **where)
+            if "not found" in error.lower():
+                raise ModelNotFound(f"Replicate: {error}", **where)
+            raise ProviderUnavailable(f"Replicate prediction {pred.status}: {error}", **where)
+        outputs = pred.output if isinstance(pred.output, list) else [pred.output] if pred.output else []
+        seeds = [None if request.seed is None else request.seed + i for i in range(len(outputs))]
+        images = [RawImage(await self.download(str(url), where), seed)
+                  for url, seed in zip(outputs, seeds, strict=True)]
+        usage: dict[str, Any] = {"images": len(images), "width": inp.get("width"),
+                                 "height": inp.get("height")}
+        if pred.metrics and pred.metrics.get("predict_time") is not None:
+            usage["predict_time_s"] = pred.metrics["predict_time"]
+        return ProviderResult(images, usage, pred.id, {k: v for k, v in inp.items() if k != "prompt"})
