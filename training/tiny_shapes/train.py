@@ -8,6 +8,7 @@ stage 3 fine-tunes the VAE decoder alone on the frozen encoder's latents (sharpe
 colours; the latent space, and so the UNet, is unchanged).
 
     python -m training.tiny_shapes.train --stage decoder --from DIR   # stage 3 on a saved model
+    python -m training.tiny_shapes.train --resume DIR --unet-steps N  # N more stage-2 steps, then stage 3
 The result is an ordinary Diffusers directory (StableDiffusionPipeline) that the local backend loads.
 """
 
@@ -215,12 +216,16 @@ def main() -> None:
     ap.add_argument("--unet-steps", type=int, default=None)
     ap.add_argument("--stage", choices=["all", "decoder"], default="all")
     ap.add_argument("--from", dest="source", type=Path, default=None, help="a saved model (stage decoder)")
+    ap.add_argument("--resume", type=Path, default=None, help="continue stage 2 from a saved model")
     args = ap.parse_args()
     cfg = yaml.safe_load(args.config.read_text())
     if args.stage == "decoder":
         decoder_only(args, cfg)
         return
     steps = args.unet_steps or cfg["unet"]["steps"]
+    if args.resume:
+        resume(args, cfg, steps)
+        return
     torch.manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,6 +246,22 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
     }
+    (args.out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    log(f"done: {info}")
+
+
+def resume(args: argparse.Namespace, cfg: dict, steps: int) -> None:
+    """More stage-2 steps (a fresh cosine schedule, new data) on a saved model, then stage 3."""
+    torch.manual_seed(cfg["seed"] + 1)
+    rng = np.random.default_rng(cfg["seed"] + 1)
+    pipe = StableDiffusionPipeline.from_pretrained(args.resume, local_files_only=True)
+    unet_s = train_unet(pipe.vae, pipe.text_encoder, pipe.unet, pipe.tokenizer, cfg, rng, args.work, steps)
+    dec_s = finetune_decoder(pipe.vae, cfg, np.random.default_rng(cfg["seed"] + 3))
+    save(pipe.vae, pipe.text_encoder, pipe.unet, pipe.tokenizer, args.out)
+    info_path = args.resume / "training_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info.update({"resumed_unet_steps": steps, "resumed_unet_seconds": round(unet_s),
+                 "decoder_steps": cfg["decoder"]["steps"], "decoder_seconds": round(dec_s)})
     (args.out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
     log(f"done: {info}")
 
