@@ -25,6 +25,7 @@ OFFERING = {
     "openai": ("openai/gpt-image-2", "0.052695"),     # 3 prompt tokens x $5/M + 1756 image tokens x $30/M
     "google": ("google/gemini-3.1-flash-image", "0.0774045"),  # 9 x $0.5/M + 1290 image tokens x $60/M
     "replicate": ("replicate/black-forest-labs/flux-schnell", "0.003"),  # 1 output x $0.003
+    "comfyui": ("comfyui/sdxl", None),  # GPU-seconds from the history timestamps x $3.60/h
 }
 HOSTED = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui", "local"]
 
@@ -38,11 +39,18 @@ def test_generate_against_a_served_fake(provider, tmp_path):
         url = server.stdout.readline().split()[-1]
         base = url + fakes()[provider].prefix
         policy = tmp_path / "p.yaml"
+        settings: dict = {"base_url": base, "poll_interval_s": 0.05}
+        if provider == "comfyui":
+            from imagebroker.testing.fakes.comfyui import WORKFLOW
+
+            (tmp_path / "wf.json").write_text(json.dumps(WORKFLOW))
+            settings["options"] = {"workflow": str(tmp_path / "wf.json")}
         policy.write_text(json.dumps({"extends": "default", "deny": [p for p in HOSTED if p != provider],
                                       "prefer": [offering], "objective": "ordered",
-                                      "providers": {provider: {"base_url": base, "poll_interval_s": 0.05}}}))
-        env = {**os.environ, provider_class(provider).api_key_env: fakes()[provider].key,
-               "IMAGEBROKER_LEDGER_URL": f"sqlite:///{tmp_path / 'l.db'}", "PYTHONPATH": str(ROOT)}
+                                      "local": {"gpu_usd_per_hour": "3.60"}, "providers": {provider: settings}}))
+        env = {**os.environ, "IMAGEBROKER_LEDGER_URL": f"sqlite:///{tmp_path / 'l.db'}", "PYTHONPATH": str(ROOT)}
+        if provider_class(provider).api_key_env:
+            env[provider_class(provider).api_key_env] = fakes()[provider].key
         out = subprocess.run([sys.executable, "-m", "imagebroker.cli", "generate", "a red circle", "--policy",
                               str(policy), "--out", str(tmp_path / "out"), "--json"],
                              env=env, capture_output=True, text=True, timeout=120)
@@ -51,6 +59,10 @@ def test_generate_against_a_served_fake(provider, tmp_path):
         server.wait()
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
+    if usd is None:  # priced from measured GPU-seconds: not known in advance, but never $0
+        usd = data["cost"]["usd"]
+        seconds = Decimal(str(data["cost"]["detail"].split(" s ")[0]))
+        assert Decimal(usd) == (seconds * Decimal("3.60") / 3600).quantize(Decimal("1e-9")).normalize() > 0
     assert data["offering"] == offering and Decimal(data["cost"]["usd"]) == Decimal(usd)
     image = data["images"][0]
     assert Image.open(image["path"]).size == (image["width"], image["height"])

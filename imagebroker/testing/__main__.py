@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     with server:
         base = getattr(server, "base_url", server.url)
         print(f"fake {args.provider} listening on {server.url}", flush=True)
-        print(f"  export {env}={key}", flush=True)
+        if env:
+            print(f"  export {env}={key}", flush=True)
         print(f"  policy: providers: {{{args.provider}: {{base_url: {base}}}}}", flush=True)
         try:
             while True:

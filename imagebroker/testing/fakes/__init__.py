@@ -45,6 +45,7 @@ class FakeServer:
     name: ClassVar[str]
     key: ClassVar[str] = "fake-key-0123456789"
     prefix: ClassVar[str] = ""  # what the provider's base URL adds to the host (Together: /v1)
+    unsupported: ClassVar[set[str]] = set()  # steps the protocol has no way to express
     timeout_s = 30.0
 
     def __init__(self, script: list[str] | None = None, port: int = 0) -> None:
@@ -146,7 +147,7 @@ class FakeServer:
         self.httpd.server_close()
 
 
-def fakes() -> dict[str, type[FakeServer]]:
+def fakes() -> dict[str, type[Any]]:
     """Every fake server, by provider name."""
     from .bfl import FakeBFL
     from .fal import FakeFal
@@ -156,5 +157,11 @@ def fakes() -> dict[str, type[FakeServer]]:
     from .stability import FakeStability
     from .together import FakeTogether
 
-    return {f.name: f for f in (FakeTogether, FakeStability, FakeBFL, FakeFal, FakeOpenAI, FakeGoogle,
-                                   FakeReplicate)}
+    found: dict[str, type[Any]] = {f.name: f for f in (FakeTogether, FakeStability, FakeBFL, FakeFal,
+                                                        FakeOpenAI, FakeGoogle, FakeReplicate)}
+    try:
+        from .comfyui import FakeComfyUI
+    except ImportError:  # the ComfyUI fake needs aiohttp (the [dev] or [comfyui] extra)
+        return found
+    found[FakeComfyUI.name] = FakeComfyUI
+    return found
