@@ -89,3 +89,18 @@ def test_status_mapping(status, body, headers, cls):
     assert type(err) is cls and err.request_id == "req-9" and err.status == status
     if cls is RateLimited:
         assert err.retry_after in (5.0, 1.5)
+
+
+def test_google_vertex_eu_uses_the_regional_path_and_a_bearer_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("VERTEX_TOKEN", fakes()["google"].key)
+    with fakes()["google"](["ok"]) as fake:
+        policy = Policy.model_validate({
+            "name": "t", "deny": [p for p in HOSTED if p != "google"], "constraints": {"regions": ["eu"]},
+            "providers": {"google": {"region": "eu", "base_url": fake.url, "api_key_env": "VERTEX_TOKEN",
+                                     "options": {"project": "acme"}}}})
+        with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+            r = b.generate("x", model="google/gemini-3-pro-image")
+        path = fake.requests[0]["path"]
+    assert path == "/v1beta1/projects/acme/locations/eu/publishers/google/models/gemini-3-pro-image:generateContent"
+    assert fake.requests[0]["headers"]["authorization"] == f"Bearer {fakes()['google'].key}"
+    assert r.cost.status == "priced"

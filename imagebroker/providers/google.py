@@ -1,5 +1,10 @@
 """Google Gemini image models over REST `generateContent` (httpx): inline base64 results, cost from
-`usageMetadata` image tokens. One image per call (no sampleCount on Gemini image models)."""
+`usageMetadata` image tokens. One image per call (no sampleCount on Gemini image models).
+
+Vertex AI (for EU processing): set `providers.google.options.project` (and `location`, default `eu`
+when `region: eu`), and `api_key_env` to a variable holding an OAuth access token; the regional
+host comes from the region option. Whether the 3.x image models are served in EU regions is not
+verified."""
 
 from __future__ import annotations
 
@@ -28,7 +33,17 @@ class GoogleProvider(HttpProvider):
     default_base_url = "https://generativelanguage.googleapis.com"
 
     def headers(self, key: str | None) -> dict[str, str]:
+        if self.settings.options.get("project"):  # Vertex: an OAuth access token
+            return {"Authorization": f"Bearer {key}"} if key else {}
         return {"x-goog-api-key": key} if key else {}
+
+    def endpoint(self, offering: Offering) -> str:
+        base, opts = self.base_url_for(offering), self.settings.options
+        if opts.get("project"):
+            location = opts.get("location") or self.settings.region or "global"
+            return (f"{base}/v1beta1/projects/{opts['project']}/locations/{location}/publishers/google/models/"
+                    f"{offering.model}:generateContent")
+        return f"{base}/v1beta/models/{offering.model}:generateContent"
 
     async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
         where: dict[str, Any] = {"provider": self.name, "offering": offering.id}
@@ -39,9 +54,8 @@ class GoogleProvider(HttpProvider):
             "generationConfig": {"responseModalities": ["IMAGE"],
                                  "imageConfig": {"aspectRatio": ratio, "imageSize": image_size}}}
         body["generationConfig"].update(request.extra.get(self.name, {}))
-        url = f"{self.base_url_for(offering)}/v1beta/models/{offering.model}:generateContent"
-        resp = await self.send("POST", url, where=where, json=body, headers=self.headers(ctx.api_key),
-                               timeout=ctx.timeout_s)
+        resp = await self.send("POST", self.endpoint(offering), where=where, json=body,
+                               headers=self.headers(ctx.api_key), timeout=ctx.timeout_s)
         data = self.json(resp, where)
         feedback = data.get("promptFeedback") or {}
         if feedback.get("blockReason"):

@@ -17,8 +17,9 @@ SIZES = {("1:1", "1K"): (1024, 1024), ("2:3", "1K"): (832, 1248), ("3:2", "1K"):
 class FakeGoogle(FakeServer):
     name = "google"
 
-    def authorised(self, req: dict[str, Any]) -> bool:
-        return req["headers"].get("x-goog-api-key") == self.key
+    def authorised(self, req: dict[str, Any]) -> bool:  # Gemini API key, or a Vertex bearer token
+        h = req["headers"]
+        return h.get("x-goog-api-key") == self.key or h.get("authorization") == f"Bearer {self.key}"
 
     def error_body(self, message: str) -> Any:
         return {"error": {"code": 500, "message": message, "status": "INTERNAL"}}
