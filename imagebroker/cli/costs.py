@@ -8,6 +8,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from .common import console, fail, handle_errors, print_json, usd
@@ -45,15 +46,22 @@ def costs(
             writer.writerow(g.as_dict())
         sys.stdout.write(out.getvalue())
         return
-    table = Table(title=f"costs by {by}", title_justify="left")
-    for col in (by, "calls", "images", "failures", "cost", "per image", "unpriced", "p50", "p95"):
-        table.add_column(col, justify="left" if col == by else "right")
+    table = Table(title=f"costs by {by}", title_justify="left", box=box.SIMPLE_HEAD)
+    columns = [by, "calls", "images", "failed", "cost", "$/image", "unpriced", "p50", "p95"]
+    if not total.unpriced:
+        columns.remove("unpriced")  # the note below the table speaks when some are
+    width = max(len(g.key) for g in [*groups, total])
+    for col in columns:
+        table.add_column(col, justify="left" if col == by else "right", no_wrap=True,
+                         min_width=width if col == by else None)
     for g in [*groups, total]:
-        style = "bold" if g is total else None
-        table.add_row(g.key, str(g.calls), str(g.images), str(g.failures), usd(g.cost_usd),
-                      usd(g.avg_cost_per_image_usd), str(g.unpriced),
-                      f"{g.latency_p50_s:.2f}s" if g.latency_p50_s is not None else "-",
-                      f"{g.latency_p95_s:.2f}s" if g.latency_p95_s is not None else "-", style=style)
+        row = [g.key, str(g.calls), str(g.images), str(g.failures), usd(g.cost_usd),
+               usd(g.avg_cost_per_image_usd) if g.images else "-", str(g.unpriced),
+               f"{g.latency_p50_s:.2f}s" if g.latency_p50_s is not None else "-",
+               f"{g.latency_p95_s:.2f}s" if g.latency_p95_s is not None else "-"]
+        if not total.unpriced:
+            del row[6]
+        table.add_row(*row, style="bold" if g is total else None)
     console.print(table)
     if total.unpriced:
         console.print(f"[yellow]{total.unpriced} call(s) have no price: their cost is unknown, "

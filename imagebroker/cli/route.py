@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from ..types import ImageRequest, Plan
@@ -39,7 +40,7 @@ def plan_json(plan: Plan) -> dict:
 def print_plan(plan: Plan, *, limit: int | None = None) -> None:
     rule = f", rule {plan.rule!r}" if plan.rule else ""
     console.print(f"policy [bold]{plan.policy}[/bold] (objective {plan.objective}{rule})")
-    table = Table(title="candidates, in the order they will be tried", title_justify="left")
+    table = Table(title="candidates, in the order they will be tried", title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("#", "offering", "est. cost", "est. latency", "dropped"):
         table.add_column(col)
     for i, c in enumerate(plan.candidates, 1):
@@ -52,7 +53,7 @@ def print_plan(plan: Plan, *, limit: int | None = None) -> None:
         console.print("[red]no offering can serve this request[/red]")
     rejected = plan.rejected[:limit] if limit else plan.rejected
     if rejected:
-        rt = Table(title=f"rejected ({len(plan.rejected)})", title_justify="left")
+        rt = Table(title=f"rejected ({len(plan.rejected)})", title_justify="left", box=box.SIMPLE_HEAD)
         rt.add_column("offering")
         rt.add_column("why")
         for r in rejected:

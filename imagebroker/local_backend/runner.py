@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import queue
 import secrets
 import threading
@@ -18,6 +19,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "requires torchvision" notes at import
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import diffusers
 import torch
