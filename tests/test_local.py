@@ -167,3 +167,21 @@ def test_the_pipeline_stays_warm(broker):
     assert cand.estimated_latency_s < 10  # no load time added once warm
     r = broker.generate("a cat", model="local/tsd")
     assert r.cost.units["load_seconds"] == 0.0
+
+
+def test_memory_options_from_the_policy(models, tmp_path):
+    """VAE slicing/tiling and the attention backend apply; CPU offload is ignored without a GPU."""
+    opts = {"vae_slicing": True, "vae_tiling": True, "attention_backend": "native", "cpu_offload": True}
+    with Broker(policy(models, **opts), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        r = b.generate("a cat", model="local/tsd", seed=1)
+        pipe = b._async.provider("local").runner().cache["local/tsd"].pipe
+    assert r.images and pipe.vae.use_slicing and pipe.vae.use_tiling
+
+
+def test_opt_in_compile_matches_eager(models, tmp_path):
+    with Broker(policy(models), ledger=f"sqlite:///{tmp_path / 'e.db'}") as b:
+        eager = b.generate("a cat", model="local/tsd", seed=4)
+    with Broker(policy(models, compile=True), ledger=f"sqlite:///{tmp_path / 'c.db'}") as b:
+        compiled = b.generate("a cat", model="local/tsd", seed=4)
+    assert compiled.cost.units["load_seconds"] > eager.cost.units["load_seconds"]  # compile counted as load
+    assert np.abs(pixels(compiled.images[0]) - pixels(eager.images[0])).max() <= 1

@@ -135,3 +135,10 @@ def test_gpu_seconds_without_a_rate_is_unpriced_and_says_what_to_set():
     cost = settle({"gpu_seconds": 3.0, "device": "cuda"}, offering("local/sdxl"), req())
     assert cost.usd is None and cost.status == "unpriced"
     assert "local.gpu_usd_per_hour" in cost.detail
+
+
+def test_gpu_seconds_with_measured_energy_adds_the_energy_cost():
+    # 7.2 s x $2.50/h = $0.005; 2520 J = 0.0007 kWh x $0.12/kWh = $0.000084
+    o = offering("local/sdxl", usd_per_gpu_hour=D("2.50"), energy_usd_per_kwh=D("0.12"))
+    cost = settle({"gpu_seconds": 7.2, "device": "cuda", "energy_j": 2520}, o, req())
+    assert cost.usd == D("0.005084") and "kWh" in cost.detail

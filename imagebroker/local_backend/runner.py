@@ -263,6 +263,7 @@ class LocalRunner:
             kwargs["guidance_scale"] = float(guidance)  # type: ignore[arg-type]
         if family != "flux" and any(negatives):
             kwargs["negative_prompt"] = negatives
+        energy = _EnergyMeter(self.device, self.settings.energy_usd_per_kwh is not None)
         if self.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -271,10 +272,15 @@ class LocalRunner:
         if self.device == "cuda":
             torch.cuda.synchronize()
         busy = time.perf_counter() - t0
+        joules = energy.joules()
         if all(j.cancelled.is_set() for j in batch):
             raise ProviderUnavailable("cancelled: the pipeline was interrupted", provider="local")
-        return self._results(batch, out.images, seeds, busy, load_s, steps, guidance, sched_name,
-                             calls[0], (w, h))
+        results = self._results(batch, out.images, seeds, busy, load_s, steps, guidance, sched_name,
+                                calls[0], (w, h))
+        if joules is not None:
+            for r in results:
+                r.usage["energy_j"] = round(joules * r.usage["images"] / r.usage["batch_images"], 3)
+        return results
 
     def _results(self, batch: list[Job], images: list[Any], seeds: list[list[int]], busy: float,
                  load_s: float, steps: int, guidance: Any, sched: Any, denoiser_steps: int,
@@ -303,6 +309,30 @@ class LocalRunner:
                        "device": self.device, "batch_images": total}
             results.append(ProviderResult(raws, usage, None, applied))
         return results
+
+
+class _EnergyMeter:
+    """NVML's energy counter (mJ) around one pipeline call, when configured and available."""
+
+    def __init__(self, device: str, wanted: bool) -> None:
+        self.handle, self.start = None, 0
+        if not (wanted and device == "cuda"):
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self.start = pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        except Exception:
+            self.handle = None
+
+    def joules(self) -> float | None:
+        if self.handle is None:
+            return None
+        import pynvml
+
+        return (pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) - self.start) / 1000
 
 
 def _translate(exc: BaseException, offering: Offering) -> BaseException:

@@ -28,7 +28,8 @@ def _rates(o: Offering, policy: Policy) -> Offering:
     if not isinstance(o.price, GpuSecondsPrice):
         return o
     price = o.price.model_copy(update={"usd_per_gpu_hour": policy.local.gpu_usd_per_hour,
-                                       "cpu_usd_per_hour": policy.local.cpu_usd_per_hour})
+                                       "cpu_usd_per_hour": policy.local.cpu_usd_per_hour,
+                                       "energy_usd_per_kwh": policy.local.energy_usd_per_kwh})
     return o.model_copy(update={"price": price})
 
 

@@ -172,5 +172,9 @@ def settle(usage: Mapping[str, Any], offering: Offering, request: ImageRequest) 
             return Cost.unpriced("gpu_seconds", "set local.gpu_usd_per_hour in the policy", units)
         secs = Decimal(str(units["gpu_seconds"]))
         usd, detail = secs * rate / 3600, f"{secs} s on {device} at ${rate}/h"
+        if price.energy_usd_per_kwh is not None and units.get("energy_j") is not None:
+            kwh = Decimal(str(units["energy_j"])) / Decimal(3_600_000)
+            usd += kwh * price.energy_usd_per_kwh
+            detail += f" + {kwh:.6f} kWh at ${price.energy_usd_per_kwh}/kWh"
     return Cost(usd=_q(_with_uplift(usd, price.uplift)), status=status, unit=price.unit, units=units,
                 detail=detail)

@@ -130,6 +130,7 @@ class GpuSecondsPrice(_PriceBase):
     unit: Literal["gpu_seconds"]
     usd_per_gpu_hour: Decimal | None = None   # from the policy; None leaves GPU runs unpriced
     cpu_usd_per_hour: Decimal = Decimal(0)
+    energy_usd_per_kwh: Decimal | None = None  # owned hardware: add measured energy (NVML) at this rate
     typical_seconds: float = 5.0              # per image on the reference device
 
 
