@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,11 @@ OFFERING = {"id": "example/painter", "provider": "example", "model": "painter", 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
+    source = tmp_path_factory.mktemp("src") / "plugin_example"
+    shutil.copytree(ROOT / "tests" / "plugin_example", source)  # build outside the repository
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(ROOT / "tests" / "plugin_example")],
-                   check=True, capture_output=True)
+                    "--no-index", "--target", str(target), str(source)], check=True, capture_output=True)
     return target
 
 
