@@ -194,7 +194,7 @@ def test_no_secret_reaches_logs_ledger_errors_or_reprs(tmp_path, monkeypatch, ca
                 b.generate("x")
             texts = [str(exc.value), repr(exc.value), repr(b), repr(b._async.provider("fakehttp")),
                      repr(exc.value.attempts), caplog.text]
-        assert server.requests[0]["auth"] == f"Bearer {FAKE_KEY}"  # it was sent to the provider...
+        assert server.requests[0]["headers"]["authorization"] == f"Bearer {FAKE_KEY}"  # sent to the provider...
     db = (tmp_path / "l.db").read_bytes()
     assert FAKE_KEY.encode() not in db                            # ...and stored nowhere
     for text in texts:
@@ -224,3 +224,14 @@ def test_custom_result_handler_gets_usage_priced(tmp_path):
         r = b.generate("x")
     assert (r.cost.usd, r.cost.status) == (Decimal("0.04"), "priced")
     assert r.attempts[0].provider_request_id == "r-1"
+
+
+def test_a_reset_connection_is_retried(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKEHTTP_API_KEY", FAKE_KEY)
+    with FakeImageServer(["reset", "ok"]) as server:
+        policy = mock_policy(http_offering("a", server.url), retry={"initial_delay_s": 0.01},
+                             providers={"fakehttp": {"base_url": server.url}})
+        with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+            result = b.generate("a cat", size="128x128")
+    assert [a.error_type for a in result.attempts] == ["ProviderUnavailable", None]
+    assert "connection failed" in result.attempts[0].error

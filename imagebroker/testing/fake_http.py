@@ -2,9 +2,8 @@
 
 The protocol: `POST {base_url}/v1/generate` with JSON `{"model", "prompt", "n", "width", "height",
 "seed"}` and `Authorization: Bearer KEY`; the answer is `{"id", "images": [base64...],
-"usage": {"images": n}}`. `FakeImageServer` speaks it on 127.0.0.1 and follows a script: one step per
-request (`ok`, `empty`, `broken`, `malformed`, `status:CODE[:RETRY_AFTER]`, `sleep:SECONDS`,
-`reset`), the last step repeating.
+"usage": {"images": n}}`. `FakeImageServer` speaks it on 127.0.0.1 and follows a script, one step per
+request, the last step repeating.
 """
 
 from __future__ import annotations
@@ -12,9 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -24,7 +21,7 @@ from ..providers.base import CallContext, Provider, ProviderResult, RawImage
 from ..providers.http import status_error
 from ..providers.offering import Offering
 from ..types import ImageRequest
-from .images import make_image
+from .fakes import FakeServer, Reply
 
 
 class FakeHTTPProvider(Provider):
@@ -73,80 +70,30 @@ class FakeHTTPProvider(Provider):
             self._client = None
 
 
-class FakeImageServer:
-    """The fake API on 127.0.0.1:PORT, in a thread. Use as a context manager; `.url`, `.requests`."""
+class FakeImageServer(FakeServer):
+    """The fake API on 127.0.0.1:PORT. Besides the common steps (see `imagebroker.testing.fakes`) it
+    takes `status:CODE[:RETRY_AFTER]`, `sleep:SECONDS` and `reset` (the connection is dropped)."""
 
-    def __init__(self, script: list[str] | None = None, port: int = 0) -> None:
-        self.script = list(script or ["ok"])
-        self.requests: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        server = self
+    name = "fakehttp"
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def authorised(self, req: dict[str, Any]) -> bool:
+        return True  # any key: tests read what was sent from `requests`
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length", 0))
-                payload = json.loads(self.rfile.read(length) or b"{}")
-                with server._lock:
-                    server.requests.append({"body": payload, "auth": self.headers.get("authorization")})
-                    step = server.script[min(len(server.requests), len(server.script)) - 1]
-                server._answer(self, step, payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def _answer(self, h: BaseHTTPRequestHandler, step: str, payload: dict[str, Any]) -> None:
+    def generate(self, req: dict[str, Any], step: str) -> Reply:
         kind, _, arg = step.partition(":")
         if kind == "reset":
-            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            h.connection.close()
-            return
+            raise ConnectionAbortedError  # the handler drops the connection without an answer
         if kind == "sleep":
             time.sleep(float(arg))
         if kind == "status":
             code, _, retry_after = arg.partition(":")
-            body = json.dumps({"error": {"message": f"scripted {code}"}}).encode()
-            self._send(h, int(code), body, {"Retry-After": retry_after} if retry_after else {})
-            return
-        if kind == "malformed":
-            self._send(h, 200, b"{not json", {})
-            return
-        n = int(payload.get("n", 1))
-        w, hh = int(payload.get("width", 64)), int(payload.get("height", 64))
-        seed = payload.get("seed")
-        images = [make_image(w, hh, seed=None if seed is None else seed + i, prompt=payload.get("prompt", ""))
-                  for i in range(n)]
-        if kind == "empty":
-            images = []
-        elif kind == "broken":
-            images = [b"\x89PNG but not really" for _ in images]
-        body = json.dumps({"id": f"fake-{len(self.requests)}", "images": [
-            base64.b64encode(i).decode() for i in images], "usage": {"images": len(images)}}).encode()
-        self._send(h, 200, body, {})
-
-    @staticmethod
-    def _send(h: BaseHTTPRequestHandler, code: int, body: bytes, headers: dict[str, str]) -> None:
-        h.send_response(code)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(body)
-
-    def __enter__(self) -> FakeImageServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+            return Reply(int(code), self.error_body(f"scripted {code}"),
+                         {"Retry-After": retry_after} if retry_after else {})
+        payload = json.loads(req["body"] or b"{}")
+        n, seed = int(payload.get("n", 1)), payload.get("seed")
+        images = self.images(kind, n, int(payload.get("width", 64)), int(payload.get("height", 64)), seed)
+        return Reply(200, {"id": f"fake-{self.generations}", "usage": {"images": len(images)},
+                           "images": [base64.b64encode(i).decode() for i in images]})
 
 
 def free_port() -> int:

@@ -70,7 +70,12 @@ class FakeServer:
                        "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
                 with fake._lock:
                     fake.requests.append(req)
-                reply = fake.dispatch(req)
+                try:
+                    reply = fake.dispatch(req)
+                except ConnectionAbortedError:  # the `reset` step: drop the connection, answer nothing
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 try:
                     self.send_response(reply.status)
                     for k, v in {**reply.headers, "Content-Length": str(len(reply.body))}.items():
