@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from ..providers.catalog import stale
@@ -21,7 +22,7 @@ def price_summary(o: Offering) -> str:
         return f"${p.usd}/image"
     if unit == "per_megapixel":
         first = f"${p.first_mp_usd} first MP + " if p.first_mp_usd is not None else ""
-        return f"{first}${p.usd_per_mp}/MP ({p.rounding})"
+        return f"{first}${p.usd_per_mp}/MP" + (", each image rounded up" if p.rounding == "ceil" else "")
     if unit == "per_token":
         return f"${p.image_output * 1_000_000:g}/M image tokens"
     if unit == "per_second":
@@ -61,9 +62,9 @@ def providers(policy: PolicyOpt = None, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json([offering_json(o, why, today) for o, why in rows])
         return
-    table = Table(title=f"catalog {broker.catalog.version}", title_justify="left")
+    table = Table(title=f"catalog {broker.catalog.version}", title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("offering", "kind", "price", "license", "regions", "available"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, no_wrap=col in ("offering", "kind", "regions"), overflow="fold")
     for o, why in rows:
         price = price_summary(o) + (" [yellow](stale)[/yellow]" if stale(o, today) else "")
         lic = {"yes": "commercial", "no": "[red]non-commercial[/red]",
