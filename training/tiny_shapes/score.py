@@ -1,8 +1,10 @@
 """A geometric scorer for tiny-shapes images: background colour, dominant foreground colour, shape.
 
 No learned parts, so it cannot share a bias with the model it judges: the background is the colour of
-the border pixels, the foreground is every pixel far from it, and the shape is read from how much of
-its bounding box the foreground fills (square ~1.0, circle ~0.79, triangle ~0.5).
+the border pixels, the foreground colour is the median of the pixels far from it, the shape's pixels
+are those nearer the foreground colour than the background's (the half-way contour, so a soft edge
+counts as it looks), and the shape is read from how much of its bounding box it fills (square ~1.0,
+circle ~0.79, triangle ~0.5).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def read(image: np.ndarray) -> Reading:
     if mask.sum() < 12:
         return Reading(None, nearest_colour(bg_rgb), None, 0.0)
     fg_rgb = np.median(img[mask], axis=0)
+    mask = ((img - fg_rgb) ** 2).sum(axis=2) < ((img - bg_rgb) ** 2).sum(axis=2)
     ys, xs = np.nonzero(mask)
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
     fill = float(mask.sum() / box)
