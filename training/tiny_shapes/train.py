@@ -92,6 +92,10 @@ def build_models(cfg: dict, tokenizer: CLIPTokenizer):
         cross_attention_dim=t["hidden_size"],
         attention_head_dim=u["attention_head_dim"],
         norm_num_groups=8,
+        # "text": a pooled text embedding is added to the timestep embedding, so every ResNet block
+        # sees the caption (global colour/shape facts), not only the cross-attention layers
+        addition_embed_type=u.get("addition_embed_type"),
+        addition_embed_type_num_heads=u.get("addition_embed_heads", 4),
     )
     return vae, text_encoder, unet
 
@@ -217,6 +221,7 @@ def main() -> None:
     ap.add_argument("--stage", choices=["all", "decoder"], default="all")
     ap.add_argument("--from", dest="source", type=Path, default=None, help="a saved model (stage decoder)")
     ap.add_argument("--resume", type=Path, default=None, help="continue stage 2 from a saved model")
+    ap.add_argument("--vae-from", type=Path, default=None, help="reuse a saved model's VAE: skip stage 1")
     args = ap.parse_args()
     cfg = yaml.safe_load(args.config.read_text())
     if args.stage == "decoder":
@@ -235,8 +240,15 @@ def main() -> None:
     counts = {n: sum(p.numel() for p in m.parameters()) for n, m in
               {"vae": vae, "text_encoder": text_encoder, "unet": unet}.items()}
     log(f"parameters: {counts}; torch threads {torch.get_num_threads()}")
-    vae_s = train_vae(vae, cfg, rng)
-    unet_s = train_unet(vae, text_encoder, unet, tokenizer, cfg, rng, args.work, steps)
+    if args.vae_from:
+        vae = AutoencoderKL.from_pretrained(args.vae_from / "vae")
+        vae_s = 0.0
+        log(f"stage 1 skipped: VAE from {args.vae_from}")
+    else:
+        vae_s = train_vae(vae, cfg, rng)
+    # each stage draws its own data stream, so `--vae-from` (stage 1 reused) trains exactly like a full run
+    unet_s = train_unet(vae, text_encoder, unet, tokenizer, cfg, np.random.default_rng(cfg["seed"]), args.work,
+                        steps)
     dec_s = finetune_decoder(vae, cfg, np.random.default_rng(cfg["seed"] + 3))
     save(vae, text_encoder, unet, tokenizer, args.out)
     info = {
