@@ -16,6 +16,7 @@ from imagebroker import Broker
 from imagebroker.broker.ledger.schema import budget_counters, calls, reservations
 from imagebroker.broker.ledger.store import Ledger
 from imagebroker.broker.report import cost_report
+from imagebroker.errors import BudgetExceeded, NoRouteError
 from imagebroker.testing.mock import mock_offering
 from tests.budget_worker import run_calls
 from tests.conftest import mock_policy
@@ -121,6 +122,26 @@ def test_restrict_budget_routes_to_what_still_fits(tmp_path):
     with Broker(policy, ledger=url) as b:
         used = [b.generate("x").offering for _ in range(4)]
     assert used == ["mock/pricey", "mock/pricey", "mock/cheap", "mock/cheap"]
+
+
+def test_restrict_budget_with_no_headroom_is_refused_by_the_planner(tmp_path):
+    policy = mock_policy(mock_offering("x", price={"usd": "0.05"}),
+                         budgets=[{"name": "day", "period": "day", "limit_usd": "0.05", "on_exceed": "restrict"}])
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        b.generate("x")
+        with pytest.raises(NoRouteError, match=r"est \$0\.0500/call \(budget headroom\) > max \$0"):
+            b.generate("x")
+
+
+def test_scoped_restrict_budget_with_nothing_left_raises_budget_exceeded(tmp_path):
+    budget = {"name": "team", "period": "day", "limit_usd": "0.05", "on_exceed": "restrict",
+              "scope": {"tags": {"team": "red"}}}
+    policy = mock_policy(mock_offering("x", price={"usd": "0.05"}), budgets=[budget])
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        b.generate("x", tags={"team": "red"})
+        assert b.generate("x", tags={"team": "blue"}).images  # another team: not in scope
+        with pytest.raises(BudgetExceeded, match="budget 'team' would be exceeded"):
+            b.generate("x", tags={"team": "red"})
 
 
 def test_costs_report_groups_and_totals(tmp_path):

@@ -51,6 +51,7 @@ class CallRun:
         self.started = time.time()
         self.t0 = time.perf_counter()
         self.pending_row = False
+        self.budget_error: BudgetExceeded | None = None  # the last `restrict` refusal, if any
         self.result: _Success | None = None
 
     async def run(self) -> ImageResult:
@@ -65,6 +66,9 @@ class CallRun:
                     continue
                 if await self._try_offering(cand, offering):
                     return self._finish_ok()
+            if self.budget_error is not None and not any(a.status == "error" and a.error_type not in (
+                    "BudgetExceeded", "CircuitOpen") for a in self.attempts):
+                raise self.budget_error  # nothing was tried: every candidate was over budget
         except BudgetExceeded as exc:
             self._record("rejected", error=exc)
             raise
@@ -87,8 +91,9 @@ class CallRun:
             try:
                 reservation = self.b.ledger.reserve(self.request_id, limits, amount,
                                                     self.b.policy.ledger.reservation_ttl_s)
-            except BudgetExceeded:
+            except BudgetExceeded as exc:
                 if restrict:
+                    self.budget_error = exc
                     return False
                 raise
             if not self.pending_row:
