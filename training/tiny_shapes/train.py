@@ -181,6 +181,10 @@ def train_unet(vae, text_encoder, unet, tokenizer, cfg: dict, rng, out: Path, st
         with torch.no_grad():
             latents = vae.encode(to_tensor(images)).latent_dist.mean * sf
         noise = torch.randn(latents.shape, generator=gen)
+        if u.get("offset_noise"):  # a per-channel constant: the model can no longer read the image's mean
+            # colour from the noisy input (SD's schedule leaks it at the last timestep), so it learns it from
+            # the caption -- what a flat background on 16x16 latents needs
+            noise += u["offset_noise"] * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
         t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=encode_text(tokenizer, text_encoder, captions)).sample
