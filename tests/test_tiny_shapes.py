@@ -17,7 +17,7 @@ from imagebroker import AsyncBroker
 from imagebroker.cli import app
 from imagebroker.local_backend import MODELS_DIR
 from imagebroker.policies.schema import Policy
-from training.tiny_shapes.evaluate import caption, eval_prompts, score
+from training.tiny_shapes.evaluate import TEST_SEED, caption, eval_prompts, score
 
 HOSTED = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui"]
 THRESHOLDS = {"foreground": 0.85, "background": 0.85, "shape": 0.70}
@@ -31,7 +31,7 @@ def run(scheduler: str | None = None, guidance: float | None = None) -> dict[str
     async def go():
         async with AsyncBroker(policy, ledger="sqlite://") as b:
             return await asyncio.gather(*[
-                b.generate(caption(*t), model="local/tiny-shapes", seed=1000 + i, scheduler=scheduler,
+                b.generate(caption(*t), model="local/tiny-shapes", seed=TEST_SEED + i, scheduler=scheduler,
                            guidance_scale=guidance) for i, t in enumerate(triples)])
 
     results = asyncio.run(go())
