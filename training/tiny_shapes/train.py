@@ -208,6 +208,9 @@ def save(vae, text_encoder, unet, tokenizer, directory: Path) -> None:
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         steps_offset=1,
     )
+    # what SD's own scheduler configs carry, so that swapping in DDIM/PNDM (from_config) does not clip
+    # x0 to [-1, 1] -- latents are not images
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
