@@ -6,9 +6,11 @@ This module imports nothing heavy: torch and diffusers load only when a local of
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import platform
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +24,15 @@ if TYPE_CHECKING:
     from .runner import LocalRunner
 
 MODELS_DIR = Path(__file__).parent / "models"
+
+
+INSTALLED_TTL_S = 10.0  # how long "is this model on disk?" is trusted before looking again
+
+
+@functools.cache
+def missing_extra() -> str | None:
+    """The first [local] dependency that is not installed (checked once per process)."""
+    return next((m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None), None)
 
 
 def hub_cache() -> Path:
@@ -64,6 +75,7 @@ class LocalProvider(Provider):
         super().__init__(settings, policy)
         self._runner: LocalRunner | None = None
         self._device = detect_device(policy.local.device)
+        self._installed: dict[str, tuple[float, tuple[str, Path | None]]] = {}
 
     def device_kind(self) -> str:
         return self._device
@@ -71,11 +83,13 @@ class LocalProvider(Provider):
     def availability(self, offering: Offering) -> str | None:
         if not self.settings.enabled:
             return "provider local disabled in the policy"
-        for module in ("torch", "diffusers", "transformers"):
-            if importlib.util.find_spec(module) is None:
-                return f"needs the [local] extra: pip install 'imagebroker[local]' ({module} missing)"
+        if module := missing_extra():
+            return f"needs the [local] extra: pip install 'imagebroker[local]' ({module} missing)"
         source = str(offering.settings.get("source", ""))
-        kind, path = resolve_source(source)
+        seen = self._installed.get(source)
+        if seen is None or time.monotonic() - seen[0] > INSTALLED_TTL_S:
+            seen = self._installed[source] = (time.monotonic(), resolve_source(source))
+        kind, path = seen[1]
         if path is not None:
             return None
         if kind == "hub":

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
+from typing import TypeVar
 
 from ..errors import RequestError
 from ..providers.catalog import Catalog
@@ -21,6 +22,7 @@ from .pricing import CHARS_PER_TOKEN, estimate
 from .schema import Constraints, Policy, Rule
 
 DEFAULT_LOAD_S = 15.0
+R = TypeVar("R", Candidate, Rejection)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,17 @@ class _Effective:
 
 def _matches(o: Offering, pattern: str) -> bool:
     return _match(o.id, o.provider, o.aliases, pattern)
+
+
+def _first_match(catalog: Catalog, patterns: tuple[str, ...]) -> dict[str, int]:
+    """offering id -> index of the first pattern it matches, for the whole catalog, memoised on it."""
+    key = ("patterns", patterns)
+    found = catalog.results.get(key)
+    if found is None:
+        found = catalog.results[key] = {
+            o.id: i for o in catalog for i in [next((i for i, p in enumerate(patterns) if _matches(o, p)), -1)]
+            if i >= 0}
+    return found  # type: ignore[return-value]
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -176,8 +189,7 @@ def _policy_reasons(o: Offering, r: ImageRequest, c: Constraints, cost: Cost, la
     return reasons
 
 
-def _sort_key(objective: str, cand: Candidate, o: Offering, prefer: tuple[str, ...]):
-    pref = next((i for i, p in enumerate(prefer) if _matches(o, p)), len(prefer))
+def _sort_key(objective: str, cand: Candidate, o: Offering, pref: int):
     usd = cand.estimated_cost.usd
     cost = (0, usd) if usd is not None else (1, Decimal(0))  # unpriced sorts after any priced
     lat = cand.estimated_latency_s or 0.0
@@ -197,8 +209,20 @@ def _estimate(catalog: Catalog, r: ImageRequest, o: Offering, device: str) -> Co
     if cost is None:
         if len(catalog.estimates) > 100_000:
             catalog.estimates.clear()
+            catalog.results.clear()  # its keys hold ids of the costs just dropped
         cost = catalog.estimates[key] = estimate(r, o, device=device)
     return cost
+
+
+def _memo(catalog: Catalog, cls: type[R], **fields: object) -> R:
+    """Frozen result objects, memoised on the catalog (a cost is itself memoised, so its id is stable)."""
+    key = (cls.__name__, *(id(v) if isinstance(v, Cost) else v for v in fields.values()))
+    found = catalog.results.get(key)
+    if found is None:
+        if len(catalog.results) > 100_000:
+            catalog.results.clear()
+        found = catalog.results[key] = cls(**fields)
+    return found  # type: ignore[return-value]
 
 
 def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: PlannerState) -> Plan:
@@ -212,6 +236,8 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
                                "provider in the catalog (see `imagebroker providers`)")
     pool = pinned if pinned is not None else [o for o in catalog if not o.retired(state.today)]
     max_latency, limits = _limits(request, c, state)
+    denied, last_resort = _first_match(catalog, eff.deny), _first_match(catalog, policy.last_resort)
+    preferred = _first_match(catalog, eff.prefer)
     eligible: list[tuple[Candidate, Offering]] = []
     held: list[tuple[Candidate, Offering]] = []
     rejected: list[Rejection] = []
@@ -219,7 +245,8 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
         reasons: list[str] = []
         if o.retired(state.today):
             reasons.append(f"retired (shut down {o.shutdown or 'already'})")
-        reasons += [f"denied by policy ({p})" for p in eff.deny if _matches(o, p)][:1]
+        if (d := denied.get(o.id)) is not None:
+            reasons.append(f"denied by policy ({eff.deny[d]})")
         why = state.unavailable.get(o.id) or state.unavailable.get(o.provider)
         if why:
             reasons.append(why)
@@ -229,18 +256,19 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
         latency = latency_estimate(o, state)
         reasons += _policy_reasons(o, request, c, cost, latency, max_latency, limits)
         if reasons:
-            rejected.append(Rejection(offering=o.id, reasons=tuple(reasons)))
+            rejected.append(_memo(catalog, Rejection, offering=o.id, reasons=tuple(reasons)))
             continue
-        cand = Candidate(offering=o.id, estimated_cost=cost,
-                                         estimated_latency_s=round(latency, 3), dropped=tuple(soft))
-        is_last = pinned is None and any(_matches(o, p) for p in policy.last_resort)
+        cand = _memo(catalog, Candidate, offering=o.id, estimated_cost=cost,
+                     estimated_latency_s=round(latency, 3), dropped=tuple(soft))
+        is_last = pinned is None and o.id in last_resort
         (held if is_last else eligible).append((cand, o))
     if eligible:
         rejected += [Rejection(offering=o.id, reasons=(
             "last resort: used only when no other offering is eligible",)) for _, o in held]
     else:
         eligible = held
-    eligible.sort(key=lambda pair: _sort_key(eff.objective, pair[0], pair[1], eff.prefer))
+    eligible.sort(key=lambda pair: _sort_key(eff.objective, pair[0], pair[1],
+                                             preferred.get(pair[1].id, len(eff.prefer))))
     rejected.sort(key=lambda rj: rj.offering)
     return Plan(candidates=tuple(cand for cand, _ in eligible), rejected=tuple(rejected),
                 policy=policy.name, rule=eff.rule, objective=eff.objective)

@@ -73,6 +73,7 @@ class Catalog:
         # The planner's memos: pure functions of an offering (immutable here) and request fields.
         self.estimates: dict[tuple[object, ...], object] = {}
         self.capability_checks: dict[tuple[object, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self.results: dict[tuple[object, ...], object] = {}
         self._aliases = {a: o.id for o in self.offerings.values() for a in o.aliases}
 
     def __iter__(self):

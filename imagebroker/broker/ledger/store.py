@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from ...errors import BudgetExceeded, ConfigError, MissingExtra
 from .schema import (
     MIGRATIONS,
+    attempts,
     budget_counters,
     call_tags,
     calls,
@@ -33,6 +34,7 @@ from .schema import (
 )
 
 LEDGER_ENV = "IMAGEBROKER_LEDGER_URL"
+_INSERT_CALL, _INSERT_ATTEMPT, _INSERT_TAG = calls.insert(), attempts.insert(), call_tags.insert()
 HOST = socket.gethostname()
 
 
@@ -211,18 +213,12 @@ class Ledger:
             if pending:
                 conn.execute(update(calls).where(calls.c.request_id == row["request_id"]).values(**row))
             else:
-                conn.execute(insert(calls).values(**row))
+                conn.execute(_INSERT_CALL, [row])  # constant statements: compiled once, not per call
             if attempt_rows:
-                conn.execute(insert(self._attempts_table()), list(attempt_rows))
+                conn.execute(_INSERT_ATTEMPT, list(attempt_rows))
             if tags:
-                conn.execute(insert(call_tags), [{"request_id": row["request_id"], "key": k,
-                                                  "value": v} for k, v in tags.items()])
-
-    @staticmethod
-    def _attempts_table():
-        from .schema import attempts
-
-        return attempts
+                conn.execute(_INSERT_TAG, [{"request_id": row["request_id"], "key": k, "value": v}
+                                           for k, v in tags.items()])
 
     def recent_latencies(self, since: float, limit: int = 20_000) -> list[tuple[str, float]]:
         with self.engine.connect() as conn:

@@ -31,6 +31,11 @@ from ..images import make_image
 GENERIC = ("429", "500", "timeout", "malformed", "badkey")
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # socketserver's default backlog of 5 resets connections under load
+
+
 class Reply:
     def __init__(self, status: int = 200, body: Any = b"", headers: dict[str, str] | None = None,
                  content_type: str = "application/json") -> None:
@@ -58,6 +63,8 @@ class FakeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body in one segment: no 40 ms delayed-ACK stalls
+            wbufsize = 1 << 16  # flushed once per answer by handle_one_request
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -87,8 +94,7 @@ class FakeServer:
 
             do_GET = do_POST = do_PUT = do_DELETE = _any
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.base_url = self.url + self.prefix  # what a policy's providers.NAME.base_url should be
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
