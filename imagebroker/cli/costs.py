@@ -55,12 +55,12 @@ def costs(
         table.add_column(col, justify="left" if col == by else "right", no_wrap=True,
                          min_width=width if col == by else None)
     for g in [*groups, total]:
-        row = [g.key, str(g.calls), str(g.images), str(g.failures), usd(g.cost_usd),
-               usd(g.avg_cost_per_image_usd) if g.images else "-", str(g.unpriced),
-               f"{g.latency_p50_s:.2f}s" if g.latency_p50_s is not None else "-",
-               f"{g.latency_p95_s:.2f}s" if g.latency_p95_s is not None else "-"]
-        if not total.unpriced:
-            del row[6]
+        cells = {by: g.key, "calls": str(g.calls), "images": str(g.images), "failed": str(g.failures),
+                 "cost": usd(g.cost_usd), "$/image": usd(g.avg_cost_per_image_usd) if g.images else "-",
+                 "unpriced": str(g.unpriced),
+                 "p50": f"{g.latency_p50_s:.2f}s" if g.latency_p50_s is not None else "-",
+                 "p95": f"{g.latency_p95_s:.2f}s" if g.latency_p95_s is not None else "-"}
+        row = [cells[col] for col in columns]
         table.add_row(*row, style="bold" if g is total else None)
     console.print(table)
     if total.unpriced:

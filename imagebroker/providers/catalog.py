@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .._yaml import Located, load_text
+from .._yaml import Located, load_file, load_text
 from ..errors import ConfigError
 from .offering import Offering
 
@@ -138,6 +138,4 @@ def builtin_catalog() -> Catalog:
 
 
 def load_catalog_file(path: Path) -> list[Offering]:
-    from .._yaml import load_file
-
     return parse_catalog_file(load_file(path))[1]

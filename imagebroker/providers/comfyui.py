@@ -132,18 +132,15 @@ class ComfyUIProvider(HttpProvider):
 
     async def _submit(self, base: str, graph: dict[str, Any], client_id: str, prompt_id: str,
                       where: dict[str, Any]) -> None:
-        try:
-            resp = await self.send("POST", f"{base}/prompt", where=where,
-                                   json={"prompt": graph, "client_id": client_id, "prompt_id": prompt_id})
-        except ProviderError as exc:
-            if exc.status == 400:  # validation: name the node, never retry
-                try:
-                    body = json.loads(str(exc).split(": ", 1)[1])
-                    detail = node_errors_text(body.get("node_errors") or {}) or body["error"]["message"]
-                except (ValueError, KeyError, IndexError, TypeError):
-                    detail = str(exc)
-                raise ProviderError(f"ComfyUI rejected the workflow: {detail}", status=400, **where) from None
-            raise
+        resp = await self.send("POST", f"{base}/prompt", where=where, accept=(400,),
+                               json={"prompt": graph, "client_id": client_id, "prompt_id": prompt_id})
+        if resp.status_code == 400:  # validation: name the node, never retry
+            try:
+                body = resp.json()
+                detail = node_errors_text(body.get("node_errors") or {}) or body["error"]["message"]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                detail = resp.text[:300]
+            raise ProviderError(f"ComfyUI rejected the workflow: {detail}", status=400, **where)
         answer = self.json(resp, where)
         if answer.get("node_errors"):
             raise ProviderError(f"ComfyUI skipped outputs: {node_errors_text(answer['node_errors'])}",

@@ -4,6 +4,7 @@ transport failures onto imagebroker's error tree."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -49,7 +50,7 @@ def status_error(status: int, text: str, headers: httpx.Headers, **where: Any) -
         if "insufficient_quota" in lowered:  # billing, not throttling: retrying will not help
             return AuthError(msg, **kw)
         try:
-            body = httpx.Response(status, text=text).json()
+            body = json.loads(text)
         except ValueError:
             body = None
         return RateLimited(msg, retry_after=retry_after(headers, body), **kw)
@@ -82,14 +83,17 @@ class HttpProvider(Provider):
     def headers(self, key: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    async def send(self, method: str, url: str, *, where: dict[str, Any], **kw: Any) -> httpx.Response:
+    async def send(self, method: str, url: str, *, where: dict[str, Any], accept: tuple[int, ...] = (),
+                   **kw: Any) -> httpx.Response:
+        """The request; transport failures and error statuses raised as imagebroker errors, except the
+        statuses in `accept`, whose responses the caller reads itself (ComfyUI's 400 node errors)."""
         try:
             resp = await self.client().request(method, url, **kw)
         except httpx.TimeoutException as exc:
             raise ProviderUnavailable(f"timed out: {type(exc).__name__}", **where) from None
         except httpx.TransportError as exc:
             raise ProviderUnavailable(f"connection failed: {type(exc).__name__}", **where) from None
-        if resp.status_code >= 400:
+        if resp.status_code >= 400 and resp.status_code not in accept:
             raise status_error(resp.status_code, resp.text, resp.headers, **where)
         return resp
 

@@ -123,12 +123,16 @@ class FakeComfyUI:
         if unknown:
             return web.json_response({"error": {"type": "invalid_prompt", "message": "invalid prompt",
                                                 "details": f"Node ID '#{unknown}'"}, "node_errors": {}}, status=400)
-        if step == "nodeerror":
-            return web.json_response({"error": {"type": "prompt_outputs_failed_validation",
-                                                "message": "Prompt outputs failed validation"},
-                                      "node_errors": {"4": {"errors": [{"type": "value_not_in_list",
-                                                                       "details": "ckpt_name: 'x' not in list"}],
-                                                            "class_type": "CheckpointLoaderSimple"}}}, status=400)
+        if step == "nodeerror":  # the real shape (ComfyUI v0.3.64 execution.validate_prompt)
+            details = "ckpt_name: 'x.safetensors' not in (list of length 37)"
+            error = {"type": "value_not_in_list", "message": "Value not in list", "details": details,
+                     "extra_info": {"input_name": "ckpt_name", "input_config": None,
+                                    "received_value": "x.safetensors"}}
+            return web.json_response({
+                "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                          "details": f"Value not in list: {details}", "extra_info": {}},
+                "node_errors": {"4": {"errors": [error], "dependent_outputs": ["9"],
+                                      "class_type": "CheckpointLoaderSimple"}}}, status=400)
         asyncio.get_running_loop().create_task(self._work(graph, pid, cid, step))
         return web.json_response({"prompt_id": pid, "number": self.generations, "node_errors": {}})
 
