@@ -235,3 +235,18 @@ def test_a_reset_connection_is_retried(tmp_path, monkeypatch):
             result = b.generate("a cat", size="128x128")
     assert [a.error_type for a in result.attempts] == ["ProviderUnavailable", None]
     assert "connection failed" in result.attempts[0].error
+
+
+def test_plans_follow_the_environment_although_they_are_memoised(tmp_path, monkeypatch):
+    monkeypatch.delenv("FAKEHTTP_API_KEY", raising=False)
+    policy = mock_policy(http_offering("a", "http://127.0.0.1:9"))
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        first = b.plan("a cat")
+        assert not first.candidates
+        reasons = {r.offering: r.reasons for r in first.rejected}
+        assert "no API key: set FAKEHTTP_API_KEY" in reasons["fakehttp/a"]
+        monkeypatch.setenv("FAKEHTTP_API_KEY", FAKE_KEY)
+        assert [c.offering for c in b.plan("a cat").candidates] == ["fakehttp/a"]
+        assert b.plan("a dog") is b.plan("a cow")  # same planning fields, same state: one plan
+        monkeypatch.delenv("FAKEHTTP_API_KEY")
+        assert not b.plan("a cat").candidates

@@ -162,3 +162,22 @@ def test_costs_report_groups_and_totals(tmp_path):
     assert (total.calls, total.images, total.cost_usd, total.unpriced) == (3, 4, Decimal("0.04"), 1)
     tags, _ = cost_report(Ledger(url), by="tag:team")
     assert {g.key: g.calls for g in tags} == {"red": 2, "blue": 1}
+
+
+def test_a_dropped_database_connection_loses_no_row(pg_url):
+    """The connection kept for recording calls dies (a PostgreSQL restart, a proxy timeout): the next
+    call reconnects and is recorded."""
+    import psycopg
+
+    from tests.conftest import PG_URL
+
+    with Broker(mock_policy(mock_offering("x")), ledger=pg_url) as b:
+        b.generate("x")
+        with psycopg.connect(PG_URL.replace("+psycopg", ""), autocommit=True) as admin:
+            killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                                   "AND query NOT ILIKE '%pg_stat_activity%'").fetchall()
+        assert killed
+        b.generate("x")
+        with b.ledger.engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(calls)).scalar() == 2

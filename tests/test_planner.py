@@ -162,3 +162,48 @@ def test_property_no_candidate_breaks_a_hard_constraint(policy, request, catalog
     assert plan(request, policy, catalog, state) == p  # deterministic
     planned_ids = {c.offering for c in p.candidates} | {r.offering for r in p.rejected}
     assert planned_ids == {o.id for o in catalog.active(TODAY)}  # every active offering accounted for
+
+
+# -- the plan memo's key ----------------------------------------------------------------------
+# The broker memoises plans by `request_key`. Fields the key leaves out (or reads only in part) must
+# not change a plan; a new ImageRequest field must be placed on one side or the other.
+KEYED = {"width", "height", "n", "steps", "scheduler", "quality", "output_format", "background", "adapters",
+         "model", "tags", "max_cost_usd", "max_latency_s"}
+PARTLY = {"prompt", "negative_prompt", "seed", "guidance_scale"}  # length, presence, truthiness
+IGNORED = {"aspect_ratio", "resolution", "idempotency_key", "extra"}  # sizes arrive as width/height
+
+
+def test_every_request_field_is_placed_in_or_out_of_the_plan_key():
+    assert set(ImageRequest.model_fields) == KEYED | PARTLY | IGNORED
+
+
+full_requests = st.fixed_dictionaries({"prompt": st.text("ab ", min_size=1, max_size=40)}, optional={
+    "negative_prompt": st.sampled_from(["", "blur", "text, watermark"]),
+    "size": st.sampled_from(["1024x1024", "512x512", "64x64"]),
+    "n": st.integers(1, 4), "seed": st.integers(0, 2**40), "steps": st.integers(1, 60),
+    "guidance_scale": st.floats(0, 20), "scheduler": st.sampled_from(["euler", "ddim"]),
+    "quality": st.sampled_from(["low", "high"]), "output_format": st.sampled_from(["png", "webp"]),
+    "tags": st.dictionaries(st.sampled_from(["team", "env"]), st.sampled_from(["a", "b"]), max_size=2),
+    "max_cost_usd": st.decimals(min_value="0.001", max_value="0.2", places=3),
+    "idempotency_key": st.text("xyz", min_size=1, max_size=5),
+})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fields=full_requests, other=st.data())
+def test_requests_with_the_same_plan_key_get_the_same_plan(fields, other):
+    from imagebroker.policies.planner import request_key
+
+    policy = load_policy("local-first")
+    a = ImageRequest(**fields)
+    changed = dict(fields, prompt=other.draw(st.text("cd", min_size=len(a.prompt), max_size=len(a.prompt))),
+                   idempotency_key="other", extra={"fal": {"x": 1}})
+    if "seed" in fields:
+        changed["seed"] = other.draw(st.integers(0, 2**40))
+    if "guidance_scale" in fields:
+        changed["guidance_scale"] = other.draw(st.floats(0, 20))
+    if fields.get("negative_prompt"):
+        changed["negative_prompt"] = "something else entirely"
+    b = ImageRequest(**changed)
+    assert request_key(a) == request_key(b)
+    assert planned(policy, a)[0] == planned(policy, b)[0]

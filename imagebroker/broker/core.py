@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import BudgetExceeded, ConfigError, NoRouteError
 from ..policies.effective import effective_catalog
 from ..policies.loader import load_policy
-from ..policies.planner import PlannerState, plan
+from ..policies.planner import PlannerState, plan, request_key
 from ..policies.schema import Policy
 from ..providers.base import ProgressCallback, Provider
 from ..providers.catalog import Catalog, builtin_catalog
@@ -30,6 +30,8 @@ from .ledger.store import Ledger
 LATENCY_MIN_SAMPLES = 20
 LATENCY_REFRESH_S = 30.0
 LATENCY_WINDOW_S = 7 * 24 * 3600
+UNAVAILABLE_REFRESH_S = 1.0  # files and installed models; a changed API key variable is seen at once
+PLAN_CACHE_SIZE = 1024
 
 
 def new_request_id() -> str:
@@ -59,7 +61,11 @@ class AsyncBroker:
         self.breaker = CircuitBreaker(self.policy.breaker.failure_threshold,
                                       self.policy.breaker.cooldown_s)
         self._latency: dict[str, tuple[float, float]] = {}
-        self._latency_at = 0.0
+        self._latency_at = -LATENCY_REFRESH_S
+        self._unavail: dict[str, str] = {}
+        self._unavail_at, self._unavail_keys = -UNAVAILABLE_REFRESH_S, ()
+        self._state: tuple[tuple[object, ...], PlannerState] | None = None
+        self._plans: dict[tuple[object, ...], Plan] = {}
 
     def __repr__(self) -> str:
         return f"<AsyncBroker policy={self.policy.name!r} ledger={self.ledger!r}>"
@@ -75,6 +81,12 @@ class AsyncBroker:
         return [p.api_key() for p in self._providers.values()]
 
     def _unavailable(self) -> dict[str, str]:
+        """Offering (or provider) -> why it cannot be called now. Recomputed when an API key variable
+        appears or disappears, and otherwise at most once a second (it stats files)."""
+        keys = tuple(p.api_key() is not None for p in self._providers.values())
+        now = time.monotonic()
+        if keys == self._unavail_keys and now - self._unavail_at < UNAVAILABLE_REFRESH_S:
+            return self._unavail
         out: dict[str, str] = {}
         for o in self.catalog:
             if o.provider in out:
@@ -87,7 +99,11 @@ class AsyncBroker:
             why = provider.availability(o)
             if why:
                 out[o.id] = why
-        return out
+        if out != self._unavail:
+            self._unavail = out  # a new object only when something changed: plans stay memoised
+        self._unavail_at = now
+        self._unavail_keys = tuple(p.api_key() is not None for p in self._providers.values())
+        return self._unavail
 
     def observed_latency(self) -> dict[str, tuple[float, float]]:
         now = time.monotonic()
@@ -95,8 +111,10 @@ class AsyncBroker:
             by: dict[str, list[float]] = {}
             for offering, latency in self.ledger.recent_latencies(time.time() - LATENCY_WINDOW_S):
                 by.setdefault(offering, []).append(latency)
-            self._latency = {o: (round(_percentile(v, 0.5), 3), round(_percentile(v, 0.95), 3))
-                             for o, v in by.items() if len(v) >= LATENCY_MIN_SAMPLES}
+            latency = {o: (round(_percentile(v, 0.5), 3), round(_percentile(v, 0.95), 3))
+                       for o, v in by.items() if len(v) >= LATENCY_MIN_SAMPLES}
+            if latency != self._latency:
+                self._latency = latency
             self._latency_at = now
         return self._latency
 
@@ -111,24 +129,43 @@ class AsyncBroker:
                    for b in restrict)
 
     def state(self, today: date | None = None) -> PlannerState:
+        """What the planner needs to know of the world now. The same object comes back while nothing
+        in it changed, which is what lets `_plan` memoise."""
         local = self._providers.get("local") or (
             self.provider("local") if any(o.provider == "local" for o in self.catalog) else None)
         warm = frozenset(o.id for o in self.catalog if o.kind == "local" and local is not None
-                         and local.is_warm(o))
+                         and local.is_warm(o)) if local is not None else frozenset()
         device = getattr(local, "device_kind", lambda: "cuda")() if local else "cuda"
-        return PlannerState(today=today or datetime.now(UTC).date(),
-                            unavailable=self._unavailable(), observed_latency=self.observed_latency(),
-                            warm=warm, local_device=device, max_marginal_usd=self._headroom())
+        unavailable, latency = self._unavailable(), self.observed_latency()
+        key = (today or datetime.now(UTC).date(), id(unavailable), id(latency), warm, device,
+               self._headroom())
+        if self._state is None or self._state[0] != key:
+            self._plans.clear()
+            self._state = key, PlannerState(today=key[0], unavailable=unavailable,  # type: ignore[arg-type]
+                                            observed_latency=latency, warm=warm, local_device=device,
+                                            max_marginal_usd=key[5])  # type: ignore[arg-type]
+        return self._state[1]
+
+    def _plan(self, request: ImageRequest) -> Plan:
+        """`planner.plan`, memoised by the request's planning fields while the state is unchanged."""
+        state = self.state()
+        key = request_key(request)
+        found = self._plans.get(key)
+        if found is None:
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.clear()
+            found = self._plans[key] = plan(request, self.policy, self.catalog, state)
+        return found
 
     # -- the API ----------------------------------------------------------------------------
     def plan(self, request: ImageRequest | str | None = None, /, **fields: Any) -> Plan:
-        return plan(_request(request, fields), self.policy, self.catalog, self.state())
+        return self._plan(_request(request, fields))
 
     async def generate(self, request: ImageRequest | str | None = None, /, *,
                        progress: ProgressCallback | None = None, **fields: Any) -> ImageResult:
         req = _request(request, fields)
         request_id = new_request_id()
-        the_plan = plan(req, self.policy, self.catalog, self.state())
+        the_plan = self._plan(req)
         run = CallRun(self, req, the_plan, request_id, progress)
         if not the_plan.candidates:
             error = NoRouteError(f"no offering can serve this request under policy "

@@ -145,7 +145,8 @@ class CallRun:
         started, t0 = datetime.now(UTC), time.perf_counter()
         try:
             try:
-                result = await asyncio.wait_for(provider.generate(self.request, offering, ctx), timeout)
+                async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per attempt
+                    result = await provider.generate(self.request, offering, ctx)
             except TimeoutError:
                 raise ProviderUnavailable(f"timed out after {timeout:g} s", provider=offering.provider,
                                           offering=offering.id) from None

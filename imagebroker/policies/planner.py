@@ -225,6 +225,16 @@ def _memo(catalog: Catalog, cls: type[R], **fields: object) -> R:
     return found  # type: ignore[return-value]
 
 
+def request_key(r: ImageRequest) -> tuple[object, ...]:
+    """Every request field the planner reads and nothing else, so requests with equal keys get equal
+    plans (a property test holds the planner to this). The prompt counts only by its estimated token
+    count and the seed only by whether one was given, so the key repeats across real traffic."""
+    return (-(-len(r.prompt) // CHARS_PER_TOKEN), r.negative_prompt is None, bool(r.negative_prompt),
+            r.width, r.height, r.n, r.seed is None, r.steps, r.guidance_scale is None, r.scheduler,
+            r.quality, r.output_format, r.background, r.adapters, r.model, tuple(sorted(r.tags.items())),
+            r.max_cost_usd, r.max_latency_s)
+
+
 def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: PlannerState) -> Plan:
     eff = effective_settings(request, policy)
     c = eff.constraints
