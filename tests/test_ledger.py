@@ -44,6 +44,13 @@ EXPECTED_SCHEMA = {
                      "amount_nusd": "BIGINT", "created_at": "FLOAT", "expires_at": "FLOAT",
                      "host": "VARCHAR(200)", "pid": "INTEGER", "status": "VARCHAR(16)"},
     "imagebroker_migrations": {"name": "VARCHAR(100)", "applied_at": "FLOAT"},
+    "call_rollups": {"day": "VARCHAR(10)", "provider": "VARCHAR(64)", "offering": "VARCHAR(200)",
+                     "policy": "VARCHAR(200)", "rule": "VARCHAR(200)", "status": "VARCHAR(16)",
+                     "calls": "BIGINT", "images": "BIGINT", "failures": "BIGINT", "cost_nusd": "BIGINT",
+                     "unpriced": "BIGINT"},
+    "latency_rollups": {"day": "VARCHAR(10)", "provider": "VARCHAR(64)", "offering": "VARCHAR(200)",
+                        "policy": "VARCHAR(200)", "rule": "VARCHAR(200)", "bucket": "INTEGER",
+                        "calls": "BIGINT"},
 }
 
 
@@ -111,6 +118,8 @@ def test_kill_9_mid_call_is_reconciled_by_the_next_process(tmp_path):
         assert conn.execute(select(reservations.c.status)).scalars().all() == ["expired"]
         assert conn.execute(select(budget_counters.c.reserved_nusd)).scalar() == 0
         assert conn.execute(select(calls.c.status)).scalars().all() == ["abandoned"]
+    _, total = cost_report(fresh, by="status")
+    assert (total.calls, total.failures) == (1, 1)  # the abandoned call counts, as a failure
 
 
 def test_restrict_budget_routes_to_what_still_fits(tmp_path):

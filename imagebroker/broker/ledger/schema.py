@@ -2,10 +2,17 @@
 
 Money is stored as integer nano-USD (BIGINT): exact on both engines, and summable in SQL. Never
 edit a migration that has shipped; append a new one.
+
+Two rollup tables keep per-day sums, updated in the transaction that records each call, so that the
+costs report reads thousands of rows rather than millions: `call_rollups` (calls, images, failures,
+cost, unpriced per day x provider x offering x policy x rule x status) and `latency_rollups` (a
+latency histogram per day x provider x offering x policy x rule, in buckets 1% wide). Absent keys
+are stored as '' there, so that the upsert's conflict target matches.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -22,6 +29,7 @@ from sqlalchemy import (
 )
 
 NANO = Decimal(1_000_000_000)
+BUCKETS_PER_E = 100  # latency bucket = floor(ln(milliseconds) * 100): each bucket is 1% wide
 
 
 def to_nusd(usd: Decimal | None) -> int | None:
@@ -30,6 +38,16 @@ def to_nusd(usd: Decimal | None) -> int | None:
 
 def from_nusd(n: int | None) -> Decimal | None:
     return None if n is None else (Decimal(int(n)) / NANO).normalize()
+
+
+def latency_bucket(latency_s: float) -> int:
+    """The histogram bucket of a latency; latencies under a millisecond share bucket 0."""
+    return int(math.log(latency_s * 1000) * BUCKETS_PER_E) if latency_s >= 0.001 else 0
+
+
+def bucket_latency_s(bucket: int) -> float:
+    """A bucket's middle, in seconds: within 0.5% of every latency in it."""
+    return math.exp((bucket + 0.5) / BUCKETS_PER_E) / 1000
 
 
 def _v1_tables(md: MetaData) -> dict[str, Table]:
@@ -109,10 +127,38 @@ def _v1_tables(md: MetaData) -> dict[str, Table]:
     return {t.name: t for t in (calls, attempts, call_tags, budget_counters, reservations)}
 
 
+ROLLUP_KEYS = ("day", "provider", "offering", "policy", "rule")
+
+
+def _v3_tables(md: MetaData) -> dict[str, Table]:
+    def keys() -> list[Column]:
+        return [Column("day", String(10), primary_key=True), Column("provider", String(64), primary_key=True),
+                Column("offering", String(200), primary_key=True),
+                Column("policy", String(200), primary_key=True), Column("rule", String(200), primary_key=True)]
+
+    call_rollups = Table(
+        "call_rollups", md, *keys(),
+        Column("status", String(16), primary_key=True),
+        Column("calls", BigInteger, nullable=False),
+        Column("images", BigInteger, nullable=False),
+        Column("failures", BigInteger, nullable=False),
+        Column("cost_nusd", BigInteger, nullable=False),
+        Column("unpriced", BigInteger, nullable=False),
+    )
+    latency_rollups = Table(
+        "latency_rollups", md, *keys(),
+        Column("bucket", Integer, primary_key=True),
+        Column("calls", BigInteger, nullable=False),
+    )
+    return {t.name: t for t in (call_rollups, latency_rollups)}
+
+
 metadata = MetaData()
 TABLES = _v1_tables(metadata)  # unchanged since m001; later changes go in new migrations
+TABLES.update(_v3_tables(metadata))
 calls, attempts, call_tags = TABLES["calls"], TABLES["attempts"], TABLES["call_tags"]
 budget_counters, reservations = TABLES["budget_counters"], TABLES["reservations"]
+call_rollups, latency_rollups = TABLES["call_rollups"], TABLES["latency_rollups"]
 
 migrations_table = Table(
     "imagebroker_migrations", MetaData(),
@@ -140,3 +186,23 @@ def m001_initial(conn: Connection) -> None:
 def m002_report_indexes(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX ix_calls_offering_created ON calls (offering, created_at)")
     conn.exec_driver_sql("CREATE INDEX ix_reservations_status ON reservations (status)")
+
+
+@migration
+def m003_rollups(conn: Connection) -> None:
+    """Per-day rollups for the costs report, filled from the calls already recorded."""
+    for table in _v3_tables(MetaData()).values():
+        table.create(conn)
+    keys = "day, coalesce(provider, ''), coalesce(offering, ''), coalesce(policy, ''), coalesce(rule, '')"
+    conn.exec_driver_sql(
+        f"INSERT INTO call_rollups (day, provider, offering, policy, rule, status, calls, images, "
+        f"failures, cost_nusd, unpriced) SELECT {keys}, status, count(*), coalesce(sum(images), 0), "
+        f"sum(CASE WHEN status <> 'ok' THEN 1 ELSE 0 END), coalesce(sum(cost_nusd), 0), "
+        f"sum(CASE WHEN status = 'ok' AND cost_nusd IS NULL THEN 1 ELSE 0 END) "
+        f"FROM calls WHERE status <> 'pending' GROUP BY {keys}, status")
+    ms = "(latency_s * 1000)"
+    conn.exec_driver_sql(
+        f"INSERT INTO latency_rollups (day, provider, offering, policy, rule, bucket, calls) "
+        f"SELECT {keys}, b, count(*) FROM (SELECT *, CASE WHEN {ms} < 1 THEN 0 ELSE "
+        f"CAST(floor(ln({ms}) * {BUCKETS_PER_E}) AS INTEGER) END AS b FROM calls "
+        f"WHERE status = 'ok' AND latency_s IS NOT NULL) AS c GROUP BY {keys}, b")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import threading
@@ -25,11 +26,13 @@ from sqlalchemy.engine import Connection, Engine
 from ...errors import BudgetExceeded, ConfigError, MissingExtra
 from .schema import (
     MIGRATIONS,
+    ROLLUP_KEYS,
     attempts,
     budget_counters,
     call_tags,
     calls,
     from_nusd,
+    latency_bucket,
     migrations_table,
     reservations,
     to_nusd,
@@ -56,9 +59,35 @@ class _Statements:
         sets = ", ".join(f"{c} = {mark}" for c in UPDATED_COLUMNS)
         self.update_call = f"UPDATE calls SET {sets} WHERE request_id = {mark}"
 
+        def upsert(table: str, keys: tuple[str, ...], counts: tuple[str, ...]) -> str:
+            adds = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in counts)
+            return f"{insert(table, keys + counts)} ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {adds}"
+
+        self.add_call_rollup = upsert("call_rollups", (*ROLLUP_KEYS, "status"),
+                                      ("calls", "images", "failures", "cost_nusd", "unpriced"))
+        self.add_latency_rollup = upsert("latency_rollups", (*ROLLUP_KEYS, "bucket"), ("calls",))
+
+    def rollups(self, row: Any) -> list[tuple[str, list[list[Any]]]]:
+        """The statements that add one finished call row (a mapping) to the per-day rollups."""
+        keys = [row["day"], *(row[k] or "" for k in ROLLUP_KEYS[1:])]
+        ok, cost = row["status"] == "ok", row["cost_nusd"]
+        out = [(self.add_call_rollup, [[*keys, row["status"], 1, row["images"] or 0, 0 if ok else 1,
+                                        cost or 0, 1 if ok and cost is None else 0]])]
+        if ok and row["latency_s"] is not None:
+            out.append((self.add_latency_rollup, [[*keys, latency_bucket(row["latency_s"]), 1]]))
+        return out
+
 
 def default_ledger_url() -> str:
     return f"sqlite:///{Path(user_data_dir('imagebroker', appauthor=False)) / 'ledger.db'}"
+
+
+def _ln(x: float | None) -> float | None:
+    return math.log(x) if x is not None and x > 0 else None
+
+
+def _floor(x: float | None) -> int | None:
+    return math.floor(x) if x is not None else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -113,6 +142,11 @@ class Ledger:
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.execute("PRAGMA busy_timeout=30000")
+                try:
+                    cur.execute("SELECT ln(1.0), floor(1.5)")  # the rollups' latency buckets use them
+                except Exception:  # an SQLite built without its math functions
+                    dbapi_conn.create_function("ln", 1, _ln, deterministic=True)
+                    dbapi_conn.create_function("floor", 1, _floor, deterministic=True)
                 cur.close()
 
             @event.listens_for(engine, "begin")
@@ -217,11 +251,18 @@ class Ledger:
                 dead = r.host == HOST and not _pid_alive(r.pid)
                 if dead or r.expires_at < now:
                     self._finish(conn, r.id, None, "expired")
-                    conn.execute(update(calls).where(calls.c.request_id == r.request_id,
-                                                     calls.c.status == "pending")
-                                 .values(status="abandoned", error="process ended mid-call"))
+                    self._abandon(conn, r.request_id)
                     done += 1
         return done
+
+    def _abandon(self, conn: Connection, request_id: str) -> None:
+        """The pending row of a call whose process died becomes `abandoned`, and counts as a failure."""
+        done = conn.execute(update(calls).where(calls.c.request_id == request_id, calls.c.status == "pending")
+                            .values(status="abandoned", error="process ended mid-call"))
+        if done.rowcount:
+            row = conn.execute(select(calls).where(calls.c.request_id == request_id)).mappings().one()
+            for sql, params in self._sql.rollups(row):
+                conn.exec_driver_sql(sql, tuple(params[0]))
 
     # -- calls ------------------------------------------------------------------------------
     # Recording a call is the one write on every request's path, so it goes straight to the driver on
@@ -266,7 +307,7 @@ class Ledger:
             call = (self._sql.update_call, [[*(row[c] for c in UPDATED_COLUMNS), row["request_id"]]])
         else:
             call = (self._sql.insert_call, [[row[c] for c in CALL_COLUMNS]])
-        self._write([call,
+        self._write([call, *self._sql.rollups(row),
                      (self._sql.insert_attempt, [[a[c] for c in ATTEMPT_COLUMNS] for a in attempt_rows]),
                      (self._sql.insert_tag, [(row["request_id"], k, v) for k, v in tags.items()])])
 
