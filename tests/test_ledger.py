@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, inspect, select
 
-from imagebroker import Broker
-from imagebroker.broker.ledger.schema import budget_counters, calls, reservations
+from imagebroker import AsyncBroker, Broker
+from imagebroker.broker.ledger.schema import attempts, budget_counters, calls, reservations
 from imagebroker.broker.ledger.store import Ledger
+from imagebroker.broker.ledger.writer import CALL_COLUMNS
 from imagebroker.broker.report import cost_report
 from imagebroker.errors import BudgetExceeded, NoRouteError
 from imagebroker.testing.mock import mock_offering
@@ -190,3 +192,66 @@ def test_a_dropped_database_connection_loses_no_row(pg_url):
         b.generate("x")
         with b.ledger.engine.connect() as conn:
             assert conn.execute(select(func.count()).select_from(calls)).scalar() == 2
+
+
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_a_cancelled_call_is_recorded_with_its_attempt_and_frees_its_reservation(tmp_path, budgeted):
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    budgets = [{"name": "b", "period": "day", "limit_usd": "1"}] if budgeted else []
+    policy = mock_policy(mock_offering("slow", settings={"script": ["sleep:30"]}), budgets=budgets)
+
+    async def main() -> None:
+        async with AsyncBroker(policy, ledger=url) as b:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(b.generate("x"), 0.3)  # the caller's own timeout
+
+    asyncio.run(main())
+    ledger = Ledger(url)
+    with ledger.engine.connect() as conn:
+        assert conn.execute(select(calls.c.status, calls.c.attempts)).all() == [("cancelled", 1)]
+        assert conn.execute(select(attempts.c.error_type)).scalars().all() == ["CancelledError"]
+        assert conn.execute(select(func.coalesce(func.sum(budget_counters.c.reserved_nusd), 0))).scalar() == 0
+    _, total = cost_report(ledger, by="status")
+    assert (total.calls, total.failures) == (1, 1)
+
+
+def test_calls_finishing_together_are_all_recorded(tmp_path):
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    policy = mock_policy(mock_offering("x", settings={"script": ["sleep:0.05"]}, price={"usd": "0.01"}))
+
+    async def main() -> None:
+        async with AsyncBroker(policy, ledger=url) as b:
+            await asyncio.gather(*[b.generate("x", tags={"i": str(i % 3)}) for i in range(300)])
+
+    asyncio.run(main())
+    ledger = Ledger(url)
+    with ledger.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(calls)).scalar() == 300
+        assert conn.execute(select(func.count()).select_from(attempts)).scalar() == 300
+    groups, total = cost_report(ledger, by="tag:i")
+    assert (total.calls, total.cost_usd) == (300, Decimal("3"))
+    assert sorted(g.calls for g in groups) == [100, 100, 100]
+    assert cost_report(ledger, by="provider")[1].calls == 300  # the rollups agree with the rows
+
+
+def test_one_bad_write_in_a_batch_loses_none_of_the_others(tmp_path):
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    sql = ledger.writer.sql
+
+    def row(rid: str) -> dict:
+        return {c: None for c in CALL_COLUMNS} | {
+            "request_id": rid, "created_at": time.time(), "day": "2026-11-22", "status": "ok", "n": 1,
+            "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64}
+
+    ledger.record_call(row("taken"), [], {})
+
+    async def main() -> list:
+        return await asyncio.gather(*[ledger.writer.awrite(sql.finished(row(r), [], {}, False))
+                                      for r in ("a", "taken", "b")], return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert outcomes[0] is None and outcomes[2] is None
+    assert "UNIQUE" in str(outcomes[1])
+    with ledger.engine.connect() as conn:
+        assert sorted(conn.execute(select(calls.c.request_id)).scalars()) == ["a", "b", "taken"]
+    assert cost_report(ledger)[1].calls == 3  # the failed duplicate added nothing to the rollups

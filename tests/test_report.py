@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import create_engine, insert, select
 
 from imagebroker.broker.ledger.schema import MIGRATIONS, calls, migrations_table
-from imagebroker.broker.ledger.store import CALL_COLUMNS, Ledger
+from imagebroker.broker.ledger.store import Ledger
+from imagebroker.broker.ledger.writer import CALL_COLUMNS
 from imagebroker.broker.report import GROUPINGS, cost_report, split_range
 
 DAY = 86_400

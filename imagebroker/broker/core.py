@@ -170,7 +170,7 @@ class AsyncBroker:
         if not the_plan.candidates:
             error = NoRouteError(f"no offering can serve this request under policy "
                                  f"{self.policy.name!r}", the_plan.rejected)
-            run._record("rejected", error=error)
+            await run.record("rejected", error=error)
             raise error
         return await run.run()
 

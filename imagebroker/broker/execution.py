@@ -53,6 +53,7 @@ class CallRun:
         self.pending_row = False
         self.budget_error: BudgetExceeded | None = None  # the last `restrict` refusal, if any
         self.result: _Success | None = None
+        self.recorded = False
 
     async def run(self) -> ImageResult:
         policy = self.b.policy
@@ -65,15 +66,19 @@ class CallRun:
                                "repeated failures", 0.0)
                     continue
                 if await self._try_offering(cand, offering):
-                    return self._finish_ok()
+                    return await self._finish_ok()
             if self.budget_error is not None and not any(a.status == "error" and a.error_type not in (
                     "BudgetExceeded", "CircuitOpen") for a in self.attempts):
                 raise self.budget_error  # nothing was tried: every candidate was over budget
         except BudgetExceeded as exc:
-            self._record("rejected", error=exc)
+            await self.record("rejected", error=exc)
+            raise
+        except asyncio.CancelledError:  # the caller gave up (a timeout of theirs, a shutdown)
+            if not self.recorded:
+                self.b.ledger.record_call(*self._rows("cancelled", None), pending=self.pending_row)
             raise
         error = AllAttemptsFailed(self.attempts)
-        self._record("error", error=error)
+        await self.record("error", error=error)
         raise error
 
     # -- one offering --------------------------------------------------------------------------
@@ -155,6 +160,9 @@ class CallRun:
             self.b.breaker.failure(offering.provider) if exc.retryable else None
             self._attempt(offering, started, t0, error=exc)
             raise
+        except asyncio.CancelledError:
+            self._attempt(offering, started, t0, error=asyncio.CancelledError("cancelled by the caller"))
+            raise
         except Exception as exc:
             self._attempt(offering, started, t0, error=exc)
             raise ProviderError(f"{type(exc).__name__}: {exc}", provider=offering.provider,
@@ -182,11 +190,11 @@ class CallRun:
             number=len(self.attempts) + 1, offering=offering.id, started_at=datetime.now(UTC),
             latency_s=latency, status="error", error_type=error_type, error=message))
 
-    def _finish_ok(self) -> ImageResult:
+    async def _finish_ok(self) -> ImageResult:
         assert self.result is not None
         offering, cand, result, images, cost = self.result
         latency = round(time.perf_counter() - self.t0, 6)
-        self._record("ok")
+        await self.record("ok")
         applied = dict(result.applied, offering=offering.id)
         return ImageResult(request_id=self.request_id, images=images, offering=offering.id, cost=cost,
                            latency_s=latency, plan=self.plan, attempts=tuple(self.attempts),
@@ -218,8 +226,14 @@ class CallRun:
             "error": redact(str(error), self.b.secrets()) if error else None,
         }
 
-    def _record(self, status: str, error: BaseException | None = None) -> None:
-        rows = [{
+    async def record(self, status: str, error: BaseException | None = None) -> None:
+        """The call's row, its attempts and tags: committed before `generate()` returns or raises."""
+        self.recorded = True  # queued now: written even if this call is cancelled while it waits
+        await self.b.ledger.arecord_call(*self._rows(status, error), pending=self.pending_row)
+
+    def _rows(self, status: str, error: BaseException | None
+              ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
+        attempts = [{
             "request_id": self.request_id, "number": a.number, "offering": a.offering,
             "provider": a.offering.split("/", 1)[0], "started_at": a.started_at.timestamp(),
             "latency_s": a.latency_s, "status": a.status, "error_type": a.error_type, "error": a.error,
@@ -227,6 +241,5 @@ class CallRun:
             "cost_nusd": to_nusd(a.cost.usd) if a.cost else None,
             "cost_status": a.cost.status if a.cost else None, "usage_json": None,
         } for a in self.attempts]
-        self.b.ledger.record_call(self._call_row(status, error), rows, dict(self.request.tags),
-                                  pending=self.pending_row)
+        return self._call_row(status, error), attempts, self.request.tags
 

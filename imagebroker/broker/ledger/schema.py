@@ -56,7 +56,7 @@ def _v1_tables(md: MetaData) -> dict[str, Table]:
         Column("request_id", String(40), primary_key=True),
         Column("created_at", Float, nullable=False, index=True),  # unix seconds, UTC
         Column("day", String(10), nullable=False, index=True),    # YYYY-MM-DD, UTC
-        Column("status", String(16), nullable=False),             # pending ok error rejected abandoned
+        Column("status", String(16), nullable=False),             # pending ok error rejected cancelled abandoned
         Column("offering", String(200)),
         Column("provider", String(64)),
         Column("n", Integer, nullable=False),

@@ -6,15 +6,13 @@ inside one transaction (SQLite `BEGIN IMMEDIATE`, PostgreSQL `SELECT ... FOR UPD
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,56 +24,17 @@ from sqlalchemy.engine import Connection, Engine
 from ...errors import BudgetExceeded, ConfigError, MissingExtra
 from .schema import (
     MIGRATIONS,
-    ROLLUP_KEYS,
-    attempts,
     budget_counters,
-    call_tags,
     calls,
     from_nusd,
-    latency_bucket,
     migrations_table,
     reservations,
     to_nusd,
 )
+from .writer import CallWriter
 
 LEDGER_ENV = "IMAGEBROKER_LEDGER_URL"
 HOST = socket.gethostname()
-CALL_COLUMNS = tuple(c.name for c in calls.columns)
-ATTEMPT_COLUMNS = tuple(c.name for c in attempts.columns if c.name != "id")
-UPDATED_COLUMNS = tuple(c for c in CALL_COLUMNS if c != "request_id")  # a pending row, finished
-TAG_COLUMNS = tuple(c.name for c in call_tags.columns)
-
-
-class _Statements:
-    """The call-recording SQL, written once per engine's parameter style (`?` or `%s`)."""
-
-    def __init__(self, mark: str) -> None:
-        def insert(table: str, cols: tuple[str, ...]) -> str:
-            return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join([mark] * len(cols))})"
-
-        self.insert_call = insert("calls", CALL_COLUMNS)
-        self.insert_attempt = insert("attempts", ATTEMPT_COLUMNS)
-        self.insert_tag = insert("call_tags", TAG_COLUMNS)
-        sets = ", ".join(f"{c} = {mark}" for c in UPDATED_COLUMNS)
-        self.update_call = f"UPDATE calls SET {sets} WHERE request_id = {mark}"
-
-        def upsert(table: str, keys: tuple[str, ...], counts: tuple[str, ...]) -> str:
-            adds = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in counts)
-            return f"{insert(table, keys + counts)} ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {adds}"
-
-        self.add_call_rollup = upsert("call_rollups", (*ROLLUP_KEYS, "status"),
-                                      ("calls", "images", "failures", "cost_nusd", "unpriced"))
-        self.add_latency_rollup = upsert("latency_rollups", (*ROLLUP_KEYS, "bucket"), ("calls",))
-
-    def rollups(self, row: Any) -> list[tuple[str, list[list[Any]]]]:
-        """The statements that add one finished call row (a mapping) to the per-day rollups."""
-        keys = [row["day"], *(row[k] or "" for k in ROLLUP_KEYS[1:])]
-        ok, cost = row["status"] == "ok", row["cost_nusd"]
-        out = [(self.add_call_rollup, [[*keys, row["status"], 1, row["images"] or 0, 0 if ok else 1,
-                                        cost or 0, 1 if ok and cost is None else 0]])]
-        if ok and row["latency_s"] is not None:
-            out.append((self.add_latency_rollup, [[*keys, latency_bucket(row["latency_s"]), 1]]))
-        return out
 
 
 def default_ledger_url() -> str:
@@ -107,9 +66,7 @@ class Ledger:
         self.url = url or os.environ.get(LEDGER_ENV) or default_ledger_url()
         self.engine = self._engine(self.url)
         self.sqlite = self.engine.dialect.name == "sqlite"
-        self._sql = _Statements("?" if self.sqlite else "%s")
-        self._writer: Any = None  # one DB-API connection, kept for recording calls
-        self._write_lock = threading.Lock()
+        self.writer = CallWriter(self.engine, self.sqlite)
         self.migrate()
         self.reconcile()
 
@@ -261,55 +218,23 @@ class Ledger:
                             .values(status="abandoned", error="process ended mid-call"))
         if done.rowcount:
             row = conn.execute(select(calls).where(calls.c.request_id == request_id)).mappings().one()
-            for sql, params in self._sql.rollups(row):
+            for sql, params in self.writer.sql.rollups(row):
                 conn.exec_driver_sql(sql, tuple(params[0]))
 
-    # -- calls ------------------------------------------------------------------------------
-    # Recording a call is the one write on every request's path, so it goes straight to the driver on
-    # a connection kept open, with statements written once: a quarter of the cost through a pooled
-    # SQLAlchemy connection. The transaction still commits before `generate()` returns.
-    def _write(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
-        with self._write_lock:
-            for retry in (True, False):
-                fresh = self._writer is None
-                if fresh:
-                    self._writer = self.engine.raw_connection()
-                cur = self._writer.cursor()
-                try:
-                    if self.sqlite:
-                        cur.execute("BEGIN IMMEDIATE")
-                    for sql, rows in statements:
-                        if rows:
-                            cur.executemany(sql, rows)
-                    self._writer.commit()
-                    return
-                except Exception:
-                    self._drop_writer(invalidate=True)
-                    if fresh or not retry:  # a kept connection may have gone stale: one fresh try
-                        raise
-                finally:
-                    cur.close()
-
-    def _drop_writer(self, invalidate: bool = False) -> None:
-        if self._writer is not None:
-            with contextlib.suppress(Exception):  # it is being thrown away
-                self._writer.invalidate() if invalidate else self._writer.close()
-            self._writer = None
-
+    # -- calls (see writer.py) -------------------------------------------------------------
     def start_call(self, row: dict[str, Any]) -> None:
         """A pending row, written before a call that holds a reservation (so a crash is visible)."""
-        self._write([(self._sql.insert_call, [[row[c] if c != "status" else "pending"
-                                                for c in CALL_COLUMNS]])])
+        self.writer.write(self.writer.sql.pending(row))
 
-    def record_call(self, row: dict[str, Any], attempt_rows: Sequence[dict[str, Any]],
-                    tags: dict[str, str], pending: bool = False) -> None:
-        if pending:
-            call = (self._sql.update_call, [[*(row[c] for c in UPDATED_COLUMNS), row["request_id"]]])
-        else:
-            call = (self._sql.insert_call, [[row[c] for c in CALL_COLUMNS]])
-        self._write([call, *self._sql.rollups(row),
-                     (self._sql.insert_attempt, [[a[c] for c in ATTEMPT_COLUMNS] for a in attempt_rows]),
-                     (self._sql.insert_tag, [(row["request_id"], k, v) for k, v in tags.items()])])
+    def record_call(self, row: Mapping[str, Any], attempt_rows: Sequence[Mapping[str, Any]],
+                    tags: Mapping[str, str], pending: bool = False) -> None:
+        """A finished call, its attempts and tags, and its share of the rollups, in one transaction."""
+        self.writer.write(self.writer.sql.finished(row, attempt_rows, tags, pending))
+
+    async def arecord_call(self, row: Mapping[str, Any], attempt_rows: Sequence[Mapping[str, Any]],
+                           tags: Mapping[str, str], pending: bool = False) -> None:
+        """`record_call` from an event loop: committed with the other calls finishing alongside."""
+        await self.writer.awrite(self.writer.sql.finished(row, attempt_rows, tags, pending))
 
     def recent_latencies(self, since: float, limit: int = 20_000) -> list[tuple[str, float]]:
         with self.engine.connect() as conn:
@@ -319,6 +244,5 @@ class Ledger:
             return [(o, float(lat)) for o, lat in conn.execute(q)]
 
     def close(self) -> None:
-        with self._write_lock:
-            self._drop_writer()
+        self.writer.close()
         self.engine.dispose()

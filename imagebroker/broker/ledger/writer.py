@@ -1,0 +1,181 @@
+"""Recording calls: the one ledger write on every request's path.
+
+It goes straight to the driver on a connection kept open, with its SQL written once per engine: a
+quarter of the cost of a pooled SQLAlchemy connection. On an event loop, the calls that finish in the
+same loop iteration are committed in one transaction (group commit); each `generate()` still returns
+only after its own rows are committed, so a crash never loses a call that was reported as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from .schema import ROLLUP_KEYS, attempts, call_tags, calls, latency_bucket
+
+CALL_COLUMNS = tuple(c.name for c in calls.columns)
+ATTEMPT_COLUMNS = tuple(c.name for c in attempts.columns if c.name != "id")
+UPDATED_COLUMNS = tuple(c for c in CALL_COLUMNS if c != "request_id")  # a pending row, finished
+TAG_COLUMNS = tuple(c.name for c in call_tags.columns)
+
+Statements = list[tuple[str, list[Sequence[Any]]]]  # (SQL, rows for executemany), in order
+
+
+class CallSQL:
+    """The call-recording SQL in the engine's parameter style (`?` for SQLite, `%s` for psycopg)."""
+
+    def __init__(self, mark: str) -> None:
+        def insert(table: str, cols: tuple[str, ...]) -> str:
+            return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join([mark] * len(cols))})"
+
+        def upsert(table: str, keys: tuple[str, ...], counts: tuple[str, ...]) -> str:
+            adds = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in counts)
+            return f"{insert(table, keys + counts)} ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {adds}"
+
+        self.insert_call = insert("calls", CALL_COLUMNS)
+        self.update_call = (f"UPDATE calls SET {', '.join(f'{c} = {mark}' for c in UPDATED_COLUMNS)} "
+                            f"WHERE request_id = {mark}")
+        self.insert_attempt = insert("attempts", ATTEMPT_COLUMNS)
+        self.insert_tag = insert("call_tags", TAG_COLUMNS)
+        self.add_call_rollup = upsert("call_rollups", (*ROLLUP_KEYS, "status"),
+                                      ("calls", "images", "failures", "cost_nusd", "unpriced"))
+        self.add_latency_rollup = upsert("latency_rollups", (*ROLLUP_KEYS, "bucket"), ("calls",))
+
+    def pending(self, row: Mapping[str, Any]) -> Statements:
+        return [(self.insert_call, [[row[c] if c != "status" else "pending" for c in CALL_COLUMNS]])]
+
+    def finished(self, row: Mapping[str, Any], attempt_rows: Sequence[Mapping[str, Any]],
+                 tags: Mapping[str, str], pending: bool) -> Statements:
+        if pending:  # its pending row exists: complete it
+            call = (self.update_call, [[*(row[c] for c in UPDATED_COLUMNS), row["request_id"]]])
+        else:
+            call = (self.insert_call, [[row[c] for c in CALL_COLUMNS]])
+        return [call, *self.rollups(row),
+                (self.insert_attempt, [[a[c] for c in ATTEMPT_COLUMNS] for a in attempt_rows]),
+                (self.insert_tag, [(row["request_id"], k, v) for k, v in tags.items()])]
+
+    def rollups(self, row: Mapping[str, Any]) -> Statements:
+        """What adds one finished call row to the per-day rollups."""
+        keys = [row["day"], *(row[k] or "" for k in ROLLUP_KEYS[1:])]
+        ok, cost = row["status"] == "ok", row["cost_nusd"]
+        out: Statements = [(self.add_call_rollup, [[*keys, row["status"], 1, row["images"] or 0,
+                                                    0 if ok else 1, cost or 0,
+                                                    1 if ok and cost is None else 0]])]
+        if ok and row["latency_s"] is not None:
+            out.append((self.add_latency_rollup, [[*keys, latency_bucket(row["latency_s"]), 1]]))
+        return out
+
+
+def _merged(batches: Sequence[Statements]) -> Statements:
+    """Several calls' statements as one executemany per SQL text, in first-seen order."""
+    by_sql: dict[str, list[Sequence[Any]]] = {}
+    for statements in batches:
+        for sql, rows in statements:
+            by_sql.setdefault(sql, []).extend(rows)
+    return list(by_sql.items())
+
+
+class CallWriter:
+    """Writes call rows on one kept DB-API connection; thread-safe, and batched per event loop."""
+
+    def __init__(self, engine: Engine, sqlite: bool) -> None:
+        self.engine, self.sqlite = engine, sqlite
+        self.sql = CallSQL("?" if sqlite else "%s")
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        self._queues: dict[asyncio.AbstractEventLoop, list[tuple[Statements, asyncio.Future[None]]]] = {}
+
+    def write(self, statements: Statements) -> None:
+        """One transaction, committed before this returns."""
+        with self._lock:
+            for last in (False, True):
+                fresh = self._conn is None
+                if fresh:
+                    self._conn = self.engine.raw_connection()
+                try:
+                    self._run(statements)
+                    return
+                except Exception:
+                    if self._rolled_back():  # the statements failed, not the connection
+                        raise
+                    self._drop()
+                    if fresh or last:  # a kept connection may have gone stale: one fresh try
+                        raise
+
+    def _run(self, statements: Statements) -> None:
+        cur = self._conn.cursor()
+        try:
+            if self.sqlite:
+                cur.execute("BEGIN IMMEDIATE")
+            for sql, rows in statements:
+                if rows:
+                    cur.executemany(sql, rows)
+            self._conn.commit()
+        finally:
+            with contextlib.suppress(Exception):
+                cur.close()
+
+    def _rolled_back(self) -> bool:
+        try:
+            self._conn.rollback()
+            return True
+        except Exception:
+            return False
+
+    async def awrite(self, statements: Statements) -> None:
+        """`write`, committed together with the other calls that finish in this loop iteration."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()  # one per call: cancelling one cancels no other
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = []
+            loop.call_soon(self._flush, loop)
+        queue.append((statements, done))
+        await done
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._queues.pop(loop, [])
+        try:
+            self.write(_merged([s for s, _ in batch]))
+            outcomes: list[BaseException | None] = [None] * len(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                outcomes = [exc]
+            else:  # one bad call must not sink the others: write them one by one
+                outcomes = []
+                for statements, _ in batch:
+                    try:
+                        self.write(statements)
+                        outcomes.append(None)
+                    except Exception as one:
+                        outcomes.append(one)
+        for (_, done), error in zip(batch, outcomes, strict=True):
+            if done.done():
+                continue  # its caller was cancelled; the rows are written all the same
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    def flush_all(self) -> None:
+        """Write what is queued for loops that stopped before their flush ran (a running loop flushes
+        its own)."""
+        for loop in list(self._queues):
+            if not loop.is_running():
+                self._flush(loop)
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # it is being thrown away
+                self._conn.invalidate()
+            self._conn = None
+
+    def close(self) -> None:
+        self.flush_all()
+        with self._lock:
+            self._drop()
