@@ -4,6 +4,7 @@ is the same object driven from a private event-loop thread, so both paths share 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import threading
 import time
@@ -30,7 +31,7 @@ from .ledger.store import Ledger
 LATENCY_MIN_SAMPLES = 20
 LATENCY_REFRESH_S = 30.0
 LATENCY_WINDOW_S = 7 * 24 * 3600
-UNAVAILABLE_REFRESH_S = 1.0  # files and installed models; a changed API key variable is seen at once
+UNAVAILABLE_REFRESH_S = 1.0
 PLAN_CACHE_SIZE = 1024
 
 
@@ -63,9 +64,11 @@ class AsyncBroker:
         self._latency: dict[str, tuple[float, float]] = {}
         self._latency_at = -LATENCY_REFRESH_S
         self._unavail: dict[str, str] = {}
-        self._unavail_at, self._unavail_keys = -UNAVAILABLE_REFRESH_S, ()
+        self._unavail_at, self._env_size = -UNAVAILABLE_REFRESH_S, -1
         self._state: tuple[tuple[object, ...], PlannerState] | None = None
         self._plans: dict[tuple[object, ...], Plan] = {}
+        self._local = [o for o in self.catalog if o.kind == "local"]
+        self.in_flight = 0  # generate() calls under way on this broker
 
     def __repr__(self) -> str:
         return f"<AsyncBroker policy={self.policy.name!r} ledger={self.ledger!r}>"
@@ -81,11 +84,11 @@ class AsyncBroker:
         return [p.api_key() for p in self._providers.values()]
 
     def _unavailable(self) -> dict[str, str]:
-        """Offering (or provider) -> why it cannot be called now. Recomputed when an API key variable
-        appears or disappears, and otherwise at most once a second (it stats files)."""
-        keys = tuple(p.api_key() is not None for p in self._providers.values())
-        now = time.monotonic()
-        if keys == self._unavail_keys and now - self._unavail_at < UNAVAILABLE_REFRESH_S:
+        """Offering (or provider) -> why it cannot be called now. Recomputed at once when environment
+        variables come or go (an API key set in a notebook), else at most once a second (it stats
+        files, reads variables)."""
+        now, env_size = time.monotonic(), len(os.environ)
+        if env_size == self._env_size and now - self._unavail_at < UNAVAILABLE_REFRESH_S:
             return self._unavail
         out: dict[str, str] = {}
         for o in self.catalog:
@@ -101,8 +104,7 @@ class AsyncBroker:
                 out[o.id] = why
         if out != self._unavail:
             self._unavail = out  # a new object only when something changed: plans stay memoised
-        self._unavail_at = now
-        self._unavail_keys = tuple(p.api_key() is not None for p in self._providers.values())
+        self._unavail_at, self._env_size = now, env_size
         return self._unavail
 
     def observed_latency(self) -> dict[str, tuple[float, float]]:
@@ -131,10 +133,8 @@ class AsyncBroker:
     def state(self, today: date | None = None) -> PlannerState:
         """What the planner needs to know of the world now. The same object comes back while nothing
         in it changed, which is what lets `_plan` memoise."""
-        local = self._providers.get("local") or (
-            self.provider("local") if any(o.provider == "local" for o in self.catalog) else None)
-        warm = frozenset(o.id for o in self.catalog if o.kind == "local" and local is not None
-                         and local.is_warm(o)) if local is not None else frozenset()
+        local = self._providers.get("local") or (self.provider("local") if self._local else None)
+        warm = frozenset(o.id for o in self._local if local.is_warm(o)) if local else frozenset()
         device = getattr(local, "device_kind", lambda: "cuda")() if local else "cuda"
         unavailable, latency = self._unavailable(), self.observed_latency()
         key = (today or datetime.now(UTC).date(), id(unavailable), id(latency), warm, device,
@@ -164,15 +164,18 @@ class AsyncBroker:
     async def generate(self, request: ImageRequest | str | None = None, /, *,
                        progress: ProgressCallback | None = None, **fields: Any) -> ImageResult:
         req = _request(request, fields)
-        request_id = new_request_id()
         the_plan = self._plan(req)
-        run = CallRun(self, req, the_plan, request_id, progress)
-        if not the_plan.candidates:
-            error = NoRouteError(f"no offering can serve this request under policy "
-                                 f"{self.policy.name!r}", the_plan.rejected)
-            await run.record("rejected", error=error)
-            raise error
-        return await run.run()
+        run = CallRun(self, req, the_plan, new_request_id(), progress)
+        self.in_flight += 1
+        try:
+            if not the_plan.candidates:
+                error = NoRouteError(f"no offering can serve this request under policy "
+                                     f"{self.policy.name!r}", the_plan.rejected)
+                await run.record("rejected", error=error)
+                raise error
+            return await run.run()
+        finally:
+            self.in_flight -= 1
 
     async def aclose(self) -> None:
         for p in self._providers.values():

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from ..errors import (
     AllAttemptsFailed,
@@ -121,25 +122,38 @@ class CallRun:
         return False
 
     async def _attempts(self, cand: Candidate, offering: Offering) -> None:
-        r = self.b.policy.retry
-        backoff = wait_random_exponential(multiplier=r.initial_delay_s, max=r.max_delay_s)
+        """The first attempt runs bare, since most calls end there; after a retryable failure
+        tenacity drives the rest, waiting before each (Retry-After first, else backoff with jitter)."""
+        try:
+            await self._one(cand, offering)
+        except ProviderError as exc:
+            if not exc.retryable or self._stop(exc, 1):
+                raise
+            await asyncio.sleep(self._delay(exc, 1))
 
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, RateLimited) and exc.retry_after is not None:
-                return exc.retry_after
-            return backoff(state)
+        def exception(state: RetryCallState) -> BaseException | None:
+            return state.outcome.exception() if state.outcome else None
 
-        def stop(state: RetryCallState) -> bool:
-            exc = state.outcome.exception() if state.outcome else None
-            too_long = isinstance(exc, RateLimited) and (exc.retry_after or 0) > r.max_retry_after_s
-            return state.attempt_number >= r.max_attempts or too_long
-
-        retrying = AsyncRetrying(stop=stop, wait=wait, reraise=True,
-                                 retry=retry_if_exception(lambda e: getattr(e, "retryable", False)))
+        retrying = AsyncRetrying(  # its attempt 1 is the call's attempt 2
+            stop=lambda state: self._stop(exception(state), state.attempt_number + 1),
+            wait=lambda state: self._delay(exception(state), state.attempt_number + 1),
+            retry=retry_if_exception(lambda e: getattr(e, "retryable", False)), reraise=True)
         async for attempt in retrying:
             with attempt:
                 await self._one(cand, offering)
+
+    def _stop(self, exc: BaseException | None, attempt: int) -> bool:
+        r = self.b.policy.retry
+        too_long = isinstance(exc, RateLimited) and (exc.retry_after or 0) > r.max_retry_after_s
+        return attempt >= r.max_attempts or too_long
+
+    def _delay(self, exc: BaseException | None, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt`: the provider's Retry-After, else
+        exponential backoff with full jitter (as tenacity's `wait_random_exponential`)."""
+        if isinstance(exc, RateLimited) and exc.retry_after is not None:
+            return exc.retry_after
+        r = self.b.policy.retry
+        return random.uniform(0, min(r.max_delay_s, r.initial_delay_s * 2 ** (attempt - 1)))
 
     async def _one(self, cand: Candidate, offering: Offering) -> None:
         provider = self.b.provider(offering.provider)
@@ -228,8 +242,11 @@ class CallRun:
 
     async def record(self, status: str, error: BaseException | None = None) -> None:
         """The call's row, its attempts and tags: committed before `generate()` returns or raises."""
-        self.recorded = True  # queued now: written even if this call is cancelled while it waits
-        await self.b.ledger.arecord_call(*self._rows(status, error), pending=self.pending_row)
+        self.recorded = True  # from here the rows are written even if this call is cancelled
+        if self.b.in_flight > 1:  # other calls are finishing too: commit together with them
+            await self.b.ledger.arecord_call(*self._rows(status, error), pending=self.pending_row)
+        else:  # alone: write now rather than wait a loop iteration for company
+            self.b.ledger.record_call(*self._rows(status, error), pending=self.pending_row)
 
     def _rows(self, status: str, error: BaseException | None
               ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
