@@ -7,6 +7,9 @@
 * peak memory after 1,000 calls;
 * `imagebroker costs` over a ledger of 1,000,000 calls (target: <= 2 s).
 
+Latency and throughput are measured twice: with the fake server on a thread of this process (as the
+tests run it; it shares the GIL with the broker) and in a process of its own (as a real provider is).
+
     python benchmarks/overhead.py
 """
 
@@ -22,6 +25,8 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -29,8 +34,9 @@ from _util import save, summary
 
 from imagebroker import AsyncBroker
 from imagebroker.broker.ledger.store import Ledger
+from imagebroker.broker.ledger.writer import CALL_COLUMNS, merged
 from imagebroker.policies.schema import Policy
-from imagebroker.testing.fake_http import FakeImageServer
+from imagebroker.testing.fake_http import FakeImageServer, free_port
 from imagebroker.testing.mock import mock_offering
 
 KEY = "bench-key"
@@ -109,43 +115,65 @@ async def memory(url: str, db: str, calls: int = 1000) -> dict:
 
 
 def big_ledger(db: str, rows: int = 1_000_000) -> dict:
+    """A month of calls, written as `generate()` writes them (call row, rollups, a tag), in batches."""
     ledger = Ledger(f"sqlite:///{db}")
+    sql = ledger.writer.sql
     rng = random.Random(7)
     offerings = [("bfl", "bfl/flux-2-pro"), ("fal", "fal/fal-ai/flux/dev"), ("openai", "openai/gpt-image-2"),
                  ("local", "local/sdxl"), ("replicate", "replicate/black-forest-labs/flux-schnell")]
     now = time.time()
     t = time.perf_counter()
-    raw = ledger.engine.raw_connection()
-    cur = raw.cursor()
-    cur.execute("BEGIN")
     batch = []
     for i in range(rows):
         prov, off = offerings[i % 5]
         created = now - rng.random() * 30 * 86400
         ok = rng.random() > 0.03
-        batch.append((f"r{i:09d}", created, time.strftime("%Y-%m-%d", time.gmtime(created)),
-                      "ok" if ok else "error", off, prov, 1, 1 if ok else 0, 1024, 1024, "bench",
-                      1, rng.uniform(0.5, 20), 30_000_000, 30_000_000 if ok else None, "priced", "x" * 64))
-        if len(batch) == 50_000:
-            cur.executemany("INSERT INTO calls (request_id, created_at, day, status, offering, provider, n, "
-                            "images, width, height, policy, attempts, latency_s, estimated_nusd, cost_nusd, "
-                            "cost_status, prompt_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch)
+        row = dict.fromkeys(CALL_COLUMNS) | {
+            "request_id": f"r{i:09d}", "created_at": created, "day": time.strftime("%Y-%m-%d", time.gmtime(created)),
+            "status": "ok" if ok else "error", "offering": off, "provider": prov, "n": 1, "images": 1 if ok else 0,
+            "width": 1024, "height": 1024, "policy": "bench", "attempts": 1, "latency_s": rng.uniform(0.5, 20),
+            "estimated_nusd": 30_000_000, "cost_nusd": 30_000_000 if ok else None, "cost_status": "priced",
+            "prompt_sha256": "x" * 64}
+        batch.append(sql.finished(row, [], {"team": f"team-{i % 4}"}, pending=False))
+        if len(batch) == 10_000:
+            ledger.writer.write(merged(batch))
             batch = []
-    cur.execute("COMMIT")
-    raw.close()
     fill_s = time.perf_counter() - t
     env = {**os.environ, "IMAGEBROKER_LEDGER_URL": f"sqlite:///{db}"}
     timings = {}
-    for by in ("provider", "day"):
+    for by in ("provider", "day", "tag:team"):
         runs = []
         for _ in range(3):
             t = time.perf_counter()
             out = subprocess.run([sys.executable, "-m", "imagebroker.cli", "costs", "--by", by, "--format",
                                   "json"], env=env, capture_output=True, text=True, check=True)
             runs.append(time.perf_counter() - t)
-        timings[f"costs_by_{by}_s"] = summary(runs)
+        timings[f"costs_by_{by.replace(':', '_')}_s"] = summary(runs)
         total = json.loads(out.stdout)["total"]
-    return {"rows": rows, "fill_s": round(fill_s, 1), **timings, "total_calls_reported": total["calls"]}
+        assert total["calls"] == rows, total
+    with ledger.engine.begin() as conn:  # as a ledger from before the rollups: time the migration
+        conn.exec_driver_sql("DROP TABLE call_rollups")
+        conn.exec_driver_sql("DROP TABLE latency_rollups")
+        conn.exec_driver_sql("DELETE FROM imagebroker_migrations WHERE name = 'm003_rollups'")
+    ledger.close()
+    t = time.perf_counter()
+    Ledger(f"sqlite:///{db}").close()
+    return {"rows": rows, "fill_s": round(fill_s, 1), **timings, "total_calls_reported": total["calls"],
+            "rollup_migration_s": round(time.perf_counter() - t, 1)}
+
+
+@contextmanager
+def server_process() -> Iterator[str]:
+    """`python -m imagebroker.testing serve fakehttp` in a process of its own."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "imagebroker.testing", "serve", "fakehttp", "--port", str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 async def main() -> None:
@@ -155,6 +183,9 @@ async def main() -> None:
         results = {"latency": await latency(server.url, str(tmp / "a.db")),
                    "throughput": await throughput(server.url, str(tmp / "b.db")),
                    "memory": await memory(server.url, str(tmp / "c.db"))}
+    with server_process() as url:
+        results["server_process"] = {"latency": await latency(url, str(tmp / "d.db")),
+                                     "throughput": await throughput(url, str(tmp / "e.db"))}
     results["costs_report"] = big_ledger(str(tmp / "big.db"))
     save("overhead", results)
 

@@ -172,7 +172,7 @@ class GeneratedImage(_Frozen):
     height: int
     seed: int | None = None
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 

@@ -250,3 +250,32 @@ def test_plans_follow_the_environment_although_they_are_memoised(tmp_path, monke
         assert b.plan("a dog") is b.plan("a cow")  # same planning fields, same state: one plan
         monkeypatch.delenv("FAKEHTTP_API_KEY")
         assert not b.plan("a cat").candidates
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_large_images_are_decoded_and_counted_too(tmp_path, broken):
+    """Images of megabytes are decoded off the event loop; the checks are the same."""
+    import hashlib
+
+    noisy = Image.frombytes("RGB", (1024, 768), os.urandom(1024 * 768 * 3))
+    buf = io.BytesIO()
+    noisy.save(buf, format="PNG")
+    data = os.urandom(len(buf.getvalue())) if broken else buf.getvalue()
+    assert len(data) > 2_000_000
+
+    def handler(request, offering, ctx):
+        return ProviderResult([RawImage(data, 7)], {"images": 1}, "r-big", {})
+
+    policy = mock_policy(mock_offering("x"))
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}",
+                providers={"mock": MockProvider.with_handler(handler)}) as b:
+        if broken:
+            with pytest.raises(AllAttemptsFailed) as e:
+                b.generate("x", size="1024x768")
+            assert "image 1 does not decode" in e.value.attempts[0].error
+            return
+        result = b.generate("x", size="1024x768")
+    (image,) = result.images
+    assert (image.width, image.height, image.seed) == (1024, 768, 7)
+    assert image.sha256 == hashlib.sha256(data).hexdigest()
+    assert rows(tmp_path / "l.db", "select image_sha256s from calls") == [(f'["{image.sha256}"]',)]

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .core import AsyncBroker
 
 
+OFFLOAD_BYTES = 256 * 1024  # images larger than this in all are decoded (and hashed) on a worker thread
 _Success = tuple[Offering, Candidate, ProviderResult, tuple[GeneratedImage, ...], Cost]
 
 
@@ -169,7 +170,10 @@ class CallRun:
             except TimeoutError:
                 raise ProviderUnavailable(f"timed out after {timeout:g} s", provider=offering.provider,
                                           offering=offering.id) from None
-            images = validate_images(result, self.request, offering)
+            if sum(len(i.data) for i in result.images) > OFFLOAD_BYTES:  # decoding takes milliseconds:
+                images = await asyncio.to_thread(validate_images, result, self.request, offering, True)
+            else:  # keep the event loop free for the other calls
+                images = validate_images(result, self.request, offering)
         except ProviderError as exc:
             self.b.breaker.failure(offering.provider) if exc.retryable else None
             self._attempt(offering, started, t0, error=exc)

@@ -23,8 +23,10 @@ def _convert(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def validate_images(result: ProviderResult, request: ImageRequest,
-                    offering: Offering) -> tuple[GeneratedImage, ...]:
+def validate_images(result: ProviderResult, request: ImageRequest, offering: Offering,
+                    hash_now: bool = False) -> tuple[GeneratedImage, ...]:
+    """The first `request.n` images, decoded, converted to the asked format; `hash_now` computes their
+    SHA-256 here too (for callers on a worker thread)."""
     where = {"provider": offering.provider, "offering": offering.id, "request_id": result.request_id}
     if len(result.images) < request.n:
         raise BadProviderResponse(
@@ -40,6 +42,9 @@ def validate_images(result: ProviderResult, request: ImageRequest,
         data = raw.data
         if request.output_format and request.output_format != fmt:
             data, fmt = _convert(img, request.output_format), request.output_format
-        out.append(GeneratedImage(data=data, format=fmt, width=img.width, height=img.height,  # type: ignore[arg-type]
-                                  seed=raw.seed))
+        image = GeneratedImage(data=data, format=fmt, width=img.width, height=img.height,  # type: ignore[arg-type]
+                               seed=raw.seed)
+        if hash_now:
+            image.sha256  # noqa: B018 - cached on the image
+        out.append(image)
     return tuple(out)

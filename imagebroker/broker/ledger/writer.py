@@ -71,7 +71,7 @@ class CallSQL:
         return out
 
 
-def _merged(batches: Sequence[Statements]) -> Statements:
+def merged(batches: Sequence[Statements]) -> Statements:
     """Several calls' statements as one executemany per SQL text, in first-seen order."""
     by_sql: dict[str, list[Sequence[Any]]] = {}
     for statements in batches:
@@ -141,7 +141,7 @@ class CallWriter:
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = self._queues.pop(loop, [])
         try:
-            self.write(_merged([s for s, _ in batch]))
+            self.write(merged([s for s, _ in batch]))
             outcomes: list[BaseException | None] = [None] * len(batch)
         except Exception as exc:
             if len(batch) == 1:
