@@ -128,3 +128,22 @@ def test_ledger_path_and_export(tmp_path):
     rows = json.loads(run("ledger", "export", "--format", "json").stdout)
     assert rows[0]["cost_usd"] == "0.01" and rows[0]["offering"] == "mock/a"
     assert "cost_usd" in run("ledger", "export").stdout.splitlines()[0]
+
+
+def test_rows_deleted_by_hand_leave_the_report_until_the_rollups_are_rebuilt(tmp_path):
+    import sqlite3
+
+    policy = mock_policy_file(tmp_path)
+    for _ in range(3):
+        run("generate", "x", "--policy", str(policy), "--out", str(tmp_path))
+    db = run("ledger", "path").stdout.strip()
+
+    def total_calls() -> int:
+        return json.loads(run("costs", "--format", "json").stdout)["total"]["calls"]
+
+    assert total_calls() == 3
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM calls WHERE rowid = (SELECT min(rowid) FROM calls)")
+    assert total_calls() == 3  # the per-day sums do not know
+    assert "rebuilt" in run("ledger", "rebuild-rollups").stdout
+    assert total_calls() == 2

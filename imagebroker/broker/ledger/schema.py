@@ -188,11 +188,10 @@ def m002_report_indexes(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX ix_reservations_status ON reservations (status)")
 
 
-@migration
-def m003_rollups(conn: Connection) -> None:
-    """Per-day rollups for the costs report, filled from the calls already recorded."""
-    for table in _v3_tables(MetaData()).values():
-        table.create(conn)
+def fill_rollups(conn: Connection) -> None:
+    """(Re)compute both rollup tables from the call rows (after a migration, or rows edited by hand)."""
+    conn.exec_driver_sql("DELETE FROM call_rollups")
+    conn.exec_driver_sql("DELETE FROM latency_rollups")
     keys = "day, coalesce(provider, ''), coalesce(offering, ''), coalesce(policy, ''), coalesce(rule, '')"
     conn.exec_driver_sql(
         f"INSERT INTO call_rollups (day, provider, offering, policy, rule, status, calls, images, "
@@ -206,3 +205,11 @@ def m003_rollups(conn: Connection) -> None:
         f"SELECT {keys}, b, count(*) FROM (SELECT *, CASE WHEN {ms} < 1 THEN 0 ELSE "
         f"CAST(floor(ln({ms}) * {BUCKETS_PER_E}) AS INTEGER) END AS b FROM calls "
         f"WHERE status = 'ok' AND latency_s IS NOT NULL) AS c GROUP BY {keys}, b")
+
+
+@migration
+def m003_rollups(conn: Connection) -> None:
+    """Per-day rollups for the costs report, filled from the calls already recorded."""
+    for table in _v3_tables(MetaData()).values():
+        table.create(conn)
+    fill_rollups(conn)

@@ -26,6 +26,7 @@ from .schema import (
     MIGRATIONS,
     budget_counters,
     calls,
+    fill_rollups,
     from_nusd,
     migrations_table,
     reservations,
@@ -235,6 +236,11 @@ class Ledger:
                            tags: Mapping[str, str], pending: bool = False) -> None:
         """`record_call` from an event loop: committed with the other calls finishing alongside."""
         await self.writer.awrite(self.writer.sql.finished(row, attempt_rows, tags, pending))
+
+    def rebuild_rollups(self) -> None:
+        """Recompute the report's per-day rollups from the call rows (after editing rows by hand)."""
+        with self.engine.begin() as conn:
+            fill_rollups(conn)
 
     def recent_latencies(self, since: float, limit: int = 20_000) -> list[tuple[str, float]]:
         with self.engine.connect() as conn:
