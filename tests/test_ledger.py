@@ -255,3 +255,28 @@ def test_one_bad_write_in_a_batch_loses_none_of_the_others(tmp_path):
     with ledger.engine.connect() as conn:
         assert sorted(conn.execute(select(calls.c.request_id)).scalars()) == ["a", "b", "taken"]
     assert cost_report(ledger)[1].calls == 3  # the failed duplicate added nothing to the rollups
+
+
+def test_a_forked_child_records_on_connections_of_its_own(ledger_url):
+    """Forking servers (gunicorn --preload, multiprocessing's fork) must not share database handles."""
+    ledger = Ledger(ledger_url)
+
+    def row(rid: str) -> dict:
+        return {c: None for c in CALL_COLUMNS} | {
+            "request_id": rid, "created_at": time.time(), "day": "2026-11-22", "status": "ok", "n": 1,
+            "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64}
+
+    ledger.record_call(row("parent-1"), [], {})  # the parent now holds a connection
+    pid = os.fork()
+    if pid == 0:  # the child
+        signal.alarm(30)  # a child stuck on a shared connection dies and fails the test, not hangs it
+        try:
+            for i in range(50):
+                ledger.record_call(row(f"child-{i}"), [], {})
+        finally:
+            os._exit(0)
+    for i in range(50):
+        ledger.record_call(row(f"parent-{i + 2}"), [], {})
+    assert os.waitpid(pid, 0)[1] == 0
+    with ledger.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(calls)).scalar() == 101

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -68,8 +69,15 @@ class Ledger:
         self.engine = self._engine(self.url)
         self.sqlite = self.engine.dialect.name == "sqlite"
         self.writer = CallWriter(self.engine, self.sqlite)
+        me = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (ledger := me()) and ledger._after_fork())
         self.migrate()
         self.reconcile()
+
+    def _after_fork(self) -> None:
+        """A forked child gets connections of its own: the parent's stay the parent's."""
+        self.engine.dispose(close=False)
+        self.writer.after_fork()
 
     def __repr__(self) -> str:
         return f"Ledger({self.engine.url.render_as_string(hide_password=True)!r})"

@@ -169,6 +169,10 @@ class CallWriter:
             if not loop.is_running():
                 self._flush(loop)
 
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's connection and queues (SQLite forbids sharing them)."""
+        self._conn, self._lock, self._queues = None, threading.Lock(), {}
+
     def _drop(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):  # it is being thrown away
