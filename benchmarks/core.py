@@ -49,7 +49,23 @@ def planning(runs: int = 2000) -> dict:
             plan(req, pol, catalog, state)
             samples.append(time.perf_counter() - t)
         out[name] = {"offerings": len(catalog), **summary(samples[100:], 1e6)}
-    return {"plan_us": out}
+    return {"plan_us": out, "broker_plan_us": broker_planning(runs)}
+
+
+def broker_planning(runs: int) -> dict:
+    """`Broker.plan` on the same traffic: state gathered, plans memoised by their planning fields."""
+    import tempfile
+
+    from imagebroker import AsyncBroker
+
+    broker = AsyncBroker("default", ledger=f"sqlite:///{tempfile.mkdtemp()}/l.db")
+    sizes = ["1024x1024", "1536x1024", "512x512", "1024x1536"]
+    samples = []
+    for i in range(runs):
+        t = time.perf_counter()
+        broker.plan(f"a red circle on a blue background, take {i}", size=sizes[i % 4], n=1 + i % 2)
+        samples.append(time.perf_counter() - t)
+    return {"offerings": len(broker.catalog), **summary(samples[100:], 1e6)}
 
 
 if __name__ == "__main__":
