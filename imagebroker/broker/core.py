@@ -65,7 +65,7 @@ class AsyncBroker:
         self._latency_at = -LATENCY_REFRESH_S
         self._unavail: dict[str, str] = {}
         self._unavail_at, self._env_size = -UNAVAILABLE_REFRESH_S, -1
-        self._state: tuple[tuple[object, ...], PlannerState] | None = None
+        self._state: PlannerState | None = None
         self._plans: dict[tuple[object, ...], Plan] = {}
         self._local = [o for o in self.catalog if o.kind == "local"]
         self.in_flight = 0  # generate() calls under way on this broker
@@ -136,15 +136,15 @@ class AsyncBroker:
         local = self._providers.get("local") or (self.provider("local") if self._local else None)
         warm = frozenset(o.id for o in self._local if local.is_warm(o)) if local else frozenset()
         device = getattr(local, "device_kind", lambda: "cuda")() if local else "cuda"
-        unavailable, latency = self._unavailable(), self.observed_latency()
-        key = (today or datetime.now(UTC).date(), id(unavailable), id(latency), warm, device,
-               self._headroom())
-        if self._state is None or self._state[0] != key:
+        unavailable, latency = self._unavailable(), self.observed_latency()  # new objects when changed
+        today, headroom = today or datetime.now(UTC).date(), self._headroom()
+        s = self._state
+        if (s is None or s.unavailable is not unavailable or s.observed_latency is not latency
+                or (s.today, s.warm, s.local_device, s.max_marginal_usd) != (today, warm, device, headroom)):
             self._plans.clear()
-            self._state = key, PlannerState(today=key[0], unavailable=unavailable,  # type: ignore[arg-type]
-                                            observed_latency=latency, warm=warm, local_device=device,
-                                            max_marginal_usd=key[5])  # type: ignore[arg-type]
-        return self._state[1]
+            self._state = PlannerState(today=today, unavailable=unavailable, observed_latency=latency,
+                                       warm=warm, local_device=device, max_marginal_usd=headroom)
+        return self._state
 
     def _plan(self, request: ImageRequest) -> Plan:
         """`planner.plan`, memoised by the request's planning fields while the state is unchanged."""
@@ -152,9 +152,11 @@ class AsyncBroker:
         key = request_key(request)
         found = self._plans.get(key)
         if found is None:
+            found = plan(request, self.policy, self.catalog, state)
             if len(self._plans) >= PLAN_CACHE_SIZE:
                 self._plans.clear()
-            found = self._plans[key] = plan(request, self.policy, self.catalog, state)
+            if self._state is state:  # (the sync Broker plans from the caller's thread too)
+                self._plans[key] = found
         return found
 
     # -- the API ----------------------------------------------------------------------------
