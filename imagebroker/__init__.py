@@ -21,6 +21,7 @@ from .errors import (
     BudgetExceeded,
     ConfigError,
     ContentRejected,
+    DuplicateRequest,
     ImageBrokerError,
     MissingExtra,
     ModelNotFound,
@@ -53,7 +54,7 @@ _LAZY = {
 
 __all__ = sorted([
     *_LAZY, "__version__", "AllAttemptsFailed", "AuthError", "BadProviderResponse", "BudgetExceeded",
-    "ConfigError", "ContentRejected", "ImageBrokerError", "MissingExtra", "ModelNotFound",
+    "ConfigError", "ContentRejected", "DuplicateRequest", "ImageBrokerError", "MissingExtra", "ModelNotFound",
     "NoRouteError", "ProviderError", "ProviderUnavailable", "RateLimited", "RequestError",
 ])
 

@@ -4,6 +4,7 @@
     ├── ConfigError            bad policy/catalog/settings: names file, line and field
     │   └── MissingExtra       an optional dependency is not installed: names the pip command
     ├── RequestError           invalid request (size not a multiple, n out of range, ...)
+    │   └── DuplicateRequest   its idempotency key was already served (in another process)
     ├── NoRouteError           no offering satisfies the constraints; carries every rejection reason
     ├── BudgetExceeded         which budget, spent, reserved, limit
     ├── ProviderError          provider, offering, http status, provider request id, retryable
@@ -63,6 +64,15 @@ class RequestError(ImageBrokerError):
     """The request itself is invalid; no offering could serve it."""
 
     exit_code = 2
+
+
+class DuplicateRequest(RequestError):
+    """A request whose `idempotency_key` another process (or an earlier run) already served. The
+    ledger keeps image hashes, not images, so it cannot be answered again without paying again."""
+
+    def __init__(self, message: str, request_id: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 class NoRouteError(ImageBrokerError):

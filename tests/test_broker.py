@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from imagebroker import AsyncBroker, Broker
-from imagebroker.errors import AllAttemptsFailed, NoRouteError, ProviderUnavailable
+from imagebroker.errors import AllAttemptsFailed, DuplicateRequest, NoRouteError, ProviderUnavailable, RequestError
 from imagebroker.providers.base import ProviderResult, RawImage
 from imagebroker.testing.fake_http import FakeImageServer, free_port
 from imagebroker.testing.mock import MockProvider, mock_offering, ok_result
@@ -279,3 +279,74 @@ def test_large_images_are_decoded_and_counted_too(tmp_path, broken):
     assert (image.width, image.height, image.seed) == (1024, 768, 7)
     assert image.sha256 == hashlib.sha256(data).hexdigest()
     assert rows(tmp_path / "l.db", "select image_sha256s from calls") == [(f'["{image.sha256}"]',)]
+
+
+# -- idempotency keys: at most one paid call per key ------------------------------------------------
+def counting_handler(calls: list, delay: float = 0.0, fail_first: int = 0):
+    async def handler(request, offering, ctx):
+        calls.append(request.prompt)
+        await asyncio.sleep(delay)
+        if len(calls) <= fail_first:
+            raise ProviderUnavailable("down", provider="mock", offering=offering.id)
+        return ok_result(request, offering)
+    return MockProvider.with_handler(handler)
+
+
+def test_a_repeated_idempotency_key_gets_the_same_result_without_a_second_call(tmp_path):
+    calls: list = []
+    policy = mock_policy(mock_offering("x", price={"usd": "0.04"}))
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}",
+                providers={"mock": counting_handler(calls)}) as b:
+        first = b.generate("a cat", idempotency_key="order-17")
+        again = b.generate("a cat", idempotency_key="order-17")
+        other = b.generate("a cat", idempotency_key="order-18")
+        with pytest.raises(RequestError, match="used for a different request"):
+            b.generate("a dog", idempotency_key="order-17")
+    assert again.request_id == first.request_id and again.images == first.images
+    assert other.request_id != first.request_id
+    assert len(calls) == 2
+    assert rows(tmp_path / "l.db", "select idempotency_key, cost_nusd from calls order by created_at") == [
+        ("order-17", 40_000_000), ("order-18", 40_000_000)]
+
+
+def test_concurrent_repeats_share_one_call_and_a_caller_giving_up_does_not_cancel_it(tmp_path):
+    calls: list = []
+    policy = mock_policy(mock_offering("x"))
+
+    async def main():
+        async with AsyncBroker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}",
+                               providers={"mock": counting_handler(calls, delay=0.3)}) as b:
+            with pytest.raises(TimeoutError):  # the first caller gives up early...
+                await asyncio.wait_for(b.generate("x", idempotency_key="k"), 0.05)
+            results = await asyncio.gather(*[b.generate("x", idempotency_key="k") for _ in range(5)])
+            return results
+
+    results = asyncio.run(main())
+    assert len(calls) == 1  # ...and its retries get the call it started
+    assert len({r.request_id for r in results}) == 1
+    assert rows(tmp_path / "l.db", "select status from calls") == [("ok",)]
+
+
+def test_a_failed_call_is_not_remembered_under_its_key(tmp_path):
+    calls: list = []
+    policy = mock_policy(mock_offering("x"), retry={"max_attempts": 1})
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}",
+                providers={"mock": counting_handler(calls, fail_first=1)}) as b:
+        with pytest.raises(AllAttemptsFailed):
+            b.generate("x", idempotency_key="k")
+        assert b.generate("x", idempotency_key="k").images
+    assert len(calls) == 2
+
+
+def test_a_key_served_by_another_process_is_refused_not_paid_twice(tmp_path):
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    policy = mock_policy(mock_offering("x"))
+    with Broker(policy, ledger=url) as b:
+        served = b.generate("x", idempotency_key="job-9")
+    with Broker(policy, ledger=url) as b:  # a new process, as far as memory goes
+        with pytest.raises(DuplicateRequest, match=f"served by request {served.request_id}") as e:
+            b.generate("x", idempotency_key="job-9")
+        assert e.value.request_id == served.request_id
+        assert served.images[0].sha256[:12] in str(e.value)
+        assert b.generate("x", idempotency_key="job-10").images  # a new key generates anew
+    assert rows(tmp_path / "l.db", "select count(*) from calls") == [(2,)]

@@ -32,7 +32,7 @@ EXPECTED_SCHEMA = {
         "cost_nusd": "BIGINT", "cost_status": "VARCHAR(16)", "cost_unit": "VARCHAR(32)",
         "usage_json": "TEXT", "catalog_version": "VARCHAR(64)", "prompt_sha256": "VARCHAR(64)",
         "prompt": "TEXT", "image_sha256s": "TEXT", "tags_json": "TEXT", "error_type": "VARCHAR(64)",
-        "error": "TEXT"},
+        "error": "TEXT", "idempotency_key": "VARCHAR(200)"},
     "attempts": {
         "id": "INTEGER", "request_id": "VARCHAR(40)", "number": "INTEGER", "offering": "VARCHAR(200)",
         "provider": "VARCHAR(64)", "started_at": "FLOAT", "latency_s": "FLOAT", "status": "VARCHAR(16)",

@@ -116,11 +116,12 @@ def test_a_ledger_from_before_the_rollups_is_backfilled_when_opened(tmp_path, le
         for name, fn in MIGRATIONS[:2]:
             fn(conn)
             conn.execute(insert(migrations_table).values(name=name, applied_at=0))
-        conn.execute(insert(calls), rows)
+        old = [c.name for c in calls.columns if c.name != "idempotency_key"]  # m004 adds it
+        conn.execute(insert(calls), [{c: r[c] for c in old} for r in rows])
     engine.dispose()
     ledger = Ledger(ledger_url)
     with ledger.engine.connect() as conn:
-        assert conn.execute(select(migrations_table.c.name)).scalars().all()[-1] == "m003_rollups"
+        assert "m003_rollups" in conn.execute(select(migrations_table.c.name)).scalars().all()
     for by in ("provider", "day", "status"):
         assert_matches(cost_report(ledger, by=by), by_hand(rows, by, None, None))
     ledger.record_call(dict(rows[0], request_id="new"), [], {})  # and kept from then on

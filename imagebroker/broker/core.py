@@ -14,7 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from ..errors import BudgetExceeded, ConfigError, NoRouteError
+from ..errors import BudgetExceeded, ConfigError, DuplicateRequest, NoRouteError, RequestError
 from ..policies.effective import effective_catalog
 from ..policies.loader import load_policy
 from ..policies.planner import PlannerState, plan, request_key
@@ -33,6 +33,8 @@ LATENCY_REFRESH_S = 30.0
 LATENCY_WINDOW_S = 7 * 24 * 3600
 UNAVAILABLE_REFRESH_S = 1.0
 PLAN_CACHE_SIZE = 1024
+IDEMPOTENCY_TTL_S = 24 * 3600
+IDEMPOTENCY_MEMORY = 256  # results kept per broker, for repeats of a key
 
 
 def new_request_id() -> str:
@@ -69,6 +71,7 @@ class AsyncBroker:
         self._plans: dict[tuple[object, ...], Plan] = {}
         self._local = [o for o in self.catalog if o.kind == "local"]
         self.in_flight = 0  # generate() calls under way on this broker
+        self._keyed: dict[str, tuple[ImageRequest, asyncio.Future[ImageResult], float]] = {}  # oldest first
 
     def __repr__(self) -> str:
         return f"<AsyncBroker policy={self.policy.name!r} ledger={self.ledger!r}>"
@@ -166,6 +169,46 @@ class AsyncBroker:
     async def generate(self, request: ImageRequest | str | None = None, /, *,
                        progress: ProgressCallback | None = None, **fields: Any) -> ImageResult:
         req = _request(request, fields)
+        if req.idempotency_key is None:
+            return await self._generate(req, progress)
+        return await self._once(req, req.idempotency_key, progress)
+
+    async def _once(self, req: ImageRequest, key: str, progress: ProgressCallback | None) -> ImageResult:
+        """At most one paid call per idempotency key: a repeat waits for the call under way or gets
+        its result again (this broker remembers the last few hundred for a day); a key another
+        process already served raises DuplicateRequest. A failed call is not remembered: a repeat
+        tries again. The call runs as a task of its own, so a caller that gives up (a timeout of
+        theirs) does not cancel it, and their retry with the same key gets its result."""
+        known = self._keyed.get(key)
+        if known is not None:
+            if known[0] != req:
+                raise RequestError(f"idempotency_key {key!r} was used for a different request; a key "
+                                   "stands for one request")
+            if time.time() - known[2] > IDEMPOTENCY_TTL_S:
+                known = None  # too old to stand for this one
+        if known is None:
+            served = self.ledger.served(key, time.time() - IDEMPOTENCY_TTL_S)
+            if served is not None:
+                rid, at, hashes = served
+                when = datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+                raise DuplicateRequest(
+                    f"idempotency_key {key!r} was served by request {rid} at {when} (images "
+                    f"{', '.join(h[:12] for h in hashes)}); the ledger keeps hashes, not images, so it "
+                    "cannot be answered again without paying again: use a new key to generate anew", rid)
+            task = asyncio.ensure_future(self._generate(req, progress))
+            self._keyed.pop(key, None)  # (an expired entry) the new one goes to the end, the newest
+            known = self._keyed[key] = (req, task, time.time())
+            task.add_done_callback(lambda t: self._forget_failed(key, t))
+            while len(self._keyed) > IDEMPOTENCY_MEMORY:
+                self._keyed.pop(next(iter(self._keyed)))
+        return await asyncio.shield(known[1])
+
+    def _forget_failed(self, key: str, task: asyncio.Future[ImageResult]) -> None:
+        entry = self._keyed.get(key)
+        if entry is not None and entry[1] is task and (task.cancelled() or task.exception() is not None):
+            del self._keyed[key]
+
+    async def _generate(self, req: ImageRequest, progress: ProgressCallback | None) -> ImageResult:
         the_plan = self._plan(req)
         run = CallRun(self, req, the_plan, new_request_id(), progress)
         self.in_flight += 1

@@ -242,6 +242,7 @@ class CallRun:
             "tags_json": json.dumps(req.tags, sort_keys=True) if req.tags else None,
             "error_type": type(error).__name__ if error else None,
             "error": redact(str(error), self.b.secrets()) if error else None,
+            "idempotency_key": req.idempotency_key,
         }
 
     async def record(self, status: str, error: BaseException | None = None) -> None:

@@ -156,6 +156,7 @@ def _v3_tables(md: MetaData) -> dict[str, Table]:
 metadata = MetaData()
 TABLES = _v1_tables(metadata)  # unchanged since m001; later changes go in new migrations
 TABLES.update(_v3_tables(metadata))
+TABLES["calls"].append_column(Column("idempotency_key", String(200), index=True))  # m004
 calls, attempts, call_tags = TABLES["calls"], TABLES["attempts"], TABLES["call_tags"]
 budget_counters, reservations = TABLES["budget_counters"], TABLES["reservations"]
 call_rollups, latency_rollups = TABLES["call_rollups"], TABLES["latency_rollups"]
@@ -213,3 +214,10 @@ def m003_rollups(conn: Connection) -> None:
     for table in _v3_tables(MetaData()).values():
         table.create(conn)
     fill_rollups(conn)
+
+
+@migration
+def m004_idempotency_key(conn: Connection) -> None:
+    """The caller's idempotency key on each call, so that a repeat is recognised across processes."""
+    conn.exec_driver_sql("ALTER TABLE calls ADD COLUMN idempotency_key VARCHAR(200)")
+    conn.exec_driver_sql("CREATE INDEX ix_calls_idempotency_key ON calls (idempotency_key)")

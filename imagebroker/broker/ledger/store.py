@@ -250,6 +250,15 @@ class Ledger:
         with self.engine.begin() as conn:
             fill_rollups(conn)
 
+    def served(self, idempotency_key: str, since: float) -> tuple[str, float, list[str]] | None:
+        """The latest call since `since` that succeeded under this key: request id, time, image SHA-256s."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(calls.c.request_id, calls.c.created_at, calls.c.image_sha256s)
+                               .where(calls.c.idempotency_key == idempotency_key, calls.c.status == "ok",
+                                      calls.c.created_at >= since)
+                               .order_by(calls.c.created_at.desc()).limit(1)).first()
+        return None if row is None else (row.request_id, row.created_at, json.loads(row.image_sha256s or "[]"))
+
     def recent_latencies(self, since: float, limit: int = 20_000) -> list[tuple[str, float]]:
         with self.engine.connect() as conn:
             q = (select(calls.c.offering, calls.c.latency_s)
