@@ -23,6 +23,7 @@ from .errors import (
     ContentRejected,
     DuplicateRequest,
     ImageBrokerError,
+    LedgerError,
     MissingExtra,
     ModelNotFound,
     NoRouteError,
@@ -54,8 +55,8 @@ _LAZY = {
 
 __all__ = sorted([
     *_LAZY, "__version__", "AllAttemptsFailed", "AuthError", "BadProviderResponse", "BudgetExceeded",
-    "ConfigError", "ContentRejected", "DuplicateRequest", "ImageBrokerError", "MissingExtra", "ModelNotFound",
-    "NoRouteError", "ProviderError", "ProviderUnavailable", "RateLimited", "RequestError",
+    "ConfigError", "ContentRejected", "DuplicateRequest", "ImageBrokerError", "LedgerError", "MissingExtra",
+    "ModelNotFound", "NoRouteError", "ProviderError", "ProviderUnavailable", "RateLimited", "RequestError",
 ])
 
 

@@ -14,7 +14,8 @@
     │   ├── ContentRejected    moderation/safety refusal (not retried on the same provider)
     │   ├── ModelNotFound      retired or unknown model
     │   └── BadProviderResponse    malformed body, zero/undecodable images
-    └── AllAttemptsFailed      carries the attempts
+    ├── AllAttemptsFailed      carries the attempts
+    └── LedgerError            a call could not be recorded; carries its result when it succeeded
 
 Whether an error is worth retrying on the same offering is decided here and nowhere else: the
 `retryable` class attribute.
@@ -161,3 +162,12 @@ def redact(text: str, secrets: Sequence[str | None]) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return text
+
+
+class LedgerError(ImageBrokerError):
+    """The ledger could not record a call (database gone, disk full, schema damaged). When the call
+    itself succeeded, `result` holds it: the images were paid for and are not thrown away."""
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result

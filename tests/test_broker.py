@@ -14,7 +14,14 @@ import pytest
 from PIL import Image
 
 from imagebroker import AsyncBroker, Broker
-from imagebroker.errors import AllAttemptsFailed, DuplicateRequest, NoRouteError, ProviderUnavailable, RequestError
+from imagebroker.errors import (
+    AllAttemptsFailed,
+    DuplicateRequest,
+    LedgerError,
+    NoRouteError,
+    ProviderUnavailable,
+    RequestError,
+)
 from imagebroker.providers.base import ProviderResult, RawImage
 from imagebroker.testing.fake_http import FakeImageServer, free_port
 from imagebroker.testing.mock import MockProvider, mock_offering, ok_result
@@ -350,3 +357,31 @@ def test_a_key_served_by_another_process_is_refused_not_paid_twice(tmp_path):
         assert served.images[0].sha256[:12] in str(e.value)
         assert b.generate("x", idempotency_key="job-10").images  # a new key generates anew
     assert rows(tmp_path / "l.db", "select count(*) from calls") == [(2,)]
+
+
+# -- a ledger that cannot record ----------------------------------------------------------------------
+def break_ledger(db: Path) -> None:
+    """Damage the ledger's schema from outside, as a bad hand edit or a broken disk would."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TABLE attempts")
+
+
+def test_a_paid_call_the_ledger_cannot_record_still_hands_over_its_images(tmp_path):
+    db = tmp_path / "l.db"
+    with Broker(mock_policy(mock_offering("x")), ledger=f"sqlite:///{db}") as b:
+        b.generate("x")
+        break_ledger(db)
+        with pytest.raises(LedgerError, match=r"could not record call .* no such table: attempts") as e:
+            b.generate("x", n=2)
+    assert len(e.value.result.images) == 2 and e.value.result.offering == "mock/x"
+
+
+def test_a_failed_call_the_ledger_cannot_record_keeps_its_own_error(tmp_path):
+    db = tmp_path / "l.db"
+    policy = mock_policy(mock_offering("x", settings={"script": ["ok", "error:ContentRejected"]}))
+    with Broker(policy, ledger=f"sqlite:///{db}") as b:
+        b.generate("x")
+        break_ledger(db)
+        with pytest.raises(AllAttemptsFailed) as e:
+            b.generate("x")
+    assert any("could not record call" in note for note in e.value.__notes__)

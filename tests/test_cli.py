@@ -147,3 +147,15 @@ def test_rows_deleted_by_hand_leave_the_report_until_the_rollups_are_rebuilt(tmp
     assert total_calls() == 3  # the per-day sums do not know
     assert "rebuilt" in run("ledger", "rebuild-rollups").stdout
     assert total_calls() == 2
+
+
+def test_generate_writes_paid_images_even_when_the_ledger_cannot_record_them(tmp_path):
+    import sqlite3
+
+    policy = mock_policy_file(tmp_path)
+    run("generate", "x", "--policy", str(policy), "--out", str(tmp_path / "first"))
+    with sqlite3.connect(run("ledger", "path").stdout.strip()) as conn:
+        conn.execute("DROP TABLE attempts")
+    result = run("generate", "x", "--policy", str(policy), "--out", str(tmp_path / "second"), code=1)
+    assert len(list((tmp_path / "second").glob("*.png"))) == 1
+    assert "could not record call" in result.output and "Traceback" not in result.output

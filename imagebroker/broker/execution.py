@@ -6,6 +6,7 @@ Fallback never leaves the plan, so every attempt satisfies the policy's hard con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -17,6 +18,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from ..errors import (
     AllAttemptsFailed,
     BudgetExceeded,
+    LedgerError,
     ProviderError,
     ProviderUnavailable,
     RateLimited,
@@ -77,7 +79,8 @@ class CallRun:
             raise
         except asyncio.CancelledError:  # the caller gave up (a timeout of theirs, a shutdown)
             if not self.recorded:
-                self.b.ledger.record_call(*self._rows("cancelled", None), pending=self.pending_row)
+                with contextlib.suppress(Exception):  # the cancellation is what the caller must see
+                    self.b.ledger.record_call(*self._rows("cancelled", None), pending=self.pending_row)
             raise
         error = AllAttemptsFailed(self.attempts)
         await self.record("error", error=error)
@@ -212,11 +215,11 @@ class CallRun:
         assert self.result is not None
         offering, cand, result, images, cost = self.result
         latency = round(time.perf_counter() - self.t0, 6)
-        await self.record("ok")
-        applied = dict(result.applied, offering=offering.id)
-        return ImageResult(request_id=self.request_id, images=images, offering=offering.id, cost=cost,
+        done = ImageResult(request_id=self.request_id, images=images, offering=offering.id, cost=cost,
                            latency_s=latency, plan=self.plan, attempts=tuple(self.attempts),
-                           applied=applied, dropped=cand.dropped)
+                           applied=dict(result.applied, offering=offering.id), dropped=cand.dropped)
+        await self.record("ok", result=done)
+        return done
 
     def _call_row(self, status: str, error: BaseException | None) -> dict[str, Any]:
         req, res = self.request, self.result
@@ -245,13 +248,23 @@ class CallRun:
             "idempotency_key": req.idempotency_key,
         }
 
-    async def record(self, status: str, error: BaseException | None = None) -> None:
-        """The call's row, its attempts and tags: committed before `generate()` returns or raises."""
+    async def record(self, status: str, error: BaseException | None = None,
+                     result: ImageResult | None = None) -> None:
+        """The call's row, its attempts and tags: committed before `generate()` returns or raises.
+        If the ledger fails, a successful call raises LedgerError carrying its result (the images
+        are paid for); a failed one keeps its own error, with a note saying it went unrecorded."""
         self.recorded = True  # from here the rows are written even if this call is cancelled
-        if self.b.in_flight > 1:  # other calls are finishing too: commit together with them
-            await self.b.ledger.arecord_call(*self._rows(status, error), pending=self.pending_row)
-        else:  # alone: write now rather than wait a loop iteration for company
-            self.b.ledger.record_call(*self._rows(status, error), pending=self.pending_row)
+        try:
+            if self.b.in_flight > 1:  # other calls are finishing too: commit together with them
+                await self.b.ledger.arecord_call(*self._rows(status, error), pending=self.pending_row)
+            else:  # alone: write now rather than wait a loop iteration for company
+                self.b.ledger.record_call(*self._rows(status, error), pending=self.pending_row)
+        except Exception as exc:
+            failure = LedgerError(f"the ledger could not record call {self.request_id} ({status}): "
+                                  f"{type(exc).__name__}: {redact(str(exc), self.b.secrets())}", result)
+            if error is None:
+                raise failure from exc
+            error.add_note(str(failure))
 
     def _rows(self, status: str, error: BaseException | None
               ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:

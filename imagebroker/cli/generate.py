@@ -13,6 +13,7 @@ import typer
 from PIL import Image, PngImagePlugin
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from ..errors import LedgerError
 from ..types import GeneratedImage, ImageRequest, ImageResult
 from .common import (
     AdapterOpt,
@@ -110,9 +111,17 @@ def generate(
     extra = {"negative_prompt": negative, "steps": steps, "guidance_scale": guidance,
              "scheduler": scheduler, "quality": quality, "output_format": output_format}
     request = ImageRequest(prompt=prompt, **fields, **{k: v for k, v in extra.items() if v is not None})
+    unrecorded = None
     with Broker(policy) as broker:
-        result = _run_with_progress(broker, request, quiet=json_out)
+        try:
+            result = _run_with_progress(broker, request, quiet=json_out)
+        except LedgerError as exc:
+            if exc.result is None:
+                raise
+            result, unrecorded = exc.result, exc  # paid for: write the images, then say so and fail
     images = write_images(result, request, out)
+    if unrecorded is not None:
+        err_console.print(f"[red]error: {unrecorded}[/red]")
     if json_out:
         print_json({
             "request_id": result.request_id, "offering": result.offering, "images": images,
@@ -123,6 +132,8 @@ def generate(
                           "error_type": a.error_type, "latency_s": a.latency_s}
                          for a in result.attempts],
             "applied": result.applied, "dropped": list(result.dropped)})
+        if unrecorded is not None:
+            raise typer.Exit(unrecorded.exit_code)
         return
     for img in images:
         console.print(f"wrote {img['path']} ({img['width']}x{img['height']}, seed {img['seed']})")
@@ -132,3 +143,5 @@ def generate(
     if result.dropped:
         console.print(f"[yellow]not supported by {result.offering}, so not sent: "
                       f"{', '.join(result.dropped)}[/yellow]")
+    if unrecorded is not None:
+        raise typer.Exit(unrecorded.exit_code)

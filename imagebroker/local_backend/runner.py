@@ -68,8 +68,8 @@ class Job:
 
     def resolve(self, result: ProviderResult | None, error: BaseException | None = None) -> None:
         def done() -> None:
-            if self.future.done():
-                return
+            if self.future.done() or (error is not None and self.cancelled.is_set()):
+                return  # nobody is waiting for it any more
             if error is not None:
                 self.future.set_exception(error)
             else:
