@@ -19,6 +19,22 @@ from ..types import ImageRequest
 ProgressCallback = Callable[[int, int], None]
 
 
+def sampling_fields(request: ImageRequest, offering: Offering, *, steps: str, guidance: str,
+                    negative_prompt: str | None = "negative_prompt") -> dict[str, Any]:
+    """The seed and the sampling fields the offering supports, under the provider's names for them:
+    exactly those the planner does not report as dropped (`negative_prompt=None`: never sent)."""
+    caps, out = offering.capabilities, {}
+    if request.seed is not None:
+        out["seed"] = request.seed
+    if request.steps and caps.steps:
+        out[steps] = request.steps
+    if request.guidance_scale is not None and caps.guidance:
+        out[guidance] = request.guidance_scale
+    if negative_prompt and request.negative_prompt and caps.negative_prompt:
+        out[negative_prompt] = request.negative_prompt
+    return out
+
+
 @dataclass(frozen=True)
 class RawImage:
     data: bytes = field(repr=False)

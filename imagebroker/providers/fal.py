@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import BadProviderResponse, ContentRejected, ProviderUnavailable
 from ..policies.pricing import request_size
 from ..types import ImageRequest
-from .base import CallContext, ProviderResult, RawImage
+from .base import CallContext, ProviderResult, RawImage, sampling_fields
 from .http import HttpProvider
 from .offering import Offering
 
@@ -27,16 +27,11 @@ class FalProvider(HttpProvider):
     async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
         where: dict[str, Any] = {"provider": self.name, "offering": offering.id}
         w, h = request_size(request, offering)
-        caps = offering.capabilities
         body: dict[str, Any] = {"prompt": request.prompt, "image_size": {"width": w, "height": h},
                                 "num_images": request.n,
                                 "output_format": "png" if request.output_format == "png" else "jpeg"}
-        if request.seed is not None:
-            body["seed"] = request.seed
-        if request.steps and caps.steps:
-            body["num_inference_steps"] = request.steps
-        if request.guidance_scale is not None and caps.guidance:
-            body["guidance_scale"] = request.guidance_scale
+        body |= sampling_fields(request, offering, steps="num_inference_steps", guidance="guidance_scale",
+                                negative_prompt=None)
         if request.adapters:
             body["loras"] = [{"path": a.ref, "scale": a.scale} for a in request.adapters]
         body.update(request.extra.get(self.name, {}))

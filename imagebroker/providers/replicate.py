@@ -22,7 +22,7 @@ from ..errors import (
 )
 from ..policies.pricing import request_size
 from ..types import ImageRequest
-from .base import CallContext, ProviderResult, RawImage
+from .base import CallContext, ProviderResult, RawImage, sampling_fields
 from .http import HttpProvider, status_error
 from .offering import Offering
 
@@ -46,14 +46,8 @@ class ReplicateProvider(HttpProvider):
             inp["aspect_ratio"] = RATIOS[f"{w}x{h}"]
         if caps.max_n > 1:
             inp["num_outputs"] = request.n
-        if request.seed is not None:
-            inp["seed"] = request.seed
-        if request.steps and caps.steps:
-            inp["num_inference_steps"] = request.steps
-        if request.guidance_scale is not None and caps.guidance:
-            inp["guidance_scale" if caps.negative_prompt else "guidance"] = request.guidance_scale
-        if request.negative_prompt and caps.negative_prompt:
-            inp["negative_prompt"] = request.negative_prompt
+        inp |= sampling_fields(request, offering, steps="num_inference_steps",  # SD-style models, else FLUX
+                               guidance="guidance_scale" if caps.negative_prompt else "guidance")
         if request.output_format and "webp" in caps.output_formats:
             inp["output_format"] = "jpg" if request.output_format == "jpeg" else request.output_format
         for i, a in enumerate(request.adapters[:2]):  # flux-dev-lora: lora_weights + extra_lora

@@ -8,7 +8,7 @@ import base64
 from ..errors import BadProviderResponse
 from ..policies.pricing import request_size
 from ..types import ImageRequest
-from .base import CallContext, ProviderResult, RawImage
+from .base import CallContext, ProviderResult, RawImage, sampling_fields
 from .http import HttpProvider
 from .offering import Offering
 
@@ -21,18 +21,10 @@ class TogetherProvider(HttpProvider):
     async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
         where = {"provider": self.name, "offering": offering.id}
         w, h = request_size(request, offering)
-        caps = offering.capabilities
         body: dict = {"model": offering.model, "prompt": request.prompt, "width": w, "height": h,
                       "n": request.n, "response_format": "base64",
                       "output_format": "png" if request.output_format == "png" else "jpeg"}
-        if request.seed is not None:
-            body["seed"] = request.seed
-        if request.steps and caps.steps:
-            body["steps"] = request.steps
-        if request.guidance_scale is not None and caps.guidance:
-            body["guidance_scale"] = request.guidance_scale
-        if request.negative_prompt and caps.negative_prompt:
-            body["negative_prompt"] = request.negative_prompt
+        body |= sampling_fields(request, offering, steps="steps", guidance="guidance_scale")
         if request.adapters:
             body["image_loras"] = [{"path": a.ref, "scale": a.scale} for a in request.adapters]
         body.update(request.extra.get(self.name, {}))
