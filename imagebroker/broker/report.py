@@ -17,17 +17,18 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Integer, and_, case, cast, func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.engine import Connection
 
 from ..errors import RequestError
 from .ledger.schema import (
-    BUCKETS_PER_E,
     bucket_latency_s,
     call_rollups,
+    call_sums,
     call_tags,
     calls,
     from_nusd,
+    latency_bucket_sql,
     latency_rollups,
 )
 from .ledger.store import Ledger
@@ -142,13 +143,8 @@ def _from_rows(conn: Connection, by: str, tag: str | None, since: float | None, 
         where.append(calls.c.created_at >= since)
     if until is not None:
         where.append(calls.c.created_at < until)
-    failed = case((calls.c.status != "ok", 1), else_=0)
-    unpriced = case((and_(calls.c.status == "ok", calls.c.cost_nusd.is_(None)), 1), else_=0)
-    sums = (select(key, func.count(), func.coalesce(func.sum(calls.c.images), 0), func.sum(failed),
-                   func.coalesce(func.sum(calls.c.cost_nusd), 0), func.sum(unpriced))
-            .select_from(source).where(*where).group_by(key))
-    ms = calls.c.latency_s * 1000
-    bucket = case((ms < 1, 0), else_=cast(func.floor(func.ln(ms) * BUCKETS_PER_E), Integer))
+    sums = select(key, *call_sums()).select_from(source).where(*where).group_by(key)
+    bucket = latency_bucket_sql()
     hist = (select(key, bucket, func.count()).select_from(source)
             .where(*where, calls.c.status == "ok", calls.c.latency_s.is_not(None)).group_by(key, bucket))
     return conn.execute(sums), conn.execute(hist)

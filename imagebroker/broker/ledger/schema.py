@@ -15,10 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Column,
+    ColumnElement,
     Connection,
     Float,
     Integer,
@@ -26,6 +28,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    select,
 )
 
 NANO = Decimal(1_000_000_000)
@@ -189,23 +198,34 @@ def m002_report_indexes(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX ix_reservations_status ON reservations (status)")
 
 
+def call_sums() -> tuple[ColumnElement[Any], ...]:
+    """Over call rows: calls, images, failures, cost (nano-USD), unpriced: the rollups' measures."""
+    ok = calls.c.status == "ok"
+    return (func.count(), func.coalesce(func.sum(calls.c.images), 0), func.sum(case((~ok, 1), else_=0)),
+            func.coalesce(func.sum(calls.c.cost_nusd), 0),
+            func.sum(case((and_(ok, calls.c.cost_nusd.is_(None)), 1), else_=0)))
+
+
+def latency_bucket_sql() -> ColumnElement[Any]:
+    """`latency_bucket` of a call row's latency, in SQL."""
+    ms = calls.c.latency_s * 1000
+    return case((ms < 1, 0), else_=cast(func.floor(func.ln(ms) * BUCKETS_PER_E), Integer))
+
+
 def fill_rollups(conn: Connection) -> None:
     """(Re)compute both rollup tables from the call rows (after a migration, or rows edited by hand)."""
-    conn.exec_driver_sql("DELETE FROM call_rollups")
-    conn.exec_driver_sql("DELETE FROM latency_rollups")
-    keys = "day, coalesce(provider, ''), coalesce(offering, ''), coalesce(policy, ''), coalesce(rule, '')"
-    conn.exec_driver_sql(
-        f"INSERT INTO call_rollups (day, provider, offering, policy, rule, status, calls, images, "
-        f"failures, cost_nusd, unpriced) SELECT {keys}, status, count(*), coalesce(sum(images), 0), "
-        f"sum(CASE WHEN status <> 'ok' THEN 1 ELSE 0 END), coalesce(sum(cost_nusd), 0), "
-        f"sum(CASE WHEN status = 'ok' AND cost_nusd IS NULL THEN 1 ELSE 0 END) "
-        f"FROM calls WHERE status <> 'pending' GROUP BY {keys}, status")
-    ms = "(latency_s * 1000)"
-    conn.exec_driver_sql(
-        f"INSERT INTO latency_rollups (day, provider, offering, policy, rule, bucket, calls) "
-        f"SELECT {keys}, b, count(*) FROM (SELECT *, CASE WHEN {ms} < 1 THEN 0 ELSE "
-        f"CAST(floor(ln({ms}) * {BUCKETS_PER_E}) AS INTEGER) END AS b FROM calls "
-        f"WHERE status = 'ok' AND latency_s IS NOT NULL) AS c GROUP BY {keys}, b")
+    conn.execute(delete(call_rollups))
+    conn.execute(delete(latency_rollups))
+    keys = [calls.c.day, *(func.coalesce(calls.c[k], "") for k in ROLLUP_KEYS[1:])]
+    conn.execute(insert(call_rollups).from_select(
+        [*ROLLUP_KEYS, "status", "calls", "images", "failures", "cost_nusd", "unpriced"],
+        select(*keys, calls.c.status, *call_sums()).where(calls.c.status != "pending")
+        .group_by(*keys, calls.c.status)))
+    bucket = latency_bucket_sql()
+    conn.execute(insert(latency_rollups).from_select(
+        [*ROLLUP_KEYS, "bucket", "calls"],
+        select(*keys, bucket, func.count()).where(calls.c.status == "ok", calls.c.latency_s.is_not(None))
+        .group_by(*keys, bucket)))
 
 
 @migration
