@@ -15,6 +15,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    AdapterError,
     AllAttemptsFailed,
     AuthError,
     BadProviderResponse,
@@ -47,6 +48,8 @@ _LAZY = {
     "Adapter": "imagebroker.types",
     "Cost": "imagebroker.types",
     "Plan": "imagebroker.types",
+    "Skip": "imagebroker.types",
+    "SkipReason": "imagebroker.types",
     "Policy": "imagebroker.policies.schema",
     "load_policy": "imagebroker.policies.loader",
     "Provider": "imagebroker.providers.base",
@@ -54,7 +57,7 @@ _LAZY = {
 }
 
 __all__ = sorted([
-    *_LAZY, "__version__", "AllAttemptsFailed", "AuthError", "BadProviderResponse", "BudgetExceeded",
+    *_LAZY, "__version__", "AdapterError", "AllAttemptsFailed", "AuthError", "BadProviderResponse", "BudgetExceeded",
     "ConfigError", "ContentRejected", "DuplicateRequest", "ImageBrokerError", "LedgerError", "MissingExtra",
     "ModelNotFound", "NoRouteError", "ProviderError", "ProviderUnavailable", "RateLimited", "RequestError",
 ])
@@ -75,4 +78,4 @@ if TYPE_CHECKING:
     from .policies.loader import load_policy
     from .policies.schema import Policy
     from .providers.base import Provider, ProviderResult
-    from .types import Adapter, Cost, GeneratedImage, ImageRequest, ImageResult, Plan
+    from .types import Adapter, Cost, GeneratedImage, ImageRequest, ImageResult, Plan, Skip, SkipReason

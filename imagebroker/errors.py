@@ -13,7 +13,8 @@
     │   ├── AuthError          missing/invalid key (offering skipped, not retried)
     │   ├── ContentRejected    moderation/safety refusal (not retried on the same provider)
     │   ├── ModelNotFound      retired or unknown model
-    │   └── BadProviderResponse    malformed body, zero/undecodable images
+    │   ├── BadProviderResponse    malformed body, zero/undecodable images
+    │   └── AdapterError       the adapter itself failed (a bug): not the provider's fault
     ├── AllAttemptsFailed      carries the attempts
     └── LedgerError            a call could not be recorded; carries its result when it succeeded
 
@@ -28,7 +29,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .types import Attempt, Rejection
+    from .types import Attempt, Rejection, Skip
 
 
 class ImageBrokerError(Exception):
@@ -109,6 +110,8 @@ class ProviderError(ImageBrokerError):
                  status: int | None = None, request_id: str | None = None) -> None:
         self.provider, self.offering, self.status, self.request_id = (
             provider, offering, status, request_id)
+        self.attempts: tuple[Attempt, ...] = ()   # set when this error ends a call (a refusal)
+        self.skipped: tuple[Skip, ...] = ()
         super().__init__(message)
 
     def describe(self) -> dict[str, Any]:
@@ -146,13 +149,21 @@ class BadProviderResponse(ProviderError):
     """The provider answered, but not with what was asked: malformed body, too few or broken images."""
 
 
-class AllAttemptsFailed(ImageBrokerError):
-    """Every attempt of every planned offering failed. `attempts` holds them in order."""
+class AdapterError(ProviderError):
+    """A provider adapter raised something it did not translate into this tree (a `KeyError` on a
+    response it did not expect): a bug in imagebroker or a plugin, not an outage. Logged with its
+    traceback, counted apart in `costs`, and the call falls back to the next offering."""
 
-    def __init__(self, attempts: Sequence[Attempt]) -> None:
-        self.attempts = tuple(attempts)
-        lines = [f"all {len(self.attempts)} attempts failed:"]
+
+class AllAttemptsFailed(ImageBrokerError):
+    """Every planned offering failed or was skipped. `attempts` holds the tries in order, `skipped`
+    the offerings passed over without a try (circuit open, price unknown, over budget)."""
+
+    def __init__(self, attempts: Sequence[Attempt], skipped: Sequence[Skip] = ()) -> None:
+        self.attempts, self.skipped = tuple(attempts), tuple(skipped)
+        lines = [f"all {len(self.attempts)} attempts failed:" if self.attempts else "nothing was tried:"]
         lines += [f"  {a.offering}: {a.error_type}: {a.error}" for a in self.attempts]
+        lines += [f"  {s.offering}: skipped ({s.reason}): {s.detail}" for s in self.skipped]
         super().__init__("\n".join(lines))
 
 

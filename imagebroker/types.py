@@ -7,6 +7,7 @@ import hashlib
 import re
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -210,6 +211,23 @@ class Attempt(_Frozen):
     cost: Cost | None = None
 
 
+class SkipReason(StrEnum):
+    """Why a planned offering was passed over without being tried."""
+
+    CIRCUIT_OPEN = "circuit_open"      # its provider failed repeatedly; cooling down
+    PRICE_UNKNOWN = "price_unknown"    # a budget applies, and without a price it cannot be checked
+    OVER_BUDGET = "over_budget"        # a `restrict` budget refused its reservation
+
+
+class Skip(_Frozen):
+    """A planned offering the call passed over, and why (no request was sent)."""
+
+    offering: str
+    reason: SkipReason
+    detail: str
+    at: datetime
+
+
 class ImageResult(_Frozen):
     request_id: str
     images: tuple[GeneratedImage, ...]
@@ -220,3 +238,4 @@ class ImageResult(_Frozen):
     attempts: tuple[Attempt, ...]
     applied: dict[str, Any]
     dropped: tuple[str, ...] = ()
+    skipped: tuple[Skip, ...] = ()

@@ -25,6 +25,7 @@ from imagebroker.errors import (
 from imagebroker.providers.base import ProviderResult, RawImage
 from imagebroker.testing.fake_http import FakeImageServer, free_port
 from imagebroker.testing.mock import MockProvider, mock_offering, ok_result
+from imagebroker.types import SkipReason
 from tests.conftest import mock_policy
 
 FAKE_KEY = "sk-test-DEADBEEF-0123456789-recognisable"
@@ -92,14 +93,14 @@ def test_every_offering_failing_raises_all_attempts_failed_and_keeps_every_row(t
     policy = mock_policy(
         mock_offering("x", settings={"script": ["error:ProviderUnavailable"]}),
         mock_offering("y", settings={"script": ["broken"]}),
-        mock_offering("z", settings={"script": ["error:ContentRejected"]}),
+        mock_offering("z", settings={"script": ["error:ModelNotFound"]}),
         retry={"max_attempts": 2, "initial_delay_s": 0.01})
     with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b, \
             pytest.raises(AllAttemptsFailed) as exc:
         b.generate("a cat")
     types = [a.error_type for a in exc.value.attempts]
     assert types == ["ProviderUnavailable", "ProviderUnavailable", "BadProviderResponse",
-                     "ContentRejected"]  # non-retryable errors are tried once
+                     "ModelNotFound"]  # non-retryable errors are tried once
     db = tmp_path / "l.db"
     assert rows(db, "select status, attempts, error_type from calls") == [("error", 4, "AllAttemptsFailed")]
     assert rows(db, "select count(*) from attempts") == [(4,)]
@@ -165,7 +166,8 @@ def test_circuit_breaker_skips_a_failing_provider_then_probes_it(tmp_path):
         assert b.generate("x").offering == "backup/spare"   # flaky fails (2): circuit opens
         n = len(calls)
         third = b.generate("x")                             # flaky skipped without a call
-        assert third.attempts[0].error_type == "CircuitOpen" and calls[n:] == ["backup/spare"]
+        assert [(s.offering, s.reason) for s in third.skipped] == [("mock/flaky", SkipReason.CIRCUIT_OPEN)]
+        assert len(third.attempts) == 1 and calls[n:] == ["backup/spare"]
         time.sleep(0.35)
         assert b.generate("x").offering == "backup/spare"   # the probe fails (3): open again
         time.sleep(0.35)
@@ -378,7 +380,7 @@ def test_a_paid_call_the_ledger_cannot_record_still_hands_over_its_images(tmp_pa
 
 def test_a_failed_call_the_ledger_cannot_record_keeps_its_own_error(tmp_path):
     db = tmp_path / "l.db"
-    policy = mock_policy(mock_offering("x", settings={"script": ["ok", "error:ContentRejected"]}))
+    policy = mock_policy(mock_offering("x", settings={"script": ["ok", "error:ModelNotFound"]}))
     with Broker(policy, ledger=f"sqlite:///{db}") as b:
         b.generate("x")
         break_ledger(db)

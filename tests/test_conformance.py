@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from imagebroker import Broker
-from imagebroker.errors import AllAttemptsFailed
+from imagebroker.errors import AllAttemptsFailed, ContentRejected
 from imagebroker.policies.schema import Policy
 from imagebroker.providers.catalog import builtin_catalog
 from imagebroker.providers.registry import provider_class
@@ -64,7 +64,7 @@ def run(provider: str, script: list[str], tmp_path, monkeypatch, **policy_extra)
             n = min(2, offering.capabilities.max_n)
             try:
                 return b.generate("a red circle", n=n, seed=9), fake, offering
-            except AllAttemptsFailed as exc:
+            except (AllAttemptsFailed, ContentRejected) as exc:
                 return exc, fake, offering
 
 
@@ -96,7 +96,8 @@ def test_429_with_retry_after_is_retried(provider, tmp_path, monkeypatch):
     ("refuse", "ContentRejected", 1), ("badkey", "AuthError", 1)])
 def test_failures_map_onto_the_error_tree(provider, tmp_path, monkeypatch, step, error, tries):
     result, _, _ = run(provider, [step], tmp_path, monkeypatch)
-    assert isinstance(result, AllAttemptsFailed)
+    # a refusal is the call's answer (no fallback by default); anything else is a failure to serve
+    assert isinstance(result, ContentRejected if step == "refuse" else AllAttemptsFailed)
     assert [a.error_type for a in result.attempts] == [error] * tries
     assert not FAKES[provider].key or FAKES[provider].key not in str(result)
 

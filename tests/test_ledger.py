@@ -32,7 +32,7 @@ EXPECTED_SCHEMA = {
         "cost_nusd": "BIGINT", "cost_status": "VARCHAR(16)", "cost_unit": "VARCHAR(32)",
         "usage_json": "TEXT", "catalog_version": "VARCHAR(64)", "prompt_sha256": "VARCHAR(64)",
         "prompt": "TEXT", "image_sha256s": "TEXT", "tags_json": "TEXT", "error_type": "VARCHAR(64)",
-        "error": "TEXT", "idempotency_key": "VARCHAR(200)"},
+        "error": "TEXT", "idempotency_key": "VARCHAR(200)", "adapter_errors": "INTEGER"},
     "attempts": {
         "id": "INTEGER", "request_id": "VARCHAR(40)", "number": "INTEGER", "offering": "VARCHAR(200)",
         "provider": "VARCHAR(64)", "started_at": "FLOAT", "latency_s": "FLOAT", "status": "VARCHAR(16)",
@@ -49,7 +49,9 @@ EXPECTED_SCHEMA = {
     "call_rollups": {"day": "VARCHAR(10)", "provider": "VARCHAR(64)", "offering": "VARCHAR(200)",
                      "policy": "VARCHAR(200)", "rule": "VARCHAR(200)", "status": "VARCHAR(16)",
                      "calls": "BIGINT", "images": "BIGINT", "failures": "BIGINT", "cost_nusd": "BIGINT",
-                     "unpriced": "BIGINT"},
+                     "unpriced": "BIGINT", "adapter_errors": "BIGINT"},
+    "skips": {"id": "INTEGER", "request_id": "VARCHAR(40)", "number": "INTEGER", "offering": "VARCHAR(200)",
+              "provider": "VARCHAR(64)", "reason": "VARCHAR(32)", "detail": "TEXT", "at": "FLOAT"},
     "latency_rollups": {"day": "VARCHAR(10)", "provider": "VARCHAR(64)", "offering": "VARCHAR(200)",
                         "policy": "VARCHAR(200)", "rule": "VARCHAR(200)", "bucket": "INTEGER",
                         "calls": "BIGINT"},
@@ -241,12 +243,12 @@ def test_one_bad_write_in_a_batch_loses_none_of_the_others(tmp_path):
     def row(rid: str) -> dict:
         return {c: None for c in CALL_COLUMNS} | {
             "request_id": rid, "created_at": time.time(), "day": "2026-11-22", "status": "ok", "n": 1,
-            "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64}
+            "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64, "adapter_errors": 0}
 
-    ledger.record_call(row("taken"), [], {})
+    ledger.record_call(row("taken"), [], [], {})
 
     async def main() -> list:
-        return await asyncio.gather(*[ledger.writer.awrite(sql.finished(row(r), [], {}, False))
+        return await asyncio.gather(*[ledger.writer.awrite(sql.finished(row(r), [], [], {}, False))
                                       for r in ("a", "taken", "b")], return_exceptions=True)
 
     outcomes = asyncio.run(main())
@@ -264,19 +266,19 @@ def test_a_forked_child_records_on_connections_of_its_own(ledger_url):
     def row(rid: str) -> dict:
         return {c: None for c in CALL_COLUMNS} | {
             "request_id": rid, "created_at": time.time(), "day": "2026-11-22", "status": "ok", "n": 1,
-            "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64}
+            "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64, "adapter_errors": 0}
 
-    ledger.record_call(row("parent-1"), [], {})  # the parent now holds a connection
+    ledger.record_call(row("parent-1"), [], [], {})  # the parent now holds a connection
     pid = os.fork()
     if pid == 0:  # the child
         signal.alarm(30)  # a child stuck on a shared connection dies and fails the test, not hangs it
         try:
             for i in range(50):
-                ledger.record_call(row(f"child-{i}"), [], {})
+                ledger.record_call(row(f"child-{i}"), [], [], {})
         finally:
             os._exit(0)
     for i in range(50):
-        ledger.record_call(row(f"parent-{i + 2}"), [], {})
+        ledger.record_call(row(f"parent-{i + 2}"), [], [], {})
     assert os.waitpid(pid, 0)[1] == 0
     with ledger.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(calls)).scalar() == 101

@@ -27,7 +27,7 @@ HOSTED = ["openai", "google", "replicate", "fal", "together", "stability", "bfl"
 def test_eu_region_uses_the_regional_host_and_regions(provider, offering, host):
     policy = load_policy("eu-only")
     o = effective_catalog(policy, builtin_catalog()).resolve(offering)
-    p = provider_class(provider)(policy.provider(provider), policy)
+    p = provider_class(provider)(policy.provider(provider))
     assert p.base_url_for(o) == host and o.regions == ("eu",)
 
 

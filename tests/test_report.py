@@ -34,7 +34,7 @@ def random_rows(rng: random.Random, count: int) -> list[dict]:
                    provider=offering.split("/")[0] if offering else None, images=2 if status == "ok" else 0,
                    policy=rng.choice(["p", "q"]), rule=rng.choice([None, "big"]), attempts=1,
                    latency_s=rng.choice([0.0004, rng.uniform(0.01, 40)]), cost_nusd=cost,
-                   prompt_sha256="0" * 64)
+                   prompt_sha256="0" * 64, adapter_errors=rng.choice([0, 0, 0, 1]))
         out.append(row)
     return out
 
@@ -51,6 +51,7 @@ def by_hand(rows: list[dict], by: str, since: float | None, until: float | None)
         g["failures"] += not ok
         g["cost"] += r["cost_nusd"] or 0
         g["unpriced"] += ok and r["cost_nusd"] is None
+        g["adapter_errors"] += r["adapter_errors"]
         if ok:
             g["lat"].append(r["latency_s"])
     return groups
@@ -65,7 +66,8 @@ def assert_matches(report: tuple, expected: dict[str, dict]) -> None:
     assert {g.key for g in groups} == set(expected)
     for g in groups:
         e = expected[g.key]
-        assert (g.calls, g.images, g.failures, g.unpriced) == (e["calls"], e["images"], e["failures"], e["unpriced"])
+        assert (g.calls, g.images, g.failures, g.unpriced, g.adapter_errors) == (
+            e["calls"], e["images"], e["failures"], e["unpriced"], e["adapter_errors"])
         assert g.cost_usd == Decimal(e["cost"]) / 10**9  # exact
         for got, q in ((g.latency_p50_s, 0.5), (g.latency_p95_s, 0.95)):
             if not e["lat"]:
@@ -82,7 +84,7 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Ledger, list[dict]
     ledger = Ledger(f"sqlite:///{tmp_path_factory.mktemp('r') / 'l.db'}")
     rows = random_rows(random.Random(3), 1500)
     for row in rows:
-        ledger.record_call(row, [], {})
+        ledger.record_call(row, [], [], {})
     return ledger, rows
 
 
@@ -109,14 +111,14 @@ def test_ranges_split_into_whole_days_and_edges():
 
 
 def test_a_ledger_from_before_the_rollups_is_backfilled_when_opened(tmp_path, ledger_url):
-    rows = random_rows(random.Random(5), 400)
+    rows = [dict(r, adapter_errors=0) for r in random_rows(random.Random(5), 400)]  # (counted from m005)
     engine = create_engine(ledger_url)
     with engine.begin() as conn:  # the schema as the last release left it, with calls in it
         migrations_table.create(conn)
         for name, fn in MIGRATIONS[:2]:
             fn(conn)
             conn.execute(insert(migrations_table).values(name=name, applied_at=0))
-        old = [c.name for c in calls.columns if c.name != "idempotency_key"]  # m004 adds it
+        old = [c.name for c in calls.columns if c.name not in ("idempotency_key", "adapter_errors")]  # m004, m005
         conn.execute(insert(calls), [{c: r[c] for c in old} for r in rows])
     engine.dispose()
     ledger = Ledger(ledger_url)
@@ -124,6 +126,6 @@ def test_a_ledger_from_before_the_rollups_is_backfilled_when_opened(tmp_path, le
         assert "m003_rollups" in conn.execute(select(migrations_table.c.name)).scalars().all()
     for by in ("provider", "day", "status"):
         assert_matches(cost_report(ledger, by=by), by_hand(rows, by, None, None))
-    ledger.record_call(dict(rows[0], request_id="new"), [], {})  # and kept from then on
+    ledger.record_call(dict(rows[0], request_id="new"), [], [], {})  # and kept from then on
     expected = by_hand([*rows, rows[0]], "offering", None, None)
     assert_matches(cost_report(ledger, by="offering"), expected)

@@ -14,7 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from ..errors import BudgetExceeded, ConfigError, DuplicateRequest, NoRouteError, RequestError
+from ..errors import BudgetExceeded, ConfigError, DuplicateRequest, RequestError
 from ..policies.effective import effective_catalog
 from ..policies.loader import load_policy
 from ..policies.planner import PlannerState, plan, request_key
@@ -25,7 +25,7 @@ from ..providers.registry import provider_class
 from ..types import ImageRequest, ImageResult, Plan
 from .breaker import CircuitBreaker
 from .budgets import period_key
-from .execution import CallRun
+from .execution import CallView, execute
 from .ledger.store import Ledger
 
 LATENCY_MIN_SAMPLES = 20
@@ -70,8 +70,12 @@ class AsyncBroker:
         self._unavail_at, self._env_size = -UNAVAILABLE_REFRESH_S, -1
         self._state: PlannerState | None = None
         self._plans: dict[tuple[object, ...], Plan] = {}
-        self._local = [o for o in self.catalog if o.kind == "local"]
+        self._cold: frozenset[str] = frozenset()
+        self._devices: dict[str, str] = {}
+        self._epoch = -1
         self.in_flight = 0  # generate() calls under way on this broker
+        self._view = CallView(self.policy, self.catalog, self.ledger, self.provider, self.breaker, self.secrets,
+                              lambda: self.in_flight > 1)
         self._keyed: dict[str, tuple[ImageRequest, asyncio.Future[ImageResult], float]] = {}  # oldest first
 
     def __repr__(self) -> str:
@@ -81,20 +85,26 @@ class AsyncBroker:
     def provider(self, name: str) -> Provider:
         if name not in self._providers:
             cls = self._classes.get(name) or provider_class(name)
-            self._providers[name] = cls(self.policy.provider(name), self.policy)
+            self._providers[name] = cls(self.policy.provider(name))
         return self._providers[name]
 
     def secrets(self) -> list[str | None]:
         return [p.api_key() for p in self._providers.values()]
 
-    def _unavailable(self) -> dict[str, str]:
-        """Offering (or provider) -> why it cannot be called now. Recomputed at once when environment
-        variables come or go (an API key set in a notebook), else at most once a second (it stats
-        files, reads variables)."""
+    def _offering_states(self) -> dict[str, str]:
+        """Asks every provider about its offerings (`Provider.state`): offering (or provider) -> why it
+        cannot be called now, and which must load first and on what device. Asked again at once when
+        environment variables come or go (an API key set in a notebook) or a provider says its state
+        changed (`state_epoch`: a model loaded), else at most once a second (it stats files, reads
+        variables). Returns the unavailable map: a new object only when something changed, so that
+        plans stay memoised."""
         now, env_size = time.monotonic(), len(os.environ)
-        if env_size == self._env_size and now - self._unavail_at < UNAVAILABLE_REFRESH_S:
+        epoch = sum(p.state_epoch for p in self._providers.values())
+        if (env_size == self._env_size and epoch == self._epoch
+                and now - self._unavail_at < UNAVAILABLE_REFRESH_S):
             return self._unavail
         out: dict[str, str] = {}
+        cold, devices = set(), {}
         for o in self.catalog:
             if o.provider in out:
                 continue
@@ -103,12 +113,21 @@ class AsyncBroker:
             except ConfigError:
                 out[o.provider] = f"provider {o.provider!r} is not installed"
                 continue
-            why = provider.availability(o)
-            if why:
-                out[o.id] = why
+            state = provider.state(o)
+            if state.unavailable:
+                out[o.id] = state.unavailable
+            if not state.warm:
+                cold.add(o.id)
+            if state.device:
+                devices[o.id] = state.device
         if out != self._unavail:
-            self._unavail = out  # a new object only when something changed: plans stay memoised
+            self._unavail = out
+        if cold != self._cold:
+            self._cold = frozenset(cold)
+        if devices != self._devices:
+            self._devices = devices
         self._unavail_at, self._env_size = now, env_size
+        self._epoch = sum(p.state_epoch for p in self._providers.values())  # (providers made just now)
         return self._unavail
 
     def observed_latency(self) -> dict[str, tuple[float, float]]:
@@ -137,17 +156,15 @@ class AsyncBroker:
     def state(self, today: date | None = None) -> PlannerState:
         """What the planner needs to know of the world now. The same object comes back while nothing
         in it changed, which is what lets `_plan` memoise."""
-        local = self._providers.get("local") or (self.provider("local") if self._local else None)
-        warm = frozenset(o.id for o in self._local if local.is_warm(o)) if local else frozenset()
-        device = getattr(local, "device_kind", lambda: "cuda")() if local else "cuda"
-        unavailable, latency = self._unavailable(), self.observed_latency()  # new objects when changed
+        unavailable, latency = self._offering_states(), self.observed_latency()  # new objects when changed
         today, headroom = today or datetime.now(UTC).date(), self._headroom()
         s = self._state
         if (s is None or s.unavailable is not unavailable or s.observed_latency is not latency
-                or (s.today, s.warm, s.local_device, s.max_marginal_usd) != (today, warm, device, headroom)):
+                or s.cold is not self._cold or s.devices is not self._devices
+                or (s.today, s.max_marginal_usd) != (today, headroom)):
             self._plans.clear()
             self._state = PlannerState(today=today, unavailable=unavailable, observed_latency=latency,
-                                       warm=warm, local_device=device, max_marginal_usd=headroom)
+                                       cold=self._cold, devices=self._devices, max_marginal_usd=headroom)
         return self._state
 
     def _plan(self, request: ImageRequest) -> Plan:
@@ -211,15 +228,9 @@ class AsyncBroker:
 
     async def _generate(self, req: ImageRequest, progress: ProgressCallback | None) -> ImageResult:
         the_plan = self._plan(req)
-        run = CallRun(self, req, the_plan, new_request_id(), progress)
         self.in_flight += 1
         try:
-            if not the_plan.candidates:
-                error = NoRouteError(f"no offering can serve this request under policy "
-                                     f"{self.policy.name!r}", the_plan.rejected)
-                await run.record("rejected", error=error)
-                raise error
-            return await run.run()
+            return await execute(self._view, req, the_plan, new_request_id(), progress)
         finally:
             self.in_flight -= 1
 

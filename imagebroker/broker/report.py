@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 
 from ..errors import RequestError
 from .ledger.schema import (
+    ROLLUP_MEASURES,
     bucket_latency_s,
     call_rollups,
     call_sums,
@@ -45,6 +46,7 @@ class Group:
     failures: int = 0
     cost_usd: Decimal = Decimal(0)
     unpriced: int = 0
+    adapter_errors: int = 0   # attempts that failed on a bug in the adapter, not on the provider
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
 
@@ -55,7 +57,8 @@ class Group:
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "calls": self.calls, "images": self.images, "failures": self.failures,
                 "cost_usd": self.cost_usd, "avg_cost_per_image_usd": self.avg_cost_per_image_usd,
-                "unpriced": self.unpriced, "latency_p50_s": self.latency_p50_s,
+                "unpriced": self.unpriced, "adapter_errors": self.adapter_errors,
+                "latency_p50_s": self.latency_p50_s,
                 "latency_p95_s": self.latency_p95_s}
 
 
@@ -113,7 +116,7 @@ def split_range(since: float | None, until: float | None
     return (None if first is None else _day(first), None if last is None else _day(last)), edges
 
 
-Sums = tuple[Any, int, int, int, int, int]  # key, calls, images, failures, cost nano-USD, unpriced
+Sums = tuple[Any, int, int, int, int, int, int]  # key, then ROLLUP_MEASURES
 
 
 def _from_rollups(conn: Connection, by: str, days: tuple[str | None, str | None]
@@ -124,8 +127,7 @@ def _from_rollups(conn: Connection, by: str, days: tuple[str | None, str | None]
 
     r, lr = call_rollups, latency_rollups
     key = r.c[by]
-    sums = (select(key, func.sum(r.c.calls), func.sum(r.c.images), func.sum(r.c.failures),
-                   func.sum(r.c.cost_nusd), func.sum(r.c.unpriced)).where(*within(r)).group_by(key))
+    sums = select(key, *(func.sum(r.c[m]) for m in ROLLUP_MEASURES)).where(*within(r)).group_by(key)
     if by == "status":  # latencies are only kept for calls that succeeded
         hist = select(lr.c.bucket, func.sum(lr.c.calls)).where(*within(lr)).group_by(lr.c.bucket)
         return conn.execute(sums), [("ok", b, n) for b, n in conn.execute(hist)]
@@ -166,20 +168,21 @@ def cost_report(ledger: Ledger, *, since: float | None = None, until: float | No
             if days is not None:
                 parts.append(_from_rollups(conn, by, days))
         for sums, hist in parts:
-            for k, n, images, failures, cost, unp in sums:
+            for k, n, images, failures, cost, unp, adapter in sums:
                 g = groups.setdefault(str(k) or "(none)", Group(str(k) or "(none)"))
                 g.calls += int(n)
                 g.images += int(images or 0)
                 g.failures += int(failures or 0)
                 g.cost_usd += from_nusd(int(cost or 0)) or Decimal(0)
                 g.unpriced += int(unp or 0)
+                g.adapter_errors += int(adapter or 0)
             for k, bucket, count in hist:
                 h = hists.setdefault(str(k) or "(none)", {})
                 h[int(bucket)] = h.get(int(bucket), 0) + int(count)
     total = Group("total")
     every: dict[int, int] = {}
     for g in groups.values():
-        for field in ("calls", "images", "failures", "cost_usd", "unpriced"):
+        for field in ("calls", "images", "failures", "cost_usd", "unpriced", "adapter_errors"):
             setattr(total, field, getattr(total, field) + getattr(g, field))
         h = hists.get(g.key)
         if h:

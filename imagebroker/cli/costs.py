@@ -49,9 +49,11 @@ def costs(
         sys.stdout.write(out.getvalue())
         return
     table = Table(title=f"costs by {by}", title_justify="left", box=box.SIMPLE_HEAD)
-    columns = [by, "calls", "images", "failed", "cost", "$/image", "unpriced", "p50", "p95"]
+    columns = [by, "calls", "images", "failed", "adapter errors", "cost", "$/image", "unpriced", "p50", "p95"]
     if not total.unpriced:
         columns.remove("unpriced")  # the note below the table speaks when some are
+    if not total.adapter_errors:
+        columns.remove("adapter errors")
     width = max(len(g.key) for g in [*groups, total])
     for col in columns:
         table.add_column(col, justify="left" if col == by else "right", no_wrap=True,
@@ -59,7 +61,7 @@ def costs(
     for g in [*groups, total]:
         cells = {by: g.key, "calls": str(g.calls), "images": str(g.images), "failed": str(g.failures),
                  "cost": usd(g.cost_usd), "$/image": usd(g.avg_cost_per_image_usd) if g.images else "-",
-                 "unpriced": str(g.unpriced),
+                 "unpriced": str(g.unpriced), "adapter errors": str(g.adapter_errors),
                  "p50": f"{g.latency_p50_s:.2f}s" if g.latency_p50_s is not None else "-",
                  "p95": f"{g.latency_p95_s:.2f}s" if g.latency_p95_s is not None else "-"}
         row = [cells[col] for col in columns]
@@ -68,6 +70,9 @@ def costs(
     if total.unpriced:
         console.print(f"[yellow]{total.unpriced} call(s) have no price: their cost is unknown, "
                       "not zero[/yellow]")
+    if total.adapter_errors:
+        console.print(f"[yellow]{total.adapter_errors} attempt(s) failed on a bug in a provider adapter, "
+                      "not on the provider (the calls fell back; see the log at ERROR)[/yellow]")
 
 
 @ledger_app.command("path")

@@ -11,9 +11,9 @@ from diffusers import AutoPipelineForText2Image
 from transformers.utils import logging as transformers_logging
 
 from ..errors import ModelNotFound
-from ..policies.schema import LocalSettings
 from ..providers.offering import Offering
-from . import resolve_source
+from ..providers.settings import LocalSettings
+from .sources import resolve_source
 
 transformers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()

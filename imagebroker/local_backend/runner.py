@@ -28,10 +28,9 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from ..errors import ModelNotFound, ProviderError, ProviderUnavailable, RequestError
-from ..policies.pricing import request_size
-from ..policies.schema import LocalSettings
 from ..providers.base import CallContext, ProviderResult, RawImage
-from ..providers.offering import Offering
+from ..providers.offering import Offering, request_size
+from ..providers.settings import LocalSettings
 from ..types import Adapter, ImageRequest
 from . import schedulers
 from .loading import load_pipeline, pipeline_bytes
@@ -90,6 +89,7 @@ class LocalRunner:
         self.settings = settings
         self.device = _device(device_kind)
         self.cache: OrderedDict[str, Loaded] = OrderedDict()
+        self.generation = 0  # bumped whenever a pipeline is loaded or dropped (the planner's warmth)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._deferred: list[Job] = []
         self._thread = threading.Thread(target=self._work, name=f"imagebroker-{self.device}",
@@ -114,6 +114,7 @@ class LocalRunner:
         self._queue.put(None)
         self._thread.join(timeout=30)
         self.cache.clear()
+        self.generation += 1
 
     # -- the worker thread ------------------------------------------------------------------
     def _next(self) -> Job | None:
@@ -177,6 +178,7 @@ class LocalRunner:
         loaded = Loaded(pipe, family, sched.config, type(sched).__name__, pipeline_bytes(pipe), multiple)
         self.cache[offering.id] = loaded
         self._evict()
+        self.generation += 1
         return loaded, time.perf_counter() - t0
 
     def _evict(self) -> None:

@@ -1,66 +1,13 @@
-"""Scheduler names people know (A1111 / Diffusers docs) -> Diffusers classes, per model family.
-
-The table is plain data, so the planner can reject a scheduler that does not fit a model's family
-before anything runs; only `build()` imports diffusers.
-"""
+"""A Diffusers scheduler from a name people know, for a model family (the table is data, in
+`providers/schedulers.py`, so the planner checks names without importing diffusers)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-# Epsilon / v-prediction UNet models: SD 1.x/2.x, SDXL.
-KARRAS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++",
-                                                        "use_karras_sigmas": True}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
-                                                            "use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "deis": ("DEISMultistepScheduler", {}),
-    "dpm2": ("KDPM2DiscreteScheduler", {}),
-    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
-# Flow-matching transformers: FLUX (which passes sigmas and mu) and SD3.
-_FLOW_DPM = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
-FLOW: dict[str, tuple[str, dict[str, Any]]] = {
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", _FLOW_DPM),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {**_FLOW_DPM, "use_dynamic_shifting": True,
-                                                 "time_shift_type": "exponential"}),
-}
-SD3_ONLY = {"flow_heun": ("FlowMatchHeunDiscreteScheduler", {})}  # FLUX passes sigmas: Heun refuses
-FAMILY_KIND = {"sd": "karras", "sdxl": "karras", "flux": "flow", "sd3": "flow"}
+from ..providers.schedulers import FAMILY_KIND, all_names, problem, table
 
-
-def table(family: str) -> dict[str, tuple[str, dict[str, Any]]]:
-    if FAMILY_KIND.get(family) == "flow":
-        return {**FLOW, **(SD3_ONLY if family == "sd3" else {})}
-    return KARRAS
-
-
-def all_names() -> list[str]:
-    return sorted(set(KARRAS) | set(FLOW) | set(SD3_ONLY))
-
-
-def problem(name: str, family: str) -> str | None:
-    """None if `name` runs on this family; otherwise why not, and what would."""
-    names = table(family)
-    if name in names:
-        return None
-    if name not in all_names():
-        return f"unknown scheduler {name!r} (known: {', '.join(all_names())})"
-    return (f"scheduler {name!r} does not fit a {family} model "
-            f"({'flow-matching' if FAMILY_KIND.get(family) == 'flow' else 'epsilon'}); "
-            f"use one of: {', '.join(sorted(names))}")
+__all__ = ["all_names", "build", "problem"]
 
 
 def build(name: str, family: str, base_config: Any) -> Any:

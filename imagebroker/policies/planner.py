@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
-from typing import TypeVar
 
 from ..errors import RequestError
+from ..providers import schedulers
 from ..providers.catalog import Catalog
 from ..providers.offering import Offering
 from ..types import Candidate, Cost, ImageRequest, Plan, Rejection
@@ -22,7 +22,6 @@ from .pricing import CHARS_PER_TOKEN, estimate
 from .schema import Constraints, Policy, Rule
 
 DEFAULT_LOAD_S = 15.0
-R = TypeVar("R", Candidate, Rejection)
 
 
 @dataclass(frozen=True)
@@ -32,8 +31,8 @@ class PlannerState:
     today: date
     unavailable: Mapping[str, str] = field(default_factory=dict)   # offering id or provider -> why
     observed_latency: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # p50, p95
-    warm: frozenset[str] = frozenset()          # local offerings whose pipeline is loaded
-    local_device: str = "cuda"
+    cold: frozenset[str] = frozenset()          # offerings that must load first (a local pipeline)
+    devices: Mapping[str, str] = field(default_factory=dict)   # offering -> device, where it sets the price
     max_marginal_usd: Decimal | None = None     # a `restrict` budget's remaining headroom
 
 
@@ -52,13 +51,12 @@ def _matches(o: Offering, pattern: str) -> bool:
 
 def _first_match(catalog: Catalog, patterns: tuple[str, ...]) -> dict[str, int]:
     """offering id -> index of the first pattern it matches, for the whole catalog, memoised on it."""
-    key = ("patterns", patterns)
-    found = catalog.results.get(key)
+    found = catalog.pattern_index.get(patterns)
     if found is None:
-        found = catalog.results[key] = {
+        found = catalog.pattern_index[patterns] = {
             o.id: i for o in catalog for i in [next((i for i, p in enumerate(patterns) if _matches(o, p)), -1)]
             if i >= 0}
-    return found  # type: ignore[return-value]
+    return found
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -96,22 +94,9 @@ def effective_settings(request: ImageRequest, policy: Policy) -> _Effective:
 
 def latency_estimate(o: Offering, state: PlannerState) -> float:
     p50 = state.observed_latency.get(o.id, (o.latency.p50_s, o.latency.p95_s))[0]
-    if o.kind == "local" and o.id not in state.warm:
+    if o.id in state.cold:
         p50 += float(o.settings.get("load_s", DEFAULT_LOAD_S))  # type: ignore[arg-type]
     return p50
-
-
-def _capabilities(catalog: Catalog, o: Offering, r: ImageRequest,
-                  c: Constraints) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """`_capability_reasons`, memoised on the catalog by every request field it reads."""
-    key = (o.id, r.width, r.height, r.n, len(r.adapters), r.background, r.seed is None, r.quality,
-           r.scheduler, r.negative_prompt is None, r.steps is None, r.guidance_scale is None,
-           r.output_format, c.require_seed, c.require_adapters)
-    found = catalog.capability_checks.get(key)
-    if found is None:
-        hard, soft = _capability_reasons(o, r, c)
-        found = catalog.capability_checks[key] = (tuple(hard), tuple(soft))
-    return found
 
 
 def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints) -> tuple[list[str], list[str]]:
@@ -140,10 +125,8 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints) -> tuple[l
         elif r.quality not in caps.qualities:
             hard.append(f"quality {r.quality} not offered ({', '.join(caps.qualities)})")
     if r.scheduler and caps.scheduler:
-        from ..local_backend.schedulers import problem
-
         family = str(o.settings.get("family", "sd"))
-        if why := problem(r.scheduler, family):
+        if why := schedulers.problem(r.scheduler, family):
             hard.append(why)
     for name, given, supported in (("negative_prompt", r.negative_prompt, caps.negative_prompt),
                                    ("steps", r.steps, caps.steps),
@@ -202,32 +185,10 @@ def _sort_key(objective: str, cand: Candidate, o: Offering, pref: int):
     return (cost, pref, lat, o.id)
 
 
-def _estimate(catalog: Catalog, r: ImageRequest, o: Offering, device: str) -> Cost:
-    """`pricing.estimate`, memoised on the (immutable) catalog: a pure function of these fields."""
-    key = (o.id, r.width, r.height, r.n, r.quality, r.steps, -(-len(r.prompt) // CHARS_PER_TOKEN), device)
-    cost = catalog.estimates.get(key)
-    if cost is None:
-        if len(catalog.estimates) > 100_000:
-            catalog.estimates.clear()
-            catalog.results.clear()  # its keys hold ids of the costs just dropped
-        cost = catalog.estimates[key] = estimate(r, o, device=device)
-    return cost
-
-
-def _memo(catalog: Catalog, cls: type[R], **fields: object) -> R:
-    """Frozen result objects, memoised on the catalog (a cost is itself memoised, so its id is stable)."""
-    key = (cls.__name__, *(id(v) if isinstance(v, Cost) else v for v in fields.values()))
-    found = catalog.results.get(key)
-    if found is None:
-        if len(catalog.results) > 100_000:
-            catalog.results.clear()
-        found = catalog.results[key] = cls(**fields)
-    return found  # type: ignore[return-value]
-
-
 def request_key(r: ImageRequest) -> tuple[object, ...]:
     """Every request field the planner reads and nothing else, so requests with equal keys get equal
-    plans (a property test holds the planner to this). The prompt counts only by its estimated token
+    plans (a property test holds the planner to this). The one cache of plans (`AsyncBroker`) is keyed
+    by it, so nothing else may memoise on request fields. The prompt counts only by its estimated token
     count and the seed only by whether one was given, so the key repeats across real traffic."""
     return (-(-len(r.prompt) // CHARS_PER_TOKEN), r.negative_prompt is None, bool(r.negative_prompt),
             r.width, r.height, r.n, r.seed is None, r.steps, r.guidance_scale is None, r.scheduler,
@@ -260,16 +221,16 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
         why = state.unavailable.get(o.id) or state.unavailable.get(o.provider)
         if why:
             reasons.append(why)
-        hard, soft = _capabilities(catalog, o, request, c)
+        hard, soft = _capability_reasons(o, request, c)
         reasons += hard
-        cost = _estimate(catalog, request, o, state.local_device if o.kind == "local" else "cuda")
+        cost = estimate(request, o, device=state.devices.get(o.id, "cuda"))
         latency = latency_estimate(o, state)
         reasons += _policy_reasons(o, request, c, cost, latency, max_latency, limits)
         if reasons:
-            rejected.append(_memo(catalog, Rejection, offering=o.id, reasons=tuple(reasons)))
+            rejected.append(Rejection(offering=o.id, reasons=tuple(reasons)))
             continue
-        cand = _memo(catalog, Candidate, offering=o.id, estimated_cost=cost,
-                     estimated_latency_s=round(latency, 3), dropped=tuple(soft))
+        cand = Candidate(offering=o.id, estimated_cost=cost, estimated_latency_s=round(latency, 3),
+                         dropped=tuple(soft))
         is_last = pinned is None and o.id in last_resort
         (held if is_last else eligible).append((cand, o))
     if eligible:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ..providers.offering import (
@@ -20,6 +20,7 @@ from ..providers.offering import (
     PerMegapixelPrice,
     PerSecondPrice,
     PerTokenPrice,
+    request_size,
 )
 from ..types import Cost, ImageRequest, parse_size
 
@@ -29,12 +30,6 @@ CHARS_PER_TOKEN = 4  # prompt-token estimate before the call; `usage` settles th
 
 def _q(value: Decimal) -> Decimal:
     return value.quantize(PLACES).normalize() if value else Decimal(0)
-
-
-def request_size(request: ImageRequest, offering: Offering) -> tuple[int, int]:
-    if request.width and request.height:
-        return request.width, request.height
-    return parse_size(offering.capabilities.default_size)
 
 
 def _per_image_usd(price: PerImagePrice, size: str, quality: str | None) -> Decimal:
@@ -178,3 +173,55 @@ def settle(usage: Mapping[str, Any], offering: Offering, request: ImageRequest) 
             detail += f" + {kwh:.6f} kWh at ${price.energy_usd_per_kwh}/kWh"
     return Cost(usd=_q(_with_uplift(usd, price.uplift)), status=status, unit=price.unit, units=units,
                 detail=detail)
+
+
+IMPLAUSIBLE_FACTOR = 10  # reported usage priced at more than this times the estimate is not believed
+_COUNTED = ("images", "width", "height", "predict_time_s", "credits", "gpu_seconds", "energy_j")
+
+
+def _not_a_count(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    try:
+        d = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return True
+    return not d.is_finite() or d < 0
+
+
+def usage_problem(usage: Mapping[str, Any]) -> str | None:
+    """Why the reported units cannot be believed (negative, NaN, infinite, not a number), or None."""
+    for key, value in usage.items():
+        if key in _COUNTED or key.endswith("_tokens"):
+            if value is not None and _not_a_count(value):
+                return f"{key}={str(value)[:40]!r}"
+        elif key == "sizes" and (not isinstance(value, list) or any(
+                not isinstance(pair, (list, tuple)) or len(pair) != 2 or any(map(_not_a_count, pair))
+                for pair in value)):
+            return f"sizes={str(value)[:40]!r}"
+    return None
+
+
+def settle_checked(usage: Mapping[str, Any], offering: Offering, request: ImageRequest,
+                   expected: Cost) -> Cost:
+    """`settle`, but usage is checked before it is believed: negative, NaN, infinite or non-numeric
+    units, or units priced at more than IMPLAUSIBLE_FACTOR times the estimate (for a provider's own
+    report; locally measured seconds are ours), give the catalog's estimate instead, with the raw
+    units kept and the reason in the detail. Never raises: the provider was paid, the images are kept."""
+    why = usage_problem(usage)
+    cost = None
+    if why is None:
+        try:
+            cost = settle(usage, offering, request)
+        except (ArithmeticError, ValueError, TypeError) as exc:  # a shape `settle` does not expect
+            why = f"{type(exc).__name__} pricing {dict(usage)!r:.80}"
+    if cost is not None:
+        ceiling = expected.usd * IMPLAUSIBLE_FACTOR if expected.usd else None
+        hosted = cost.unit != "gpu_seconds"
+        if not (hosted and cost.usd is not None and ceiling is not None and cost.usd > ceiling):
+            return cost
+        why = f"${cost.usd} is over {IMPLAUSIBLE_FACTOR}x the estimate ${expected.usd}"
+    fallback = estimate(request, offering)
+    return fallback.model_copy(update={
+        "units": {**fallback.units, "reported": {k: str(v)[:80] for k, v in usage.items()}},
+        "detail": f"reported usage not believed ({why}); estimated: {fallback.detail}"})

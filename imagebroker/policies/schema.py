@@ -7,6 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..providers.settings import (
+    CacheSettings,
+    CoalesceSettings,
+    LocalModel,
+    LocalProviderSettings,
+    LocalSettings,
+    ProviderSettings,
+)
+
 Objective = Literal["cheapest", "fastest", "best", "ordered"]
 LicenseNeed = Literal["commercial", "conditional", "any"]
 
@@ -49,54 +58,6 @@ class Rule(_Strict):
     set: RuleSet = Field(default_factory=RuleSet)
 
 
-class ProviderSettings(_Strict):
-    enabled: bool = True
-    api_key_env: str | None = None
-    base_url: str | None = None
-    region: str | None = None          # a region option of the provider's offerings (eu, us)
-    timeout_s: float | None = Field(default=None, gt=0)
-    poll_interval_s: float | None = Field(default=None, gt=0)
-    options: dict[str, Any] = Field(default_factory=dict)   # provider-specific (ComfyUI workflow, ...)
-
-
-class LocalModel(_Strict):
-    source: str                      # builtin:NAME, a Diffusers folder, a .safetensors file, or a Hub id
-    family: Literal["sd", "sdxl", "flux", "sd3"] | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    variant: str | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    scheduler: str | None = None
-    license: dict[str, str] | None = None
-
-
-class CacheSettings(_Strict):
-    max_models: int = Field(default=2, ge=1)
-    max_memory_gb: float | None = Field(default=None, gt=0)
-
-
-class CoalesceSettings(_Strict):
-    enabled: bool = True
-    max_batch: int = Field(default=8, ge=1, le=64)
-    window_ms: float = Field(default=5.0, ge=0)
-
-
-class LocalSettings(_Strict):
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    gpu_usd_per_hour: Decimal | None = Field(default=None, ge=0)
-    cpu_usd_per_hour: Decimal = Field(default=Decimal(0), ge=0)
-    energy_usd_per_kwh: Decimal | None = Field(default=None, ge=0)
-    charge_load_time: bool = False
-    compile: bool = False
-    cpu_offload: bool = False
-    vae_tiling: bool = False
-    vae_slicing: bool = False
-    attention_backend: str | None = None
-    cache: CacheSettings = Field(default_factory=CacheSettings)
-    coalesce: CoalesceSettings = Field(default_factory=CoalesceSettings)
-    models: dict[str, LocalModel] = Field(default_factory=dict)
-
-
 class BudgetScope(_Strict):
     tags: dict[str, str] = Field(default_factory=dict)
     provider: str | None = None
@@ -121,6 +82,8 @@ class RetrySettings(_Strict):
 class FallbackSettings(_Strict):
     enabled: bool = True
     max_offerings: int = Field(default=5, ge=1)
+    # a content refusal is an answer, not an outage: `next` would route around a provider's safety filter
+    on_refusal: Literal["stop", "next"] = "stop"
 
 
 class BreakerSettings(_Strict):
@@ -155,4 +118,12 @@ class Policy(_Strict):
     offerings: tuple[dict[str, Any], ...] = ()   # catalog additions and overrides
 
     def provider(self, name: str) -> ProviderSettings:
-        return self.providers.get(name) or ProviderSettings()
+        """The settings a provider is constructed from: its `providers.NAME` section (the local
+        provider's with the `local:` section too)."""
+        found = self.providers.get(name) or ProviderSettings()
+        if name == "local":
+            return LocalProviderSettings(**dict(found), local=self.local)
+        return found
+
+
+__all__ = ["CacheSettings", "CoalesceSettings", "LocalModel", "LocalSettings", "Policy", "ProviderSettings"]

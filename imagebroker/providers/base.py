@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..policies.schema import Policy, ProviderSettings
-from ..providers.offering import Offering
+from ..logs import remember_secret
 from ..types import ImageRequest
+from .offering import Offering
+from .settings import ProviderSettings
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -33,6 +34,17 @@ def sampling_fields(request: ImageRequest, offering: Offering, *, steps: str, gu
     if negative_prompt and request.negative_prompt and caps.negative_prompt:
         out[negative_prompt] = request.negative_prompt
     return out
+
+
+@dataclass(frozen=True)
+class OfferingState:
+    """What a provider says of one of its offerings: why it cannot be called now (None: it can),
+    whether it is warm (loaded, no start-up time), and the device it runs on, where that sets the
+    price (a CPU-only server is priced at the CPU rate)."""
+
+    unavailable: str | None = None
+    warm: bool = True
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,9 +83,8 @@ class Provider(ABC):
     api_key_env: ClassVar[str | None] = None
     default_base_url: ClassVar[str | None] = None
 
-    def __init__(self, settings: ProviderSettings, policy: Policy) -> None:
+    def __init__(self, settings: ProviderSettings) -> None:
         self.settings = settings
-        self.policy = policy
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} base_url={self.base_url!r}>"
@@ -87,7 +98,9 @@ class Provider(ABC):
         return (self.settings.base_url or self.default_base_url or "").rstrip("/") or None
 
     def api_key(self) -> str | None:
-        return os.environ.get(self.key_env) if self.key_env else None
+        key = os.environ.get(self.key_env) if self.key_env else None
+        remember_secret(key)  # masked in every log record from now on
+        return key
 
     def availability(self, offering: Offering) -> str | None:
         """None when the offering can be called now; otherwise the reason, naming the fix."""
@@ -110,8 +123,16 @@ class Provider(ABC):
             return option.base_url.rstrip("/")
         return self.base_url
 
-    def is_warm(self, offering: Offering) -> bool:
-        return True
+    def state(self, offering: Offering) -> OfferingState:
+        """What the planner needs to know of this offering now. Called for every offering about once a
+        second, and again whenever `state_epoch` changes: keep it cheap."""
+        return OfferingState(unavailable=self.availability(offering))
+
+    @property
+    def state_epoch(self) -> int:
+        """Changes whenever `state` may answer differently (a model loaded or unloaded), so the
+        planner sees it at once rather than at the next periodic refresh."""
+        return 0
 
     @abstractmethod
     async def generate(self, request: ImageRequest, offering: Offering,

@@ -6,11 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BadProviderResponse, ContentRejected, ModelNotFound, ProviderUnavailable
-from ..policies.pricing import request_size
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage
 from .http import HttpProvider
-from .offering import Offering
+from .offering import Offering, request_size
 
 MODERATED = ("Request Moderated", "Content Moderated")
 

@@ -70,10 +70,9 @@ class Catalog:
                 raise ConfigError(f"offering {o.id} is defined twice")
             self.offerings[o.id] = o
         self.version = version
-        # The planner's memos: pure functions of an offering (immutable here) and request fields.
-        self.estimates: dict[tuple[object, ...], object] = {}
-        self.capability_checks: dict[tuple[object, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
-        self.results: dict[tuple[object, ...], object] = {}
+        # offering id -> index of the first matching pattern, per pattern list (the planner's
+        # prefer/deny/last_resort lists: policy data, never request fields)
+        self.pattern_index: dict[tuple[str, ...], dict[str, int]] = {}
         self._aliases = {a: o.id for o in self.offerings.values() for a in o.aliases}
 
     def __iter__(self):

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadProviderResponse, ProviderError, ProviderUnavailable
-from ..policies.pricing import request_size
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage
 from .http import HttpProvider
-from .offering import Offering
+from .offering import Offering, request_size
 
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
 

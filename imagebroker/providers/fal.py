@@ -9,11 +9,10 @@ import contextlib
 from typing import Any
 
 from ..errors import BadProviderResponse, ContentRejected, ProviderUnavailable
-from ..policies.pricing import request_size
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage, sampling_fields
 from .http import HttpProvider
-from .offering import Offering
+from .offering import Offering, request_size
 
 
 class FalProvider(HttpProvider):

@@ -12,11 +12,10 @@ import base64
 from typing import Any
 
 from ..errors import BadProviderResponse, ContentRejected
-from ..policies.pricing import request_size
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage
 from .http import HttpProvider
-from .offering import Offering
+from .offering import Offering, request_size
 
 # the catalog's sizes -> (aspectRatio, imageSize)
 SIZES = {"1024x1024": ("1:1", "1K"), "832x1248": ("2:3", "1K"), "1248x832": ("3:2", "1K"),

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..types import parse_size
+from ..types import ImageRequest, parse_size
 
 Kind = Literal["closed", "open-weight-hosted", "canvas", "local"]
 Confidence = Literal["high", "medium", "low"]
@@ -83,31 +83,32 @@ class _PriceBase(_Data):
 
 class PerImagePrice(_PriceBase):
     unit: Literal["per_image"]
-    usd: Decimal
+    usd: Decimal = Field(ge=0)
     table: tuple[PerImageRow, ...] = ()   # size x quality exceptions to `usd`
 
 
 class PerImageRow(_Data):
     size: str | None = None
     quality: str | None = None
-    usd: Decimal
+    usd: Decimal = Field(ge=0)
 
 
 class PerMegapixelPrice(_PriceBase):
     unit: Literal["per_megapixel"]
-    usd_per_mp: Decimal
-    first_mp_usd: Decimal | None = None   # BFL FLUX.2: the first MP costs this, each further MP usd_per_mp
+    usd_per_mp: Decimal = Field(ge=0)
+    # BFL FLUX.2: the first MP costs this, each further MP usd_per_mp
+    first_mp_usd: Decimal | None = Field(default=None, ge=0)
     rounding: Literal["exact", "ceil"] = "exact"   # fal rounds each image up to whole MP
 
 
 class PerTokenPrice(_PriceBase):
     unit: Literal["per_token"]
-    text_input: Decimal
-    image_input: Decimal = Decimal(0)
-    image_output: Decimal
-    text_output: Decimal = Decimal(0)
-    cached_text_input: Decimal | None = None
-    cached_image_input: Decimal | None = None
+    text_input: Decimal = Field(ge=0)
+    image_input: Decimal = Field(default=Decimal(0), ge=0)
+    image_output: Decimal = Field(ge=0)
+    text_output: Decimal = Field(default=Decimal(0), ge=0)
+    cached_text_input: Decimal | None = Field(default=None, ge=0)
+    cached_image_input: Decimal | None = Field(default=None, ge=0)
     # image-output tokens per image at a reference size, by quality (estimate before the call)
     output_tokens: dict[str, int] = Field(default_factory=dict)
     output_tokens_size: str = "1024x1024"
@@ -115,22 +116,23 @@ class PerTokenPrice(_PriceBase):
 
 class PerSecondPrice(_PriceBase):
     unit: Literal["per_second"]
-    usd_per_second: Decimal
+    usd_per_second: Decimal = Field(ge=0)
     hardware: str
     typical_seconds: float   # per image, to estimate before the call
 
 
 class PerCreditPrice(_PriceBase):
     unit: Literal["per_credit"]
-    credits: Decimal          # per image
-    usd_per_credit: Decimal = Decimal("0.01")
+    credits: Decimal = Field(ge=0)          # per image
+    usd_per_credit: Decimal = Field(default=Decimal("0.01"), ge=0)
 
 
 class GpuSecondsPrice(_PriceBase):
     unit: Literal["gpu_seconds"]
-    usd_per_gpu_hour: Decimal | None = None   # from the policy; None leaves GPU runs unpriced
-    cpu_usd_per_hour: Decimal = Decimal(0)
-    energy_usd_per_kwh: Decimal | None = None  # owned hardware: add measured energy (NVML) at this rate
+    usd_per_gpu_hour: Decimal | None = Field(default=None, ge=0)   # from the policy; None leaves GPU runs unpriced
+    cpu_usd_per_hour: Decimal = Field(default=Decimal(0), ge=0)
+    # owned hardware: add measured energy (NVML) at this rate
+    energy_usd_per_kwh: Decimal | None = Field(default=None, ge=0)
     typical_seconds: float = 5.0              # per image on the reference device
 
 
@@ -188,6 +190,13 @@ class Offering(_Data):
 
     def retired(self, today: date) -> bool:
         return self.status == "shutdown" or (self.shutdown is not None and self.shutdown <= today)
+
+
+def request_size(request: ImageRequest, offering: Offering) -> tuple[int, int]:
+    """The size the request asks of this offering: its own, else the offering's default."""
+    if request.width and request.height:
+        return request.width, request.height
+    return parse_size(offering.capabilities.default_size)
 
 
 PerImagePrice.model_rebuild()

@@ -10,11 +10,10 @@ from typing import Any
 import httpx
 
 from ..errors import BadProviderResponse, MissingExtra, ProviderUnavailable
-from ..policies.pricing import request_size
 from ..types import ImageRequest
 from .base import CallContext, Provider, ProviderResult, RawImage
 from .http import status_error
-from .offering import Offering
+from .offering import Offering, request_size
 
 
 class OpenAIProvider(Provider):

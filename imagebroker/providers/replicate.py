@@ -20,11 +20,10 @@ from ..errors import (
     ModelNotFound,
     ProviderUnavailable,
 )
-from ..policies.pricing import request_size
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage, sampling_fields
 from .http import HttpProvider, status_error
-from .offering import Offering
+from .offering import Offering, request_size
 
 RATIOS = {"1024x1024": "1:1", "1344x768": "16:9", "768x1344": "9:16", "1152x896": "4:3", "896x1152": "3:4",
           "1216x832": "3:2", "832x1216": "2:3"}

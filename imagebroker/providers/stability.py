@@ -6,11 +6,10 @@ from __future__ import annotations
 import base64
 
 from ..errors import BadProviderResponse, ContentRejected
-from ..policies.pricing import request_size
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage
 from .http import HttpProvider
-from .offering import Offering
+from .offering import Offering, request_size
 
 RATIOS = {"1024x1024": "1:1", "1344x768": "16:9", "1536x640": "21:9", "832x1216": "2:3",
           "1216x832": "3:2", "896x1088": "4:5", "1088x896": "5:4", "768x1344": "9:16", "640x1536": "9:21"}

@@ -6,11 +6,10 @@ from __future__ import annotations
 import base64
 
 from ..errors import BadProviderResponse
-from ..policies.pricing import request_size
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage, sampling_fields
 from .http import HttpProvider
-from .offering import Offering
+from .offering import Offering, request_size
 
 
 class TogetherProvider(HttpProvider):

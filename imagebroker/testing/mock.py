@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from .. import errors
-from ..policies.schema import Policy, ProviderSettings
 from ..providers.base import CallContext, Provider, ProviderResult, RawImage
-from ..providers.offering import Offering
+from ..providers.offering import Offering, request_size
+from ..providers.settings import ProviderSettings
 from ..types import ImageRequest
 from .images import make_image
 
@@ -52,8 +52,8 @@ class MockProvider(Provider):
     name = "mock"
     handler: ClassVar[Handler | None] = None
 
-    def __init__(self, settings: ProviderSettings, policy: Policy) -> None:
-        super().__init__(settings, policy)
+    def __init__(self, settings: ProviderSettings) -> None:
+        super().__init__(settings)
         self.calls: dict[str, int] = defaultdict(int)
         self.requests: list[ImageRequest] = []
 
@@ -96,8 +96,6 @@ class MockProvider(Provider):
 
 
 def ok_result(request: ImageRequest, offering: Offering) -> ProviderResult:
-    from ..policies.pricing import request_size
-
     w, h = request_size(request, offering)
     seeds = [None] * request.n if request.seed is None else [request.seed + i for i in range(request.n)]
     fmt = request.output_format or "png"

@@ -166,9 +166,28 @@ metadata = MetaData()
 TABLES = _v1_tables(metadata)  # unchanged since m001; later changes go in new migrations
 TABLES.update(_v3_tables(metadata))
 TABLES["calls"].append_column(Column("idempotency_key", String(200), index=True))  # m004
+
+
+def _v5_skips(md: MetaData) -> Table:
+    return Table(
+        "skips", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("request_id", String(40), nullable=False, index=True),
+        Column("number", Integer, nullable=False),            # order among the call's skips
+        Column("offering", String(200), nullable=False),
+        Column("provider", String(64), nullable=False),
+        Column("reason", String(32), nullable=False),         # types.SkipReason
+        Column("detail", Text),
+        Column("at", Float, nullable=False),
+    )
+
+
+TABLES["skips"] = _v5_skips(metadata)  # m005
+TABLES["calls"].append_column(Column("adapter_errors", Integer, nullable=False, server_default="0"))
+TABLES["call_rollups"].append_column(Column("adapter_errors", BigInteger, nullable=False, server_default="0"))
 calls, attempts, call_tags = TABLES["calls"], TABLES["attempts"], TABLES["call_tags"]
 budget_counters, reservations = TABLES["budget_counters"], TABLES["reservations"]
-call_rollups, latency_rollups = TABLES["call_rollups"], TABLES["latency_rollups"]
+call_rollups, latency_rollups, skips = TABLES["call_rollups"], TABLES["latency_rollups"], TABLES["skips"]
 
 migrations_table = Table(
     "imagebroker_migrations", MetaData(),
@@ -198,12 +217,16 @@ def m002_report_indexes(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX ix_reservations_status ON reservations (status)")
 
 
+ROLLUP_MEASURES = ("calls", "images", "failures", "cost_nusd", "unpriced", "adapter_errors")
+
+
 def call_sums() -> tuple[ColumnElement[Any], ...]:
-    """Over call rows: calls, images, failures, cost (nano-USD), unpriced: the rollups' measures."""
+    """Over call rows, the rollups' measures (ROLLUP_MEASURES, in order)."""
     ok = calls.c.status == "ok"
     return (func.count(), func.coalesce(func.sum(calls.c.images), 0), func.sum(case((~ok, 1), else_=0)),
             func.coalesce(func.sum(calls.c.cost_nusd), 0),
-            func.sum(case((and_(ok, calls.c.cost_nusd.is_(None)), 1), else_=0)))
+            func.sum(case((and_(ok, calls.c.cost_nusd.is_(None)), 1), else_=0)),
+            func.coalesce(func.sum(calls.c.adapter_errors), 0))
 
 
 def latency_bucket_sql() -> ColumnElement[Any]:
@@ -218,7 +241,7 @@ def fill_rollups(conn: Connection) -> None:
     conn.execute(delete(latency_rollups))
     keys = [calls.c.day, *(func.coalesce(calls.c[k], "") for k in ROLLUP_KEYS[1:])]
     conn.execute(insert(call_rollups).from_select(
-        [*ROLLUP_KEYS, "status", "calls", "images", "failures", "cost_nusd", "unpriced"],
+        [*ROLLUP_KEYS, "status", *ROLLUP_MEASURES],
         select(*keys, calls.c.status, *call_sums()).where(calls.c.status != "pending")
         .group_by(*keys, calls.c.status)))
     bucket = latency_bucket_sql()
@@ -233,7 +256,22 @@ def m003_rollups(conn: Connection) -> None:
     """Per-day rollups for the costs report, filled from the calls already recorded."""
     for table in _v3_tables(MetaData()).values():
         table.create(conn)
-    fill_rollups(conn)
+    _fill_v3_rollups(conn)
+
+
+def _fill_v3_rollups(conn: Connection) -> None:
+    """m003's fill, as the tables were then (before m005 added adapter_errors)."""
+    keys = ", ".join(f"coalesce({k}, '')" if k != "day" else k for k in ROLLUP_KEYS)
+    conn.exec_driver_sql(
+        f"INSERT INTO call_rollups ({', '.join(ROLLUP_KEYS)}, status, calls, images, failures, cost_nusd, "
+        f"unpriced) SELECT {keys}, status, count(*), coalesce(sum(images), 0), "
+        "sum(CASE WHEN status != 'ok' THEN 1 ELSE 0 END), coalesce(sum(cost_nusd), 0), "
+        "sum(CASE WHEN status = 'ok' AND cost_nusd IS NULL THEN 1 ELSE 0 END) FROM calls "
+        f"WHERE status != 'pending' GROUP BY {keys}, status")
+    bucket = "CASE WHEN latency_s * 1000 < 1 THEN 0 ELSE CAST(floor(ln(latency_s * 1000) * 100) AS INTEGER) END"
+    conn.exec_driver_sql(
+        f"INSERT INTO latency_rollups ({', '.join(ROLLUP_KEYS)}, bucket, calls) SELECT {keys}, {bucket}, "
+        f"count(*) FROM calls WHERE status = 'ok' AND latency_s IS NOT NULL GROUP BY {keys}, {bucket}")
 
 
 @migration
@@ -241,3 +279,20 @@ def m004_idempotency_key(conn: Connection) -> None:
     """The caller's idempotency key on each call, so that a repeat is recognised across processes."""
     conn.exec_driver_sql("ALTER TABLE calls ADD COLUMN idempotency_key VARCHAR(200)")
     conn.exec_driver_sql("CREATE INDEX ix_calls_idempotency_key ON calls (idempotency_key)")
+
+
+@migration
+def m005_skips_and_adapter_errors(conn: Connection) -> None:
+    """Skipped offerings get a table of their own (they were stored as fake failed attempts), and each
+    call counts its adapter errors (bugs, not outages), summed per day in the rollups."""
+    _v5_skips(MetaData()).create(conn)
+    conn.exec_driver_sql("ALTER TABLE calls ADD COLUMN adapter_errors INTEGER NOT NULL DEFAULT 0")
+    conn.exec_driver_sql("ALTER TABLE call_rollups ADD COLUMN adapter_errors BIGINT NOT NULL DEFAULT 0")
+    # skips recorded before as fake attempts (no latency, no request sent) move to their table
+    fake = "error_type IN ('CircuitOpen', 'BudgetExceeded') AND latency_s = 0"
+    conn.exec_driver_sql(
+        "INSERT INTO skips (request_id, number, offering, provider, reason, detail, at) "
+        "SELECT request_id, number, offering, provider, CASE WHEN error_type = 'CircuitOpen' THEN "
+        "'circuit_open' WHEN substr(error, 1, 13) = 'price unknown' THEN 'price_unknown' ELSE 'over_budget' END, "
+        f"error, started_at FROM attempts WHERE {fake}")
+    conn.exec_driver_sql(f"DELETE FROM attempts WHERE {fake}")

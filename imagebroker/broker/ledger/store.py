@@ -236,14 +236,16 @@ class Ledger:
         self.writer.write(self.writer.sql.pending(row))
 
     def record_call(self, row: Mapping[str, Any], attempt_rows: Sequence[Mapping[str, Any]],
-                    tags: Mapping[str, str], pending: bool = False) -> None:
-        """A finished call, its attempts and tags, and its share of the rollups, in one transaction."""
-        self.writer.write(self.writer.sql.finished(row, attempt_rows, tags, pending))
+                    skip_rows: Sequence[Mapping[str, Any]], tags: Mapping[str, str], pending: bool = False) -> None:
+        """A finished call, its attempts, skips and tags, and its share of the rollups, in one
+        transaction."""
+        self.writer.write(self.writer.sql.finished(row, attempt_rows, skip_rows, tags, pending))
 
     async def arecord_call(self, row: Mapping[str, Any], attempt_rows: Sequence[Mapping[str, Any]],
-                           tags: Mapping[str, str], pending: bool = False) -> None:
+                           skip_rows: Sequence[Mapping[str, Any]], tags: Mapping[str, str],
+                           pending: bool = False) -> None:
         """`record_call` from an event loop: committed with the other calls finishing alongside."""
-        await self.writer.awrite(self.writer.sql.finished(row, attempt_rows, tags, pending))
+        await self.writer.awrite(self.writer.sql.finished(row, attempt_rows, skip_rows, tags, pending))
 
     def rebuild_rollups(self) -> None:
         """Recompute the report's per-day rollups from the call rows (after editing rows by hand)."""

@@ -18,12 +18,13 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from .schema import ROLLUP_KEYS, attempts, call_tags, calls, latency_bucket
+from .schema import ROLLUP_KEYS, ROLLUP_MEASURES, attempts, call_tags, calls, latency_bucket, skips
 
 CALL_COLUMNS = tuple(c.name for c in calls.columns)
 ATTEMPT_COLUMNS = tuple(c.name for c in attempts.columns if c.name != "id")
 UPDATED_COLUMNS = tuple(c for c in CALL_COLUMNS if c != "request_id")  # a pending row, finished
 TAG_COLUMNS = tuple(c.name for c in call_tags.columns)
+SKIP_COLUMNS = tuple(c.name for c in skips.columns if c.name != "id")
 
 Statements = list[tuple[str, list[Sequence[Any]]]]  # (SQL, rows for executemany), in order
 
@@ -44,21 +45,22 @@ class CallSQL:
                             f"WHERE request_id = {mark}")
         self.insert_attempt = insert("attempts", ATTEMPT_COLUMNS)
         self.insert_tag = insert("call_tags", TAG_COLUMNS)
-        self.add_call_rollup = upsert("call_rollups", (*ROLLUP_KEYS, "status"),
-                                      ("calls", "images", "failures", "cost_nusd", "unpriced"))
+        self.insert_skip = insert("skips", SKIP_COLUMNS)
+        self.add_call_rollup = upsert("call_rollups", (*ROLLUP_KEYS, "status"), ROLLUP_MEASURES)
         self.add_latency_rollup = upsert("latency_rollups", (*ROLLUP_KEYS, "bucket"), ("calls",))
 
     def pending(self, row: Mapping[str, Any]) -> Statements:
         return [(self.insert_call, [[row[c] if c != "status" else "pending" for c in CALL_COLUMNS]])]
 
     def finished(self, row: Mapping[str, Any], attempt_rows: Sequence[Mapping[str, Any]],
-                 tags: Mapping[str, str], pending: bool) -> Statements:
+                 skip_rows: Sequence[Mapping[str, Any]], tags: Mapping[str, str], pending: bool) -> Statements:
         if pending:  # its pending row exists: complete it
             call = (self.update_call, [[*(row[c] for c in UPDATED_COLUMNS), row["request_id"]]])
         else:
             call = (self.insert_call, [[row[c] for c in CALL_COLUMNS]])
         return [call, *self.rollups(row),
                 (self.insert_attempt, [[a[c] for c in ATTEMPT_COLUMNS] for a in attempt_rows]),
+                (self.insert_skip, [[s[c] for c in SKIP_COLUMNS] for s in skip_rows]),
                 (self.insert_tag, [(row["request_id"], k, v) for k, v in tags.items()])]
 
     def rollups(self, row: Mapping[str, Any]) -> Statements:
@@ -67,7 +69,8 @@ class CallSQL:
         ok, cost = row["status"] == "ok", row["cost_nusd"]
         out: Statements = [(self.add_call_rollup, [[*keys, row["status"], 1, row["images"] or 0,
                                                     0 if ok else 1, cost or 0,
-                                                    1 if ok and cost is None else 0]])]
+                                                    1 if ok and cost is None else 0,
+                                                    row.get("adapter_errors") or 0]])]
         if ok and row["latency_s"] is not None:
             out.append((self.add_latency_rollup, [[*keys, latency_bucket(row["latency_s"]), 1]]))
         return out

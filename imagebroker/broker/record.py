@@ -1,0 +1,165 @@
+"""What one call leaves in the ledger: its attempts and skips as they happen, then its rows.
+
+`CallLog` is the call loop's notebook (`execution.py` decides, this writes down). `generate()` returns
+only after `record` has committed; if the ledger fails, a successful call raises `LedgerError` carrying
+its result (the images were paid for), and a failed one keeps its own error with a note saying it went
+unrecorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ..errors import AdapterError, BudgetExceeded, LedgerError, redact
+from ..logs import logger
+from ..policies.schema import Policy
+from ..providers.offering import Offering
+from ..types import Attempt, Cost, GeneratedImage, ImageRequest, ImageResult, Plan, Skip, SkipReason
+from .ledger.schema import to_nusd
+from .ledger.store import Ledger
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the successful attempt gave the call, for its row."""
+
+    offering: Offering
+    images: tuple[GeneratedImage, ...]
+    cost: Cost
+    estimated: Cost
+
+
+@dataclass
+class CallLog:
+    request: ImageRequest
+    plan: Plan
+    request_id: str
+    ledger: Ledger
+    policy: Policy
+    catalog_version: str
+    secrets: Callable[[], list[str | None]]
+    attempts: list[Attempt] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    refusals: list[BudgetExceeded] = field(default_factory=list)   # by `restrict` budgets
+    started: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.perf_counter)
+    pending_row: bool = False   # a pending row exists (the call holds a budget reservation)
+    recorded: bool = False
+
+    def redact(self, text: str) -> str:
+        return redact(text, self.secrets())
+
+    # -- as it happens -------------------------------------------------------------------------
+    def attempt(self, offering: Offering, started: datetime, t0: float, *, error: BaseException | None = None,
+                cost: Cost | None = None, request_id: str | None = None) -> None:
+        a = Attempt(
+            number=len(self.attempts) + 1, offering=offering.id, started_at=started,
+            latency_s=round(time.perf_counter() - t0, 6), status="error" if error else "ok",
+            error_type=type(error).__name__ if error else None,
+            error=self.redact(str(error)) if error else None,
+            http_status=getattr(error, "status", None),
+            provider_request_id=self._provider_id(getattr(error, "request_id", None) or request_id), cost=cost)
+        self.attempts.append(a)
+        logger.debug("call %s attempt %d on %s: %s in %.3f s%s", self.request_id, a.number, a.offering,
+                     a.error_type or "ok", a.latency_s, f" ({a.error})" if a.error else "")
+
+    def _provider_id(self, value: str | None) -> str | None:
+        return None if value is None else self.redact(str(value))[:200]
+
+    def skip(self, offering: Offering, reason: SkipReason, detail: str) -> Skip:
+        s = Skip(offering=offering.id, reason=reason, detail=detail, at=datetime.now(UTC))
+        self.skips.append(s)
+        logger.info("call %s skips %s: %s (%s)", self.request_id, offering.id, reason, detail)
+        return s
+
+    def start_pending(self, estimated: Cost) -> None:
+        """A pending row before the first reserved try, so that a crash mid-call stays visible."""
+        if not self.pending_row:
+            self.ledger.start_call(self._call_row("pending", None, None, estimated))
+            self.pending_row = True
+
+    def latency_s(self) -> float:
+        return round(time.perf_counter() - self.t0, 6)
+
+    # -- the rows ------------------------------------------------------------------------------
+    def _call_row(self, status: str, error: BaseException | None, served: Served | None,
+                  estimated: Cost | None) -> dict[str, Any]:
+        req = self.request
+        images = served.images if served else ()
+        cost = served.cost if served else None
+        if estimated is None and self.plan.candidates:
+            estimated = self.plan.candidates[0].estimated_cost
+        return {
+            "request_id": self.request_id, "created_at": self.started,
+            "day": datetime.fromtimestamp(self.started, UTC).strftime("%Y-%m-%d"),
+            "status": status, "offering": served.offering.id if served else None,
+            "provider": served.offering.provider if served else None, "n": req.n,
+            "images": len(images), "width": images[0].width if images else req.width,
+            "height": images[0].height if images else req.height, "seed": req.seed,
+            "policy": self.plan.policy, "rule": self.plan.rule, "attempts": len(self.attempts),
+            "latency_s": self.latency_s(),
+            "estimated_nusd": to_nusd(estimated.usd) if estimated else None,
+            "cost_nusd": to_nusd(cost.usd) if cost else None,
+            "cost_status": cost.status if cost else None, "cost_unit": cost.unit if cost else None,
+            "usage_json": json.dumps(cost.units, default=str) if cost else None,
+            "catalog_version": self.catalog_version, "prompt_sha256": req.prompt_sha256(),
+            "prompt": req.prompt if self.policy.ledger.store_prompts else None,
+            "image_sha256s": json.dumps([i.sha256 for i in images]),
+            "tags_json": json.dumps(req.tags, sort_keys=True) if req.tags else None,
+            "error_type": type(error).__name__ if error else None,
+            "error": self.redact(str(error)) if error else None,
+            "idempotency_key": req.idempotency_key,
+            "adapter_errors": sum(a.error_type == AdapterError.__name__ for a in self.attempts),
+        }
+
+    def rows(self, status: str, error: BaseException | None, served: Served | None = None
+             ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
+        attempts = [{
+            "request_id": self.request_id, "number": a.number, "offering": a.offering,
+            "provider": a.offering.split("/", 1)[0], "started_at": a.started_at.timestamp(),
+            "latency_s": a.latency_s, "status": a.status, "error_type": a.error_type, "error": a.error,
+            "http_status": a.http_status, "provider_request_id": a.provider_request_id,
+            "cost_nusd": to_nusd(a.cost.usd) if a.cost else None,
+            "cost_status": a.cost.status if a.cost else None, "usage_json": None,
+        } for a in self.attempts]
+        skips = [{"request_id": self.request_id, "number": i, "offering": s.offering,
+                  "provider": s.offering.split("/", 1)[0], "reason": str(s.reason), "detail": s.detail,
+                  "at": s.at.timestamp()} for i, s in enumerate(self.skips, 1)]
+        call = self._call_row(status, error, served, served.estimated if served else None)
+        return call, attempts, skips, self.request.tags
+
+    async def record(self, status: str, *, error: BaseException | None = None, served: Served | None = None,
+                     result: ImageResult | None = None, together: bool = False) -> None:
+        """The call's rows, committed before this returns; `together`: share a transaction with the
+        other calls finishing in this loop iteration (group commit)."""
+        self.recorded = True  # from here the rows are written even if this call is cancelled
+        try:
+            rows = self.rows(status, error, served)
+            if together:
+                await self.ledger.arecord_call(*rows, pending=self.pending_row)
+            else:  # alone: write now rather than wait a loop iteration for company
+                self.ledger.record_call(*rows, pending=self.pending_row)
+        except Exception as exc:
+            failure = LedgerError(f"the ledger could not record call {self.request_id} ({status}): "
+                                  f"{type(exc).__name__}: {self.redact(str(exc))}", result)
+            logger.error("%s", failure)
+            if error is None:
+                raise failure from exc
+            error.add_note(str(failure))
+            return
+        logger.debug("call %s recorded: %s, %d attempt(s), %d skip(s)", self.request_id, status,
+                     len(self.attempts), len(self.skips))
+
+    def record_cancelled(self) -> None:
+        """The caller gave up (a timeout of theirs, a shutdown): the call and its attempt in flight
+        are written as `cancelled`, and the cancellation is what the caller sees."""
+        if not self.recorded:
+            self.recorded = True
+            with contextlib.suppress(Exception):
+                self.ledger.record_call(*self.rows("cancelled", None), pending=self.pending_row)

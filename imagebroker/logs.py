@@ -1,0 +1,60 @@
+"""imagebroker logs on one logger, `logging.getLogger("imagebroker")`, and every record it emits is
+redacted: the message, its arguments and any traceback, against every credential a provider has read.
+
+Levels: DEBUG for each attempt, settlement and ledger write; INFO for retries (with the wait), skips
+and fallbacks; WARNING for usage not believed and other money surprises; ERROR for adapter bugs (with
+the traceback). The library adds no handler (the application decides); the CLI's `-v`/`-vv` do.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+from .errors import redact
+
+logger = logging.getLogger("imagebroker")
+_secrets: set[str] = set()
+_lock = threading.Lock()
+
+
+def remember_secret(value: str | None) -> None:
+    """A credential read from the environment: from now on it is masked in every log record."""
+    if value and len(value) >= 4 and value not in _secrets:
+        with _lock:
+            _secrets.add(value)
+
+
+def known_secrets() -> list[str]:
+    return list(_secrets)
+
+
+class RedactingFilter(logging.Filter):
+    """Formats each record once, masks the secrets in the text and the traceback, and hands the
+    handlers only the masked strings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = known_secrets()
+        if not secrets:
+            return True
+        record.msg, record.args = redact(record.getMessage(), secrets), None
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = redact(text, secrets), None
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, secrets)
+        return True
+
+
+logger.addFilter(RedactingFilter())
+
+
+def enable_cli_logging(verbosity: int) -> None:
+    """`-v`: INFO, `-vv`: DEBUG, to stderr."""
+    if verbosity <= 0:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)

@@ -1,0 +1,72 @@
+"""What a provider is constructed from: its own section of the policy, never the whole policy.
+
+`ProviderSettings` is every provider's `providers.NAME:` section. The local provider also reads the
+policy's `local:` section, so it gets `LocalProviderSettings`, which carries it. The policy schema
+(`policies/schema.py`) uses these models for those sections; providers import them from here, so
+that the provider layer depends on nothing above it.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ProviderSettings(_Strict):
+    enabled: bool = True
+    api_key_env: str | None = None
+    base_url: str | None = None
+    region: str | None = None          # a region option of the provider's offerings (eu, us)
+    timeout_s: float | None = Field(default=None, gt=0)
+    poll_interval_s: float | None = Field(default=None, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)   # provider-specific (ComfyUI workflow, ...)
+
+
+class LocalModel(_Strict):
+    source: str                      # builtin:NAME, a Diffusers folder, a .safetensors file, or a Hub id
+    family: Literal["sd", "sdxl", "flux", "sd3"] | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    variant: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    license: dict[str, str] | None = None
+
+
+class CacheSettings(_Strict):
+    max_models: int = Field(default=2, ge=1)
+    max_memory_gb: float | None = Field(default=None, gt=0)
+
+
+class CoalesceSettings(_Strict):
+    enabled: bool = True
+    max_batch: int = Field(default=8, ge=1, le=64)
+    window_ms: float = Field(default=5.0, ge=0)
+
+
+class LocalSettings(_Strict):
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    gpu_usd_per_hour: Decimal | None = Field(default=None, ge=0)
+    cpu_usd_per_hour: Decimal = Field(default=Decimal(0), ge=0)
+    energy_usd_per_kwh: Decimal | None = Field(default=None, ge=0)
+    charge_load_time: bool = False
+    compile: bool = False
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    attention_backend: str | None = None
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    coalesce: CoalesceSettings = Field(default_factory=CoalesceSettings)
+    models: dict[str, LocalModel] = Field(default_factory=dict)
+
+
+class LocalProviderSettings(ProviderSettings):
+    """The local provider's `providers.local:` section together with the policy's `local:` section."""
+
+    local: LocalSettings = Field(default_factory=LocalSettings)
