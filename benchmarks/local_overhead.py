@@ -21,6 +21,7 @@ from diffusers import StableDiffusionPipeline
 from imagebroker import AsyncBroker
 from imagebroker.local_backend import MODELS_DIR
 from imagebroker.policies.schema import Policy
+from imagebroker.providers.catalog import builtin_catalog
 
 MODEL = MODELS_DIR / "tiny-shapes"
 STEPS, SIZE, GUIDANCE = 20, 64, 5.0
@@ -28,7 +29,7 @@ PROMPT = "a red circle on a blue background"
 
 
 def policy(coalesce: bool) -> Policy:
-    hosted = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui"]
+    hosted = [p for p in builtin_catalog().providers() if p != "local"]
     return Policy.model_validate({"name": "bench", "deny": hosted,
                                   "local": {"coalesce": {"enabled": coalesce, "max_batch": 8}}})
 

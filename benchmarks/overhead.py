@@ -36,6 +36,7 @@ from imagebroker import AsyncBroker
 from imagebroker.broker.ledger.store import Ledger
 from imagebroker.broker.ledger.writer import CALL_COLUMNS, merged
 from imagebroker.policies.schema import Policy
+from imagebroker.providers.catalog import builtin_catalog
 from imagebroker.testing.fake_http import FakeImageServer, free_port
 from imagebroker.testing.mock import mock_offering
 
@@ -45,7 +46,7 @@ KEY = "bench-key"
 def policy(url: str) -> Policy:
     o = mock_offering("bench", provider="fakehttp", capabilities={"default_size": "64x64"})
     o["id"] = "fakehttp/bench"
-    deny = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui", "local"]
+    deny = builtin_catalog().providers()
     return Policy.model_validate({"name": "bench", "deny": deny, "offerings": [o],
                                   "providers": {"fakehttp": {"base_url": url}}})
 

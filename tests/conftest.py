@@ -1,9 +1,13 @@
-"""Shared fixtures. No test can reach a real provider: every key variable is cleared, and providers
-are pointed at fakes on 127.0.0.1."""
+"""Shared fixtures. No test can reach a real provider, by construction: every provider's key variable
+(read from the provider registry) is cleared, providers are pointed at fakes on 127.0.0.1, and the
+network guard (tests/netguard/sitecustomize.py, also loaded by every Python process a test starts)
+refuses any connection or name lookup that is not loopback, failing the test that tried."""
 
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,12 +15,39 @@ from typing import Any
 
 import pytest
 
-KEY_VARS = ["OPENAI_API_KEY", "GEMINI_API_KEY", "REPLICATE_API_TOKEN", "FAL_KEY", "TOGETHER_API_KEY",
-            "STABILITY_API_KEY", "BFL_API_KEY", "FAKEHTTP_API_KEY"]
+GUARD = Path(__file__).parent / "netguard"
+_guard_log = Path(tempfile.mkstemp(prefix="imagebroker-netguard-", suffix=".log")[1])
+os.environ["IMAGEBROKER_NETGUARD_LOG"] = str(_guard_log)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(GUARD), os.environ.get("PYTHONPATH")) if p)
+sys.path.insert(0, str(GUARD))
+import netguard  # noqa: E402  (the guard, for this process too)
+
+netguard.install()
+
+from imagebroker.providers.catalog import builtin_catalog  # noqa: E402
+from imagebroker.providers.registry import provider_class, provider_names  # noqa: E402
+
+KEY_VARS = sorted({v for name in provider_names() if (v := provider_class(name).api_key_env)})
 PG_URL = os.environ.get("IMAGEBROKER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def builtin_providers(*keep: str) -> list[str]:
+    """Every provider the built-in catalog has offerings for, but `keep` (for a policy's `deny`)."""
+    return [p for p in builtin_catalog().providers() if p not in keep]
+
+
+@pytest.fixture(autouse=True)
+def _network_guard() -> Iterator[None]:
+    before = _guard_log.stat().st_size
+    yield
+    with _guard_log.open(encoding="utf-8") as f:
+        f.seek(before)
+        tried = f.read().strip()
+    if tried:
+        pytest.fail(f"the test tried to leave this machine:\n{tried}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)
@@ -72,5 +103,5 @@ def mock_policy(*offerings: dict[str, Any], **extra: Any) -> Any:
     """A policy whose only offerings are the given mock/fakehttp ones (all built-ins denied)."""
     from imagebroker.policies.schema import Policy
 
-    deny = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui", "local"]
-    return Policy.model_validate({"name": "test", "deny": deny, "offerings": list(offerings), **extra})
+    return Policy.model_validate({"name": "test", "deny": builtin_providers(), "offerings": list(offerings),
+                                  **extra})

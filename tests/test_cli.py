@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from imagebroker.cli import app
+from tests.conftest import builtin_providers
 
 runner = CliRunner()
 
@@ -25,8 +26,7 @@ def mock_policy_file(tmp_path: Path, **settings) -> Path:
 
     p = tmp_path / "policy.yaml"
     policy = {"name": "cli", "extends": "default",
-              "deny": ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui",
-                       "local"],
+              "deny": builtin_providers(),
               "offerings": [mock_offering("a", price={"usd": "0.01"}, **settings),
                             mock_offering("b", price={"usd": "0.03"})]}
     p.write_text(json.dumps(policy, default=str))  # JSON is YAML
@@ -159,3 +159,25 @@ def test_generate_writes_paid_images_even_when_the_ledger_cannot_record_them(tmp
     result = run("generate", "x", "--policy", str(policy), "--out", str(tmp_path / "second"), code=1)
     assert len(list((tmp_path / "second").glob("*.png"))) == 1
     assert "could not record call" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("flags, level", [(["-v"], "INFO"), (["-vv"], "DEBUG"), (["-v", "-v"], "DEBUG")])
+def test_verbose_flags_after_any_command_log_the_call_to_stderr(tmp_path, flags, level):
+    import logging
+
+    from imagebroker.cli import hoist_verbosity
+    from imagebroker.logs import logger
+
+    policy = mock_policy_file(tmp_path, settings={"script": ["error:RateLimited:0.01", "ok"]})
+    argv = hoist_verbosity(["generate", "a cat", "--policy", str(policy), "--json", *flags])
+    assert argv[0] in ("-v", "-vv") and not set(flags) & set(argv[1:])
+    try:
+        result = CliRunner().invoke(app, argv)
+    finally:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.setLevel(logging.NOTSET)
+    assert result.exit_code == 0, result.output
+    assert "retries mock/a in 0.01 s after RateLimited" in result.stderr
+    assert ("attempt 1 on mock/a: RateLimited" in result.stderr) == (level == "DEBUG")
+    json.loads(result.stdout)  # the log stays out of the machine output

@@ -16,8 +16,9 @@ from imagebroker.errors import AllAttemptsFailed
 from imagebroker.policies.schema import Policy
 from imagebroker.providers.comfyui import build_graph, infer_bindings
 from imagebroker.testing.fakes.comfyui import WORKFLOW, FakeComfyUI
+from tests.conftest import builtin_providers
 
-HOSTED = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "local"]
+HOSTED = builtin_providers("comfyui")
 
 
 def broker(fake: FakeComfyUI, tmp_path, **extra) -> Broker:

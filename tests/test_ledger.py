@@ -243,7 +243,8 @@ def test_one_bad_write_in_a_batch_loses_none_of_the_others(tmp_path):
     def row(rid: str) -> dict:
         return {c: None for c in CALL_COLUMNS} | {
             "request_id": rid, "created_at": time.time(), "day": "2026-11-22", "status": "ok", "n": 1,
-            "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64, "adapter_errors": 0}
+            "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64,
+            "adapter_errors": 0}
 
     ledger.record_call(row("taken"), [], [], {})
 
@@ -266,7 +267,8 @@ def test_a_forked_child_records_on_connections_of_its_own(ledger_url):
     def row(rid: str) -> dict:
         return {c: None for c in CALL_COLUMNS} | {
             "request_id": rid, "created_at": time.time(), "day": "2026-11-22", "status": "ok", "n": 1,
-            "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64, "adapter_errors": 0}
+            "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64,
+            "adapter_errors": 0}
 
     ledger.record_call(row("parent-1"), [], [], {})  # the parent now holds a connection
     pid = os.fork()

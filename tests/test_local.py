@@ -19,10 +19,11 @@ from imagebroker import AsyncBroker, Broker
 from imagebroker.errors import AllAttemptsFailed, NoRouteError
 from imagebroker.local_backend import schedulers
 from imagebroker.policies.schema import Policy
+from tests.conftest import builtin_providers
 from tests.tiny_pipelines import build_tiny_flux, build_tiny_sd, make_lora
 
-OTHERS = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui", "mock",
-          "fakehttp", "local/sdxl", "local/sd15", "local/flux-*", "local/tiny-shapes"]
+OTHERS = [*builtin_providers("local"), "mock", "fakehttp", "local/sdxl", "local/sd15", "local/flux-*",
+          "local/tiny-shapes"]
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +159,7 @@ def test_flux_pipeline_runs_and_reports_its_seeds(broker):
 
 def test_a_model_that_is_not_installed_says_how_to_install_it(broker):
     with pytest.raises(NoRouteError, match=r"hf download stabilityai/stable-diffusion-xl-base-1\.0"):
-        Broker(Policy(name="t", deny=["openai", "google", "replicate", "fal", "together", "stability",
-                                      "bfl", "comfyui"])).generate("x", model="local/sdxl")
+        Broker(Policy(name="t", deny=builtin_providers("local"))).generate("x", model="local/sdxl")
 
 
 def test_the_pipeline_stays_warm(broker):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import builtin_providers
+
 ROOT = Path(__file__).parents[1]
 OFFERING = {"id": "example/painter", "provider": "example", "model": "painter", "kind": "closed",
             "regions": ["eu"], "license": {"commercial_use": "yes", "name": "example"},
@@ -43,8 +45,7 @@ def write_policy(tmp_path: Path, prefer: str) -> Path:
 
     p = tmp_path / "policy.yaml"
     p.write_text(json.dumps({"extends": "default", "objective": "ordered", "prefer": [prefer],
-                             "deny": ["openai", "google", "replicate", "fal", "together", "stability", "bfl",
-                                      "comfyui", "local"],
+                             "deny": builtin_providers(),
                              "offerings": [OFFERING, mock_offering("standby")]}, default=str))
     return p
 

@@ -16,8 +16,9 @@ from imagebroker.providers.catalog import builtin_catalog
 from imagebroker.providers.http import status_error
 from imagebroker.providers.registry import provider_class
 from imagebroker.testing.fakes import fakes
+from tests.conftest import builtin_providers
 
-HOSTED = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui", "local"]
+HOSTED = builtin_providers()
 
 
 @pytest.mark.parametrize("provider, offering, host", [

@@ -15,6 +15,7 @@ from PIL import Image
 
 from imagebroker.providers.registry import provider_class
 from imagebroker.testing.fakes import fakes
+from tests.conftest import builtin_providers
 
 ROOT = Path(__file__).parents[1]
 OFFERING = {
@@ -27,7 +28,7 @@ OFFERING = {
     "replicate": ("replicate/black-forest-labs/flux-schnell", "0.003"),  # 1 output x $0.003
     "comfyui": ("comfyui/sdxl", None),  # GPU-seconds from the history timestamps x $3.60/h
 }
-HOSTED = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui", "local"]
+HOSTED = builtin_providers()
 
 
 @pytest.mark.parametrize("provider", sorted(fakes()))

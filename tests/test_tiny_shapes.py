@@ -17,9 +17,10 @@ from imagebroker import AsyncBroker
 from imagebroker.cli import app
 from imagebroker.local_backend import MODELS_DIR
 from imagebroker.policies.schema import Policy
+from tests.conftest import builtin_providers
 from training.tiny_shapes.evaluate import TEST_SEED, caption, eval_prompts, score
 
-HOSTED = ["openai", "google", "replicate", "fal", "together", "stability", "bfl", "comfyui"]
+HOSTED = builtin_providers("local")
 THRESHOLDS = {"foreground": 0.85, "background": 0.85, "shape": 0.70}
 
 
