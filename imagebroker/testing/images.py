@@ -1,11 +1,17 @@
-"""Small real images for fakes and tests: a solid colour derived from a seed, in any format."""
+"""Small real images for fakes and tests: a solid colour derived from a seed, in any format, and the
+hostile ones a misbehaving provider sends (a PNG whose header claims 13000x13000 pixels)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import struct
+import zlib
 
 from PIL import Image
+
+_DEFLATE_BLOCK = 1 << 20  # zero bytes per repeated compressed block in `make_huge_png`
 
 
 def colour_for(seed: int | None, prompt: str = "") -> tuple[int, int, int]:
@@ -19,3 +25,30 @@ def make_image(width: int, height: int, *, seed: int | None = None, prompt: str 
     buf = io.BytesIO()
     img.save(buf, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(fmt, fmt.upper()))
     return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _zlib_zeros(total: int) -> bytes:
+    """A zlib stream that inflates to `total` zero bytes, in milliseconds however large `total` is:
+    after a full flush a compressor forgets what came before, so the compressed form of one block of
+    zeros can be repeated; the Adler-32 of n zeros is (n mod 65521) << 16 | 1."""
+    full, rest = divmod(total, _DEFLATE_BLOCK)
+    c = zlib.compressobj(9)
+    head = c.compress(bytes(_DEFLATE_BLOCK)) + c.flush(zlib.Z_FULL_FLUSH)
+    block = head[2:]  # without the 2-byte zlib header
+    tail = zlib.compressobj(9)
+    last = (tail.compress(bytes(rest)) + tail.flush(zlib.Z_FULL_FLUSH))[2:] if rest else b""
+    final = b"\x03\x00"  # an empty final block with fixed Huffman codes
+    return head[:2] + block * full + last + final + struct.pack(">I", (total % 65521) << 16 | 1)
+
+
+@functools.lru_cache(maxsize=4)
+def make_huge_png(width: int, height: int) -> bytes:
+    """A valid black RGB PNG of `width` x `height` that is small on the wire (13000x13000: 500 KB)
+    but decodes to width * height * 4 bytes of memory: what a decompression bomb looks like."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    idat = _zlib_zeros(height * (1 + 3 * width))  # each row: filter type 0, then zero pixels
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")

@@ -13,6 +13,15 @@ the last step repeating. Steps every fake understands:
     broken     success with bytes that are not an image
     refuse     the provider's moderation refusal
 
+Hostile steps, for fakes whose images come from `FakeServer.images` (all but OpenAI's and ComfyUI's):
+
+    tiny       success with 8x8 images, whatever size was asked
+    junk       success with valid images followed by 64 KiB of junk
+    gif        success with GIF bytes (served under the protocol's usual image label)
+    huge       success with PNGs whose header claims 13000x13000 (500 KB on the wire, 676 MB decoded)
+    many       success with 50 images, whatever n was asked (where one answer carries every image:
+               Together, Google, fakehttp; the others fetch one URL per image asked)
+
     with FAKES["bfl"](script=["429", "ok"]) as server:   # server.url, server.requests
         ...
 """
@@ -26,9 +35,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlparse
 
-from ..images import make_image
+from ..images import make_huge_png, make_image
 
 GENERIC = ("429", "500", "timeout", "malformed", "badkey")
+JUNK = b"\xde\xad\xbe\xef" * (1 << 14)  # what the `junk` step appends to each image
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -147,7 +157,16 @@ class FakeServer:
             return []
         if step == "broken":
             return [b"not an image at all"] * n
-        return [make_image(w, h, seed=None if seed is None else seed + i, fmt=fmt) for i in range(n)]
+        if step == "tiny":
+            w = h = 8
+        if step == "gif":
+            fmt = "gif"
+        if step == "huge":
+            return [make_huge_png(13000, 13000)] * n
+        if step == "many":
+            return FakeServer.images("ok", 1, w, h, seed, fmt) * 50
+        images = [make_image(w, h, seed=None if seed is None else seed + i, fmt=fmt) for i in range(n)]
+        return [b + JUNK for b in images] if step == "junk" else images
 
     def __enter__(self) -> FakeServer:
         self._thread.start()
