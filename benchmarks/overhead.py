@@ -134,7 +134,8 @@ def big_ledger(db: str, rows: int = 1_000_000) -> dict:
             "status": "ok" if ok else "error", "offering": off, "provider": prov, "n": 1, "images": 1 if ok else 0,
             "width": 1024, "height": 1024, "policy": "bench", "attempts": 1, "latency_s": rng.uniform(0.5, 20),
             "estimated_nusd": 30_000_000, "cost_nusd": 30_000_000 if ok else None, "cost_status": "priced",
-            "prompt_sha256": "x" * 64, "adapter_errors": 0}
+            "prompt_sha256": "x" * 64, "adapter_errors": 0,
+            "over_bound": 0}
         batch.append(sql.finished(row, [], [], {"team": f"team-{i % 4}"}, pending=False))
         if len(batch) == 10_000:
             ledger.writer.write(merged(batch))

@@ -16,6 +16,7 @@ from .errors import RequestError
 
 MIN_SIDE, MAX_SIDE = 64, 4096
 MAX_N = 10
+MAX_TAG_VALUE = 256  # the ledger's call_tags.value
 CostStatus = Literal["priced", "estimated", "unpriced"]
 Quality = Literal["auto", "low", "medium", "high", "xhigh", "max"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -79,11 +80,11 @@ class ImageRequest(_Frozen):
     output_format: OutputFormat | None = None
     background: Literal["transparent", "opaque", "auto"] | None = None
     adapters: tuple[Adapter, ...] = ()
-    model: str | None = None
+    model: str | None = Field(default=None, max_length=200)
     tags: dict[str, str] = Field(default_factory=dict)
     max_cost_usd: Decimal | None = Field(default=None, ge=0)
     max_latency_s: float | None = Field(default=None, gt=0)
-    idempotency_key: str | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     extra: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     def __init__(self, **data: Any) -> None:
@@ -130,10 +131,21 @@ class ImageRequest(_Frozen):
     @field_validator("tags")
     @classmethod
     def _tag_keys(cls, tags: dict[str, str]) -> dict[str, str]:
-        for key in tags:
+        for key, value in tags.items():
             if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", key):
                 raise ValueError(f"tag key {key!r} must be 1-64 letters, digits, '_', '.', '-'")
+            if len(value) > MAX_TAG_VALUE:  # the ledger's limit: found here, before anything is paid
+                raise ValueError(f"tag {key}: value of {len(value)} characters, at most {MAX_TAG_VALUE}")
         return tags
+
+    @field_validator("prompt", "negative_prompt", "model", "scheduler", "idempotency_key", "tags")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        """A NUL character is never meant, and PostgreSQL refuses it in text: refused up front."""
+        texts = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+        if any(isinstance(t, str) and "\x00" in t for t in texts):
+            raise ValueError("contains a NUL character")
+        return value
 
     @property
     def size(self) -> str | None:
@@ -188,6 +200,7 @@ class Candidate(_Frozen):
     estimated_cost: Cost
     estimated_latency_s: float | None
     dropped: tuple[str, ...] = ()
+    bound_usd: Decimal | None = None   # the most the call can cost here (budgets reserve this); None: unpriced
 
 
 class Plan(_Frozen):

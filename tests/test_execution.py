@@ -132,7 +132,7 @@ def test_the_budget_that_refused_decides_reject_or_restrict(tmp_path):
     with Broker(restricting, ledger=f"sqlite:///{tmp_path / 'l2.db'}") as b:
         served = b.generate("x")  # the same budget as `restrict`: the cheaper offering serves
     assert served.offering == "mock/cheap"
-    assert "est $0.5000/call (budget headroom) > max $0.40" in {
+    assert "up to $0.5000/call > budget headroom $0.40" in {
         r.offering: r.reasons for r in served.plan.rejected}["mock/dear"]
 
 
@@ -166,7 +166,7 @@ def test_usage_priced_far_above_the_estimate_is_not_believed(tmp_path):
                 providers={"mock": MockProvider.with_handler(handler)}) as b:
         result = b.generate("x")
     assert (result.cost.status, result.cost.usd) == ("estimated", Decimal("0.01"))
-    assert "over 10x the estimate" in result.cost.detail
+    assert "over 10x the most it could cost ($0.01)" in result.cost.detail
 
 
 def test_attempts_retries_skips_and_settlements_are_logged_and_redacted(tmp_path, caplog, monkeypatch):

@@ -32,7 +32,8 @@ EXPECTED_SCHEMA = {
         "cost_nusd": "BIGINT", "cost_status": "VARCHAR(16)", "cost_unit": "VARCHAR(32)",
         "usage_json": "TEXT", "catalog_version": "VARCHAR(64)", "prompt_sha256": "VARCHAR(64)",
         "prompt": "TEXT", "image_sha256s": "TEXT", "tags_json": "TEXT", "error_type": "VARCHAR(64)",
-        "error": "TEXT", "idempotency_key": "VARCHAR(200)", "adapter_errors": "INTEGER"},
+        "error": "TEXT", "idempotency_key": "VARCHAR(200)", "adapter_errors": "INTEGER",
+        "over_bound": "INTEGER"},
     "attempts": {
         "id": "INTEGER", "request_id": "VARCHAR(40)", "number": "INTEGER", "offering": "VARCHAR(200)",
         "provider": "VARCHAR(64)", "started_at": "FLOAT", "latency_s": "FLOAT", "status": "VARCHAR(16)",
@@ -49,7 +50,7 @@ EXPECTED_SCHEMA = {
     "call_rollups": {"day": "VARCHAR(10)", "provider": "VARCHAR(64)", "offering": "VARCHAR(200)",
                      "policy": "VARCHAR(200)", "rule": "VARCHAR(200)", "status": "VARCHAR(16)",
                      "calls": "BIGINT", "images": "BIGINT", "failures": "BIGINT", "cost_nusd": "BIGINT",
-                     "unpriced": "BIGINT", "adapter_errors": "BIGINT"},
+                     "unpriced": "BIGINT", "adapter_errors": "BIGINT", "over_bound": "BIGINT"},
     "skips": {"id": "INTEGER", "request_id": "VARCHAR(40)", "number": "INTEGER", "offering": "VARCHAR(200)",
               "provider": "VARCHAR(64)", "reason": "VARCHAR(32)", "detail": "TEXT", "at": "FLOAT"},
     "latency_rollups": {"day": "VARCHAR(10)", "provider": "VARCHAR(64)", "offering": "VARCHAR(200)",
@@ -142,7 +143,7 @@ def test_restrict_budget_with_no_headroom_is_refused_by_the_planner(tmp_path):
                          budgets=[{"name": "day", "period": "day", "limit_usd": "0.05", "on_exceed": "restrict"}])
     with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
         b.generate("x")
-        with pytest.raises(NoRouteError, match=r"est \$0\.0500/call \(budget headroom\) > max \$0"):
+        with pytest.raises(NoRouteError, match=r"up to \$0\.0500/call > budget headroom \$0"):
             b.generate("x")
 
 
@@ -244,7 +245,7 @@ def test_one_bad_write_in_a_batch_loses_none_of_the_others(tmp_path):
         return {c: None for c in CALL_COLUMNS} | {
             "request_id": rid, "created_at": time.time(), "day": "2026-11-22", "status": "ok", "n": 1,
             "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64,
-            "adapter_errors": 0}
+            "adapter_errors": 0, "over_bound": 0}
 
     ledger.record_call(row("taken"), [], [], {})
 
@@ -268,7 +269,7 @@ def test_a_forked_child_records_on_connections_of_its_own(ledger_url):
         return {c: None for c in CALL_COLUMNS} | {
             "request_id": rid, "created_at": time.time(), "day": "2026-11-22", "status": "ok", "n": 1,
             "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64,
-            "adapter_errors": 0}
+            "adapter_errors": 0, "over_bound": 0}
 
     ledger.record_call(row("parent-1"), [], [], {})  # the parent now holds a connection
     pid = os.fork()

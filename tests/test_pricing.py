@@ -3,8 +3,10 @@
 from decimal import Decimal as D
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from imagebroker.policies.pricing import estimate, settle
+from imagebroker.policies.pricing import bound, estimate, settle
 from imagebroker.providers.catalog import builtin_catalog
 from imagebroker.providers.offering import Offering
 from imagebroker.types import ImageRequest
@@ -142,3 +144,38 @@ def test_gpu_seconds_with_measured_energy_adds_the_energy_cost():
     o = offering("local/sdxl", usd_per_gpu_hour=D("2.50"), energy_usd_per_kwh=D("0.12"))
     cost = settle({"gpu_seconds": 7.2, "device": "cuda", "energy_j": 2520}, o, req())
     assert cost.usd == D("0.005084") and "kWh" in cost.detail
+
+
+# -- the bound: what budgets reserve -----------------------------------------------------------
+@pytest.mark.parametrize("oid, kw, expected", [
+    # gpt-image-1-mini 1024x1024, quality auto: it may pick high, $0.036 (the dearest row for the size)
+    ("openai/gpt-image-1-mini", {"size": "1024x1024", "quality": "auto", "n": 2}, "0.072"),
+    # an asked quality is the price itself: low $0.005
+    ("openai/gpt-image-1-mini", {"size": "1024x1024", "quality": "low"}, "0.005"),
+    # gpt-image-2 with no quality: 7024 high-quality image tokens x $30/M + "a cat" = 5 bytes x $5/M
+    ("openai/gpt-image-2", {"size": "1024x1024"}, "0.210745"),
+    # fal flux/dev 1024x768: exact, 1 MP rounded up x $0.025, x 3 images
+    ("fal/fal-ai/flux/dev", {"size": "1024x768", "n": 3}, "0.075"),
+])
+def test_the_bound_is_the_most_a_call_can_cost(oid, kw, expected):
+    assert bound(req(**kw), offering(oid)) == D(expected)
+
+
+def test_a_per_second_bound_uses_the_declared_maximum_or_the_latency_p95():
+    o = offering("replicate/stability-ai/sdxl")  # billed by predict_time: p95 40 s, typical 4.1 s
+    declared = o.model_copy(update={"price": o.price.model_copy(update={"max_seconds": 20.0})})
+    assert bound(req(n=2), declared) == D(str(40.0)) * o.price.usd_per_second
+    assert bound(req(), o) == D(str(max(o.latency.p95_s, o.price.typical_seconds))) * o.price.usd_per_second
+
+
+@settings(max_examples=200, deadline=None)
+@given(oid=st.sampled_from(sorted(o.id for o in builtin_catalog() if o.price is not None)),
+       quality=st.sampled_from([None, "auto", "low", "medium", "high"]), n=st.integers(1, 4),
+       prompt=st.text(min_size=1, max_size=200))
+def test_the_bound_is_never_below_the_estimate(oid, quality, n, prompt):
+    o = offering(oid)
+    if quality and o.capabilities.qualities and quality not in o.capabilities.qualities:
+        quality = None
+    r = ImageRequest(prompt=prompt, quality=quality, n=min(n, o.capabilities.max_n))
+    expected, worst = estimate(r, o), bound(r, o)
+    assert expected.usd is None or worst >= expected.usd

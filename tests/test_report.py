@@ -34,7 +34,8 @@ def random_rows(rng: random.Random, count: int) -> list[dict]:
                    provider=offering.split("/")[0] if offering else None, images=2 if status == "ok" else 0,
                    policy=rng.choice(["p", "q"]), rule=rng.choice([None, "big"]), attempts=1,
                    latency_s=rng.choice([0.0004, rng.uniform(0.01, 40)]), cost_nusd=cost,
-                   prompt_sha256="0" * 64, adapter_errors=rng.choice([0, 0, 0, 1]))
+                   prompt_sha256="0" * 64, adapter_errors=rng.choice([0, 0, 0, 1]),
+                   over_bound=int(status == "ok" and rng.random() < 0.2))
         out.append(row)
     return out
 
@@ -52,6 +53,7 @@ def by_hand(rows: list[dict], by: str, since: float | None, until: float | None)
         g["cost"] += r["cost_nusd"] or 0
         g["unpriced"] += ok and r["cost_nusd"] is None
         g["adapter_errors"] += r["adapter_errors"]
+        g["over_bound"] += r["over_bound"]
         if ok:
             g["lat"].append(r["latency_s"])
     return groups
@@ -66,8 +68,8 @@ def assert_matches(report: tuple, expected: dict[str, dict]) -> None:
     assert {g.key for g in groups} == set(expected)
     for g in groups:
         e = expected[g.key]
-        assert (g.calls, g.images, g.failures, g.unpriced, g.adapter_errors) == (
-            e["calls"], e["images"], e["failures"], e["unpriced"], e["adapter_errors"])
+        assert (g.calls, g.images, g.failures, g.unpriced, g.adapter_errors, g.over_bound) == (
+            e["calls"], e["images"], e["failures"], e["unpriced"], e["adapter_errors"], e["over_bound"])
         assert g.cost_usd == Decimal(e["cost"]) / 10**9  # exact
         for got, q in ((g.latency_p50_s, 0.5), (g.latency_p95_s, 0.95)):
             if not e["lat"]:
@@ -111,14 +113,15 @@ def test_ranges_split_into_whole_days_and_edges():
 
 
 def test_a_ledger_from_before_the_rollups_is_backfilled_when_opened(tmp_path, ledger_url):
-    rows = [dict(r, adapter_errors=0) for r in random_rows(random.Random(5), 400)]  # (counted from m005)
+    rows = [dict(r, adapter_errors=0, over_bound=0) for r in random_rows(random.Random(5), 400)]  # (from m005)
     engine = create_engine(ledger_url)
     with engine.begin() as conn:  # the schema as the last release left it, with calls in it
         migrations_table.create(conn)
         for name, fn in MIGRATIONS[:2]:
             fn(conn)
             conn.execute(insert(migrations_table).values(name=name, applied_at=0))
-        old = [c.name for c in calls.columns if c.name not in ("idempotency_key", "adapter_errors")]  # m004, m005
+        old = [c.name for c in calls.columns
+               if c.name not in ("idempotency_key", "adapter_errors", "over_bound")]  # added by m004, m005
         conn.execute(insert(calls), [{c: r[c] for c in old} for r in rows])
     engine.dispose()
     ledger = Ledger(ledger_url)

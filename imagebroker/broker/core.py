@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BudgetExceeded, ConfigError, DuplicateRequest, RequestError
+from ..logs import known_secrets
 from ..policies.effective import effective_catalog
 from ..policies.loader import load_policy
 from ..policies.planner import PlannerState, plan, request_key
@@ -88,8 +89,10 @@ class AsyncBroker:
             self._providers[name] = cls(self.policy.provider(name))
         return self._providers[name]
 
-    def secrets(self) -> list[str | None]:
-        return [p.api_key() for p in self._providers.values()]
+    def secrets(self) -> list[str]:
+        """Every credential a provider has read in this process (`logs.remember_secret`): masked in
+        whatever the ledger stores or an error says."""
+        return known_secrets()
 
     def _offering_states(self) -> dict[str, str]:
         """Asks every provider about its offerings (`Provider.state`): offering (or provider) -> why it

@@ -30,6 +30,7 @@ from ..errors import (
     AllAttemptsFailed,
     BudgetExceeded,
     ContentRejected,
+    LedgerError,
     NoRouteError,
     ProviderError,
     ProviderUnavailable,
@@ -159,16 +160,26 @@ async def execute(view: CallView, request: ImageRequest, plan: Plan, request_id:
         error = AllAttemptsFailed(log.attempts, log.skips)
     await log.record("rejected" if isinstance(error, BudgetExceeded) else "error", error=error,
                      together=view.busy())
+    for fault in log.ledger_faults:
+        error.add_note(str(fault))
     raise error
 
 
 async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult:
     served, result = outcome.served, outcome.result
+    applied = dict(result.applied, offering=served.offering.id)
+    if len(result.images) > log.request.n:  # billed as the provider reports; the first n are kept
+        applied["images_received"] = len(result.images)
+        logger.warning("call %s: %s sent %d images for n=%d", log.request_id, served.offering.id,
+                       len(result.images), log.request.n)
     done = ImageResult(request_id=log.request_id, images=served.images, offering=served.offering.id,
                        cost=served.cost, latency_s=log.latency_s(), plan=log.plan,
-                       attempts=tuple(log.attempts), applied=dict(result.applied, offering=served.offering.id),
+                       attempts=tuple(log.attempts), applied=applied,
                        dropped=outcome.candidate.dropped, skipped=tuple(log.skips))
     await log.record("ok", served=served, result=done, together=view.busy())
+    if log.ledger_faults:  # recorded, but a budget step failed: the caller must know, images in hand
+        fault = log.ledger_faults[0]
+        raise LedgerError(str(fault), done) from fault.__cause__
     return done
 
 
@@ -181,31 +192,43 @@ async def _candidate(view: CallView, log: CallLog, rules: RetryRules, cand: Cand
     limits = [(b.name, period, b.limit_usd) for b, period in applicable(view.policy.budgets, log.request, offering)]
     reservation = None
     if limits:
-        amount = cand.estimated_cost.usd
+        amount = cand.bound_usd  # the most it can cost, so that a dearer settlement cannot overspend
         if amount is None:
             log.skip(offering, SkipReason.PRICE_UNKNOWN, "price unknown, so the budget cannot be checked")
             return Skipped(SkipReason.PRICE_UNKNOWN)
+        rid = f"{log.request_id}-{len(log.attempts) + len(log.skips)}"  # the same on a retried reserve
         try:
-            reservation = view.ledger.reserve(log.request_id, limits, amount, view.policy.ledger.reservation_ttl_s)
+            reservation = view.ledger.reserve(log.request_id, limits, amount, view.policy.ledger.reservation_ttl_s,
+                                              rid=rid)
+            log.start_pending(cand.estimated_cost)
         except BudgetExceeded as exc:
             if _budget(view.policy, exc.budget).on_exceed == "reject":
                 return Refused(exc)
             log.refusals.append(exc)
             log.skip(offering, SkipReason.OVER_BUDGET, str(exc))
             return Skipped(SkipReason.OVER_BUDGET)
-        log.start_pending(cand.estimated_cost)
+        except Exception as exc:  # nothing was paid: the call cannot go on without its budget checked
+            raise log.ledger_error("reserve budget for", exc) from exc
     try:
         outcome = await _attempts(view, log, rules, cand, offering, progress)
     except asyncio.CancelledError:
         if reservation:
-            view.ledger.release(reservation)
+            _ledger_step(log, "release the budget of", view.ledger.release, reservation)
         raise
-    if reservation:
-        if isinstance(outcome, Success):
-            view.ledger.settle(reservation, outcome.served.cost.usd)
-        else:
-            view.ledger.release(reservation)
+    if reservation and isinstance(outcome, Success):
+        _ledger_step(log, "settle the budget of", view.ledger.settle, reservation, outcome.served.cost.usd)
+    elif reservation:
+        _ledger_step(log, "release the budget of", view.ledger.release, reservation)
     return outcome
+
+
+def _ledger_step(log: CallLog, what: str, step: Callable[..., None], *args: object) -> None:
+    """A budget step after the provider was called: its failure must not lose the call (its images,
+    its error); it is kept on the log and reported once the call's rows are written."""
+    try:
+        step(*args)
+    except Exception as exc:
+        log.ledger_faults.append(log.ledger_error(what, exc))
 
 
 def _budget(policy: Policy, name: str) -> Budget:
@@ -254,11 +277,15 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
                      type(exc).__name__, offering.id, exc_info=True)
         error = AdapterError(f"adapter bug: {type(exc).__name__}: {exc}", **where)
     else:
-        cost = settle_checked(result.usage, offering, log.request, cand.estimated_cost)
+        cost = settle_checked(result.usage, offering, log.request, cand.bound_usd)
         view.breaker.success(offering.provider)
         log.attempt(offering, started, t0, cost=cost, request_id=result.request_id)
         logger.debug("call %s settled on %s: %s", log.request_id, offering.id, cost)
-        return Success(Served(offering, images, cost, cand.estimated_cost), cand, result)
+        served = Served(offering, images, cost, cand.estimated_cost, cand.bound_usd)
+        if served.over_bound:
+            logger.warning("call %s on %s settled at %s, above the bound $%s its budget reserved",
+                           log.request_id, offering.id, cost, cand.bound_usd)
+        return Success(served, cand, result)
     if error.retryable:
         view.breaker.failure(offering.provider)
     log.attempt(offering, started, t0, error=error)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from ..errors import AdapterError, BudgetExceeded, LedgerError, redact
@@ -33,6 +34,12 @@ class Served:
     images: tuple[GeneratedImage, ...]
     cost: Cost
     estimated: Cost
+    bound_usd: Decimal | None
+
+    @property
+    def over_bound(self) -> bool:
+        """Settled above the most it could cost (what a budget reserved): flagged, never hidden."""
+        return None not in (self.cost.usd, self.bound_usd) and self.cost.usd > self.bound_usd  # type: ignore[operator]
 
 
 @dataclass
@@ -47,6 +54,7 @@ class CallLog:
     attempts: list[Attempt] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
     refusals: list[BudgetExceeded] = field(default_factory=list)   # by `restrict` budgets
+    ledger_faults: list[LedgerError] = field(default_factory=list)  # budget steps that failed after paying
     started: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
     pending_row: bool = False   # a pending row exists (the call holds a budget reservation)
@@ -55,10 +63,16 @@ class CallLog:
     def redact(self, text: str) -> str:
         return redact(text, self.secrets())
 
+    def ledger_error(self, what: str, exc: BaseException) -> LedgerError:
+        if isinstance(exc, LedgerError):
+            return exc
+        return LedgerError(f"the ledger could not {what} call {self.request_id}: {type(exc).__name__}: "
+                           f"{_first_line(self.redact(str(exc)))}")
+
     # -- as it happens -------------------------------------------------------------------------
     def attempt(self, offering: Offering, started: datetime, t0: float, *, error: BaseException | None = None,
                 cost: Cost | None = None, request_id: str | None = None) -> None:
-        a = Attempt(
+        a = Attempt.model_construct(  # our own values, typed here: no second validation on the hot path
             number=len(self.attempts) + 1, offering=offering.id, started_at=started,
             latency_s=round(time.perf_counter() - t0, 6), status="error" if error else "ok",
             error_type=type(error).__name__ if error else None,
@@ -116,6 +130,7 @@ class CallLog:
             "error": self.redact(str(error)) if error else None,
             "idempotency_key": req.idempotency_key,
             "adapter_errors": sum(a.error_type == AdapterError.__name__ for a in self.attempts),
+            "over_bound": int(served is not None and served.over_bound),
         }
 
     def rows(self, status: str, error: BaseException | None, served: Served | None = None
@@ -147,7 +162,7 @@ class CallLog:
                 self.ledger.record_call(*rows, pending=self.pending_row)
         except Exception as exc:
             failure = LedgerError(f"the ledger could not record call {self.request_id} ({status}): "
-                                  f"{type(exc).__name__}: {self.redact(str(exc))}", result)
+                                  f"{type(exc).__name__}: {_first_line(self.redact(str(exc)))}", result)
             logger.error("%s", failure)
             if error is None:
                 raise failure from exc
@@ -163,3 +178,8 @@ class CallLog:
             self.recorded = True
             with contextlib.suppress(Exception):
                 self.ledger.record_call(*self.rows("cancelled", None), pending=self.pending_row)
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    """A driver's error in one line (SQLAlchemy appends the whole statement and its parameters)."""
+    return (text.strip().splitlines() or [""])[0][:limit]

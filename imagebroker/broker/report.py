@@ -47,6 +47,7 @@ class Group:
     cost_usd: Decimal = Decimal(0)
     unpriced: int = 0
     adapter_errors: int = 0   # attempts that failed on a bug in the adapter, not on the provider
+    over_bound: int = 0       # calls that settled above the most they could cost (their reservation)
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
 
@@ -57,7 +58,7 @@ class Group:
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "calls": self.calls, "images": self.images, "failures": self.failures,
                 "cost_usd": self.cost_usd, "avg_cost_per_image_usd": self.avg_cost_per_image_usd,
-                "unpriced": self.unpriced, "adapter_errors": self.adapter_errors,
+                "unpriced": self.unpriced, "adapter_errors": self.adapter_errors, "over_bound": self.over_bound,
                 "latency_p50_s": self.latency_p50_s,
                 "latency_p95_s": self.latency_p95_s}
 
@@ -116,7 +117,7 @@ def split_range(since: float | None, until: float | None
     return (None if first is None else _day(first), None if last is None else _day(last)), edges
 
 
-Sums = tuple[Any, int, int, int, int, int, int]  # key, then ROLLUP_MEASURES
+Sums = tuple[Any, int, int, int, int, int, int, int]  # key, then ROLLUP_MEASURES
 
 
 def _from_rollups(conn: Connection, by: str, days: tuple[str | None, str | None]
@@ -168,7 +169,7 @@ def cost_report(ledger: Ledger, *, since: float | None = None, until: float | No
             if days is not None:
                 parts.append(_from_rollups(conn, by, days))
         for sums, hist in parts:
-            for k, n, images, failures, cost, unp, adapter in sums:
+            for k, n, images, failures, cost, unp, adapter, over in sums:
                 g = groups.setdefault(str(k) or "(none)", Group(str(k) or "(none)"))
                 g.calls += int(n)
                 g.images += int(images or 0)
@@ -176,13 +177,14 @@ def cost_report(ledger: Ledger, *, since: float | None = None, until: float | No
                 g.cost_usd += from_nusd(int(cost or 0)) or Decimal(0)
                 g.unpriced += int(unp or 0)
                 g.adapter_errors += int(adapter or 0)
+                g.over_bound += int(over or 0)
             for k, bucket, count in hist:
                 h = hists.setdefault(str(k) or "(none)", {})
                 h[int(bucket)] = h.get(int(bucket), 0) + int(count)
     total = Group("total")
     every: dict[int, int] = {}
     for g in groups.values():
-        for field in ("calls", "images", "failures", "cost_usd", "unpriced", "adapter_errors"):
+        for field in ("calls", "images", "failures", "cost_usd", "unpriced", "adapter_errors", "over_bound"):
             setattr(total, field, getattr(total, field) + getattr(g, field))
         h = hists.get(g.key)
         if h:

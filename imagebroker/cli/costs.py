@@ -70,6 +70,9 @@ def costs(
     if total.unpriced:
         console.print(f"[yellow]{total.unpriced} call(s) have no price: their cost is unknown, "
                       "not zero[/yellow]")
+    if total.over_bound:
+        console.print(f"[yellow]{total.over_bound} call(s) settled above the most they were expected to "
+                      "cost (the bound their budget reserved)[/yellow]")
     if total.adapter_errors:
         console.print(f"[yellow]{total.adapter_errors} attempt(s) failed on a bug in a provider adapter, "
                       "not on the provider (the calls fell back; see the log at ERROR)[/yellow]")

@@ -30,7 +30,7 @@ def plan_json(plan: Plan) -> dict:
     return {
         "policy": plan.policy, "rule": plan.rule, "objective": plan.objective,
         "candidates": [{"offering": c.offering, "estimated_cost_usd": c.estimated_cost.usd,
-                        "cost_status": c.estimated_cost.status,
+                        "bound_usd": c.bound_usd, "cost_status": c.estimated_cost.status,
                         "estimated_latency_s": c.estimated_latency_s, "dropped": list(c.dropped)}
                        for c in plan.candidates],
         "rejected": [{"offering": r.offering, "reasons": list(r.reasons)} for r in plan.rejected],
@@ -41,10 +41,10 @@ def print_plan(plan: Plan, *, limit: int | None = None) -> None:
     rule = f", rule {plan.rule!r}" if plan.rule else ""
     console.print(f"policy [bold]{plan.policy}[/bold] (objective {plan.objective}{rule})")
     table = Table(title="candidates, in the order they will be tried", title_justify="left", box=box.SIMPLE_HEAD)
-    for col in ("#", "offering", "est. cost", "est. latency", "dropped"):
+    for col in ("#", "offering", "est. cost", "up to", "est. latency", "dropped"):
         table.add_column(col)
     for i, c in enumerate(plan.candidates, 1):
-        table.add_row(str(i), c.offering, usd(c.estimated_cost.usd),
+        table.add_row(str(i), c.offering, usd(c.estimated_cost.usd), usd(c.bound_usd),
                       f"{c.estimated_latency_s:g} s" if c.estimated_latency_s is not None else "?",
                       ", ".join(c.dropped) or "-")
     if plan.candidates:

@@ -18,7 +18,7 @@ from ..providers import schedulers
 from ..providers.catalog import Catalog
 from ..providers.offering import Offering
 from ..types import Candidate, Cost, ImageRequest, Plan, Rejection
-from .pricing import CHARS_PER_TOKEN, estimate
+from .pricing import CHARS_PER_TOKEN, bound, estimate
 from .schema import Constraints, Policy, Rule
 
 DEFAULT_LOAD_S = 15.0
@@ -147,8 +147,8 @@ def _limits(r: ImageRequest, c: Constraints, state: PlannerState) -> tuple[float
     return max_latency, [(limit, per) for limit, per in limits if limit is not None]
 
 
-def _policy_reasons(o: Offering, r: ImageRequest, c: Constraints, cost: Cost, latency: float,
-                    max_latency: float, limits: list[tuple[Decimal, str]]) -> list[str]:
+def _policy_reasons(o: Offering, r: ImageRequest, c: Constraints, cost: Cost, worst: Decimal | None,
+                    latency: float, max_latency: float, limits: list[tuple[Decimal, str]]) -> list[str]:
     reasons = []
     need = c.licenses
     if need == "commercial" and o.license.commercial_use != "yes":
@@ -166,6 +166,10 @@ def _policy_reasons(o: Offering, r: ImageRequest, c: Constraints, cost: Cost, la
         if cost.usd is None:
             reasons.append(f"price unknown ({cost.detail}); cannot check max ${limit}/{per.split()[0]}")
             break
+        if per == "call (budget headroom)":  # what the budget will reserve: the bound
+            if worst is not None and worst > limit:
+                reasons.append(f"up to ${worst:.4f}/call > budget headroom ${limit}")
+            continue
         value = cost.usd / r.n if per == "image" else cost.usd
         if value > limit:
             reasons.append(f"est ${value:.4f}/{per} > max ${limit}")
@@ -223,14 +227,15 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
             reasons.append(why)
         hard, soft = _capability_reasons(o, request, c)
         reasons += hard
-        cost = estimate(request, o, device=state.devices.get(o.id, "cuda"))
+        device = state.devices.get(o.id, "cuda")
+        cost, worst = estimate(request, o, device=device), bound(request, o, device=device)
         latency = latency_estimate(o, state)
-        reasons += _policy_reasons(o, request, c, cost, latency, max_latency, limits)
+        reasons += _policy_reasons(o, request, c, cost, worst, latency, max_latency, limits)
         if reasons:
             rejected.append(Rejection(offering=o.id, reasons=tuple(reasons)))
             continue
         cand = Candidate(offering=o.id, estimated_cost=cost, estimated_latency_s=round(latency, 3),
-                         dropped=tuple(soft))
+                         dropped=tuple(soft), bound_usd=worst)
         is_last = pinned is None and o.id in last_resort
         (held if is_last else eligible).append((cand, o))
     if eligible:

@@ -126,6 +126,51 @@ def estimate(request: ImageRequest, offering: Offering, *, device: str = "cuda")
                 units=units, detail=detail)
 
 
+def _per_image_bound(price: PerImagePrice, size: str, quality: str | None) -> Decimal:
+    """The dearest price this size can be billed at: the asked quality's, or with quality auto (or
+    none), the dearest quality's the offering could pick."""
+    if quality not in (None, "auto"):
+        return _per_image_usd(price, size, quality)
+    rows = [r.usd for r in price.table if r.size in (size, None) and r.quality is not None]
+    return max([_per_image_usd(price, size, None), *rows])
+
+
+def bound(request: ImageRequest, offering: Offering, *, device: str = "cuda") -> Decimal | None:
+    """The most this call can cost, which budgets reserve: quality `auto` at the dearest quality the
+    offering could pick, prompt tokens at one per byte (a token is at least one byte), per-second
+    prices at the declared maximum (or the offering's latency p95), local and ComfyUI seconds at the
+    latency p95; `n` included. None when unpriced."""
+    price = offering.price
+    if price is None:
+        return None
+    w, h = request_size(request, offering)
+    n = request.n
+    if isinstance(price, PerImagePrice):
+        usd = _per_image_bound(price, f"{w}x{h}", request.quality) * n
+    elif isinstance(price, PerMegapixelPrice):
+        usd = megapixel_usd(price, w, h) * n
+    elif isinstance(price, PerTokenPrice):
+        worst = request.quality if request.quality in price.output_tokens else None
+        table = price.output_tokens if worst is None else {worst: price.output_tokens[worst]}
+        rw, rh = parse_size(price.output_tokens_size)
+        out = math.ceil(max(table.values(), default=0) * (w * h) / (rw * rh))
+        units = {"input_text_tokens": len(request.prompt.encode()) * n, "output_image_tokens": out * n}
+        usd = token_usd(price, units)
+    elif isinstance(price, PerSecondPrice):
+        secs = max(price.max_seconds or offering.latency.p95_s, price.typical_seconds) * n
+        usd = Decimal(str(secs)) * price.usd_per_second
+    elif isinstance(price, PerCreditPrice):
+        usd = price.credits * n * price.usd_per_credit
+    else:
+        rate = _gpu_rate(price, device)
+        expected = estimate(request, offering, device=device)
+        if rate is None or expected.usd is None:
+            return None
+        ratio = Decimal(str(max(1.0, offering.latency.p95_s / max(offering.latency.p50_s, 1e-9))))
+        return _q(expected.usd * ratio)
+    return _q(_with_uplift(usd, price.uplift))
+
+
 def settle(usage: Mapping[str, Any], offering: Offering, request: ImageRequest) -> Cost:
     """What the call cost, from the units the provider reported (`usage`)."""
     price = offering.price
@@ -203,10 +248,10 @@ def usage_problem(usage: Mapping[str, Any]) -> str | None:
 
 
 def settle_checked(usage: Mapping[str, Any], offering: Offering, request: ImageRequest,
-                   expected: Cost) -> Cost:
+                   worst: Decimal | None) -> Cost:
     """`settle`, but usage is checked before it is believed: negative, NaN, infinite or non-numeric
-    units, or units priced at more than IMPLAUSIBLE_FACTOR times the estimate (for a provider's own
-    report; locally measured seconds are ours), give the catalog's estimate instead, with the raw
+    units, or units priced at more than IMPLAUSIBLE_FACTOR times the bound `worst` (for a provider's
+    own report; locally measured seconds are ours), give the catalog's estimate instead, with the raw
     units kept and the reason in the detail. Never raises: the provider was paid, the images are kept."""
     why = usage_problem(usage)
     cost = None
@@ -216,11 +261,11 @@ def settle_checked(usage: Mapping[str, Any], offering: Offering, request: ImageR
         except (ArithmeticError, ValueError, TypeError) as exc:  # a shape `settle` does not expect
             why = f"{type(exc).__name__} pricing {dict(usage)!r:.80}"
     if cost is not None:
-        ceiling = expected.usd * IMPLAUSIBLE_FACTOR if expected.usd else None
+        ceiling = worst * IMPLAUSIBLE_FACTOR if worst else None
         hosted = cost.unit != "gpu_seconds"
         if not (hosted and cost.usd is not None and ceiling is not None and cost.usd > ceiling):
             return cost
-        why = f"${cost.usd} is over {IMPLAUSIBLE_FACTOR}x the estimate ${expected.usd}"
+        why = f"${cost.usd} is over {IMPLAUSIBLE_FACTOR}x the most it could cost (${worst})"
     fallback = estimate(request, offering)
     return fallback.model_copy(update={
         "units": {**fallback.units, "reported": {k: str(v)[:80] for k, v in usage.items()}},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -52,8 +52,13 @@ class RuleSet(_Strict):
     deny: tuple[str, ...] | None = None
 
 
+# names the ledger stores, within its column limits and free of NUL, so that nothing is refused by the
+# database after a call was paid for
+LedgerName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+
+
 class Rule(_Strict):
-    name: str
+    name: LedgerName
     when: When = Field(default_factory=When)
     set: RuleSet = Field(default_factory=RuleSet)
 
@@ -65,7 +70,7 @@ class BudgetScope(_Strict):
 
 
 class Budget(_Strict):
-    name: str
+    name: LedgerName
     period: Literal["day", "week", "month", "total"]
     limit_usd: Decimal = Field(ge=0)
     scope: BudgetScope = Field(default_factory=BudgetScope)
@@ -98,7 +103,7 @@ class LedgerSettings(_Strict):
 
 
 class Policy(_Strict):
-    name: str = "custom"
+    name: LedgerName = "custom"
     description: str = ""
     extends: str | None = None
     constraints: Constraints = Field(default_factory=Constraints)

@@ -119,6 +119,7 @@ class PerSecondPrice(_PriceBase):
     usd_per_second: Decimal = Field(ge=0)
     hardware: str
     typical_seconds: float   # per image, to estimate before the call
+    max_seconds: float | None = Field(default=None, gt=0)   # per image, for the bound (else latency p95)
 
 
 class PerCreditPrice(_PriceBase):

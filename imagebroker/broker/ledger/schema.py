@@ -185,6 +185,8 @@ def _v5_skips(md: MetaData) -> Table:
 TABLES["skips"] = _v5_skips(metadata)  # m005
 TABLES["calls"].append_column(Column("adapter_errors", Integer, nullable=False, server_default="0"))
 TABLES["call_rollups"].append_column(Column("adapter_errors", BigInteger, nullable=False, server_default="0"))
+TABLES["calls"].append_column(Column("over_bound", Integer, nullable=False, server_default="0"))
+TABLES["call_rollups"].append_column(Column("over_bound", BigInteger, nullable=False, server_default="0"))
 calls, attempts, call_tags = TABLES["calls"], TABLES["attempts"], TABLES["call_tags"]
 budget_counters, reservations = TABLES["budget_counters"], TABLES["reservations"]
 call_rollups, latency_rollups, skips = TABLES["call_rollups"], TABLES["latency_rollups"], TABLES["skips"]
@@ -217,7 +219,7 @@ def m002_report_indexes(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX ix_reservations_status ON reservations (status)")
 
 
-ROLLUP_MEASURES = ("calls", "images", "failures", "cost_nusd", "unpriced", "adapter_errors")
+ROLLUP_MEASURES = ("calls", "images", "failures", "cost_nusd", "unpriced", "adapter_errors", "over_bound")
 
 
 def call_sums() -> tuple[ColumnElement[Any], ...]:
@@ -226,7 +228,7 @@ def call_sums() -> tuple[ColumnElement[Any], ...]:
     return (func.count(), func.coalesce(func.sum(calls.c.images), 0), func.sum(case((~ok, 1), else_=0)),
             func.coalesce(func.sum(calls.c.cost_nusd), 0),
             func.sum(case((and_(ok, calls.c.cost_nusd.is_(None)), 1), else_=0)),
-            func.coalesce(func.sum(calls.c.adapter_errors), 0))
+            func.coalesce(func.sum(calls.c.adapter_errors), 0), func.coalesce(func.sum(calls.c.over_bound), 0))
 
 
 def latency_bucket_sql() -> ColumnElement[Any]:
@@ -282,12 +284,14 @@ def m004_idempotency_key(conn: Connection) -> None:
 
 
 @migration
-def m005_skips_and_adapter_errors(conn: Connection) -> None:
-    """Skipped offerings get a table of their own (they were stored as fake failed attempts), and each
-    call counts its adapter errors (bugs, not outages), summed per day in the rollups."""
+def m005_skips_adapter_errors_over_bound(conn: Connection) -> None:
+    """Skipped offerings get a table of their own (they were stored as fake failed attempts); each call
+    counts its adapter errors (bugs, not outages) and flags a settled cost above the bound its budget
+    reserved; both are summed per day in the rollups."""
     _v5_skips(MetaData()).create(conn)
-    conn.exec_driver_sql("ALTER TABLE calls ADD COLUMN adapter_errors INTEGER NOT NULL DEFAULT 0")
-    conn.exec_driver_sql("ALTER TABLE call_rollups ADD COLUMN adapter_errors BIGINT NOT NULL DEFAULT 0")
+    for column in ("adapter_errors", "over_bound"):
+        conn.exec_driver_sql(f"ALTER TABLE calls ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+        conn.exec_driver_sql(f"ALTER TABLE call_rollups ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0")
     # skips recorded before as fake attempts (no latency, no request sent) move to their table
     fake = "error_type IN ('CircuitOpen', 'BudgetExceeded') AND latency_s = 0"
     conn.exec_driver_sql(

@@ -6,23 +6,27 @@ inside one transaction (SQLite `BEGIN IMMEDIATE`, PostgreSQL `SELECT ... FOR UPD
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from platformdirs import user_data_dir
 from sqlalchemy import create_engine, event, insert, select, update
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 
-from ...errors import BudgetExceeded, ConfigError, MissingExtra
+from ...errors import BudgetExceeded, ConfigError, LedgerError, MissingExtra
 from .schema import (
     MIGRATIONS,
     budget_counters,
@@ -36,6 +40,8 @@ from .schema import (
 from .writer import CallWriter
 
 LEDGER_ENV = "IMAGEBROKER_LEDGER_URL"
+RENEW_MAX_WAIT_S = 60.0
+T = TypeVar("T")
 HOST = socket.gethostname()
 
 
@@ -61,6 +67,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _retried(fn: Callable[..., T]) -> Callable[..., T]:
+    """A ledger step run again, once, on a fresh connection when the connection (not the statement)
+    failed: a PostgreSQL backend terminated, a socket reset. Each step is idempotent by its ids."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Ledger, *args: Any, **kwargs: Any) -> T:
+        self.check_file()
+        try:
+            return fn(self, *args, **kwargs)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated and not isinstance(exc, OperationalError):
+                raise
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Ledger:
     """Durable record of calls, attempts, costs and budget reservations."""
 
@@ -68,16 +91,40 @@ class Ledger:
         self.url = url or os.environ.get(LEDGER_ENV) or default_ledger_url()
         self.engine = self._engine(self.url)
         self.sqlite = self.engine.dialect.name == "sqlite"
-        self.writer = CallWriter(self.engine, self.sqlite)
+        self.writer = CallWriter(self.engine, self.sqlite, self.check_file)
+        self._held: dict[str, float] = {}   # reservations this process holds -> their TTL
+        self._heartbeat: threading.Thread | None = None
+        self._lock = threading.Lock()
         me = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (ledger := me()) and ledger._after_fork())
         self.migrate()
         self.reconcile()
+        self._inode = self._file_inode()
 
     def _after_fork(self) -> None:
         """A forked child gets connections of its own: the parent's stay the parent's."""
         self.engine.dispose(close=False)
         self.writer.after_fork()
+        self._held, self._heartbeat, self._lock = {}, None, threading.Lock()
+
+    def _file_inode(self) -> int | None:
+        database = self.engine.url.database
+        if not self.sqlite or not database or database == ":memory:":
+            return None
+        return os.stat(database).st_ino
+
+    def check_file(self) -> None:
+        """An SQLite file deleted or replaced under this process would swallow every later write (into
+        an unlinked inode): refuse to write instead."""
+        if self._inode is None:
+            return
+        try:
+            same = os.stat(self.engine.url.database or "").st_ino == self._inode
+        except OSError:
+            same = False
+        if not same:
+            raise LedgerError(f"the ledger file {self.engine.url.database} was deleted or replaced while this "
+                              "process was using it; nothing more is written to it")
 
     def __repr__(self) -> str:
         return f"Ledger({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -162,12 +209,17 @@ class Ledger:
         spent, reserved = conn.execute(q).one()
         return int(spent), int(reserved)
 
+    @_retried
     def reserve(self, request_id: str, limits: Sequence[tuple[str, str, Decimal]], amount: Decimal,
-                ttl_s: float) -> str:
-        """Hold `amount` against every (budget, period, limit), all or none. Raises BudgetExceeded."""
+                ttl_s: float, rid: str | None = None) -> str:
+        """Hold `amount` against every (budget, period, limit), all or none. Raises BudgetExceeded.
+        With the same `rid` again (a retry after the connection dropped), the hold made is returned."""
         need = to_nusd(amount) or 0
-        rid = uuid.uuid4().hex
+        rid = rid or uuid.uuid4().hex
         with self.engine.begin() as conn:
+            if conn.execute(select(reservations.c.id).where(reservations.c.id == rid)).first():
+                self._hold(rid, ttl_s)
+                return rid
             for budget, period, limit in sorted(limits):  # a fixed lock order: no deadlocks
                 spent, reserved = self._lock_counter(conn, budget, period)
                 if spent + reserved + need > (to_nusd(limit) or 0):
@@ -183,28 +235,64 @@ class Ledger:
                 id=rid, request_id=request_id, amount_nusd=need, created_at=now,
                 expires_at=now + ttl_s, host=HOST, pid=os.getpid(), status="held",
                 counters_json=json.dumps([[b, p] for b, p, _ in limits])))
+        self._hold(rid, ttl_s)
         return rid
+
+    # -- keeping held reservations alive ------------------------------------------------------
+    def _hold(self, rid: str, ttl_s: float) -> None:
+        """While this process lives its reservations are renewed, so that no other process (on
+        another host, which cannot see our pid) takes a running call's reservation for abandoned."""
+        with self._lock:
+            self._held[rid] = ttl_s
+            if self._heartbeat is None or not self._heartbeat.is_alive():
+                me = weakref.ref(self)
+                self._heartbeat = threading.Thread(target=_renew, args=(me,), name="imagebroker-ledger-renew",
+                                                   daemon=True)
+                self._heartbeat.start()
+
+    def _unhold(self, rid: str) -> None:
+        with self._lock:
+            self._held.pop(rid, None)
+
+    def renew(self) -> int:
+        """Push the expiry of every reservation this process holds to now + its TTL."""
+        with self._lock:
+            held = dict(self._held)
+        now = time.time()
+        with self.engine.begin() as conn:
+            for rid, ttl in held.items():
+                conn.execute(update(reservations).where(reservations.c.id == rid, reservations.c.status == "held")
+                             .values(expires_at=now + ttl))
+        return len(held)
 
     def _finish(self, conn: Connection, rid: str, spent: Decimal | None, status: str) -> None:
         row = conn.execute(select(reservations.c.counters_json, reservations.c.amount_nusd,
                                   reservations.c.status).where(reservations.c.id == rid)).first()
-        if row is None or row.status != "held":
-            return
         add = to_nusd(spent) or 0
-        for budget, period in json.loads(row.counters_json):
-            conn.execute(update(budget_counters).where(
+        if row is None or row.status in ("settled", "released", "late-settled"):
+            return  # done already (this is a retry)
+        held = row.status == "held"
+        if not held and not (status == "settled" and add):
+            return
+        for budget, period in json.loads(row.counters_json):  # an expired hold was released already: a
+            conn.execute(update(budget_counters).where(          # late settlement still charges the spend
                 budget_counters.c.budget == budget, budget_counters.c.period == period).values(
-                reserved_nusd=budget_counters.c.reserved_nusd - row.amount_nusd,
+                reserved_nusd=budget_counters.c.reserved_nusd - (row.amount_nusd if held else 0),
                 spent_nusd=budget_counters.c.spent_nusd + add))
-        conn.execute(update(reservations).where(reservations.c.id == rid).values(status=status))
+        conn.execute(update(reservations).where(reservations.c.id == rid).values(
+            status=status if held else "late-settled"))
 
+    @_retried
     def settle(self, rid: str, actual: Decimal | None) -> None:
         with self.engine.begin() as conn:
             self._finish(conn, rid, actual, "settled")
+        self._unhold(rid)
 
+    @_retried
     def release(self, rid: str) -> None:
         with self.engine.begin() as conn:
             self._finish(conn, rid, None, "released")
+        self._unhold(rid)
 
     def reconcile(self) -> int:
         """Release reservations whose process died (same host) or whose time ran out."""
@@ -271,3 +359,19 @@ class Ledger:
     def close(self) -> None:
         self.writer.close()
         self.engine.dispose()
+
+
+def _renew(me: weakref.ref[Ledger]) -> None:
+    """The renewing thread: every third of the shortest TTL held, while anything is held."""
+    while (ledger := me()) is not None:
+        with ledger._lock:
+            if not ledger._held:
+                ledger._heartbeat = None
+                return
+            wait = min(ledger._held.values()) / 3
+        del ledger  # do not keep the ledger alive while sleeping
+        time.sleep(min(wait, RENEW_MAX_WAIT_S))
+        if (ledger := me()) is not None:
+            with contextlib.suppress(Exception):  # a failed renewal is tried again next time round
+                ledger.renew()
+            del ledger

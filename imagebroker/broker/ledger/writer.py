@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -70,7 +70,7 @@ class CallSQL:
         out: Statements = [(self.add_call_rollup, [[*keys, row["status"], 1, row["images"] or 0,
                                                     0 if ok else 1, cost or 0,
                                                     1 if ok and cost is None else 0,
-                                                    row.get("adapter_errors") or 0]])]
+                                                    row.get("adapter_errors") or 0, row.get("over_bound") or 0]])]
         if ok and row["latency_s"] is not None:
             out.append((self.add_latency_rollup, [[*keys, latency_bucket(row["latency_s"]), 1]]))
         return out
@@ -88,8 +88,8 @@ def merged(batches: Sequence[Statements]) -> Statements:
 class CallWriter:
     """Writes call rows on one kept DB-API connection; thread-safe, and batched per event loop."""
 
-    def __init__(self, engine: Engine, sqlite: bool) -> None:
-        self.engine, self.sqlite = engine, sqlite
+    def __init__(self, engine: Engine, sqlite: bool, check: Callable[[], None] = lambda: None) -> None:
+        self.engine, self.sqlite, self.check = engine, sqlite, check
         self.sql = CallSQL("?" if sqlite else "%s")
         self._conn: Any = None
         self._lock = threading.Lock()
@@ -97,6 +97,7 @@ class CallWriter:
 
     def write(self, statements: Statements) -> None:
         """One transaction, committed before this returns."""
+        self.check()
         with self._lock:
             for last in (False, True):
                 fresh = self._conn is None

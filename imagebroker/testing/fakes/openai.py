@@ -9,7 +9,9 @@ from typing import Any
 from ..images import make_image
 from . import FakeServer, Reply
 
-TOKENS = {"low": 196, "medium": 1756, "high": 7024}
+# image-output tokens reported per quality; with `auto` the fake picks between medium and high, as the real
+# service may: a call estimated at medium settles dearer (the budget must have reserved the bound)
+TOKENS = {"low": 196, "medium": 1756, "high": 7024, "auto": 4168}
 
 
 class FakeOpenAI(FakeServer):
@@ -39,7 +41,7 @@ class FakeOpenAI(FakeServer):
         n = body.get("n", 1)
         images = [] if step == "empty" else [b"not an image"] * n if step == "broken" else [
             make_image(w, h, seed=i, fmt=fmt) for i in range(n)]
-        quality = body.get("quality", "medium")
+        quality = body.get("quality", "auto")  # the real default
         out_tokens = TOKENS.get(quality, 1756) * len(images)
         prompt_tokens = max(1, len(body["prompt"]) // 4)
         return Reply(200, {
