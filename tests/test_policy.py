@@ -65,3 +65,91 @@ def test_first_matching_rule_merges_over_the_defaults(tmp_path: Path):
     assert draft.constraints.licenses == "commercial"   # not given by the rule: kept
     plain = effective_settings(ImageRequest(prompt="x"), policy)
     assert plain.rule is None and plain.constraints.max_cost_per_image_usd == Decimal("0.10")
+
+
+PRICE_OVERRIDES = [   # (offering, price lines under `price:`, field, line of the bad value)
+    ("replicate/black-forest-labs/flux-dev", ['usd: "-0.02"'], "price.usd", 5),
+    ("bfl/flux-2-flex", ['first_mp_usd: "0.03"', 'usd_per_mp: "-0.01"'], "price.usd_per_mp", 6),
+    ("bfl/flux-2-flex", ['first_mp_usd: "-0.03"'], "price.first_mp_usd", 5),
+    ("replicate/stability-ai/sdxl", ["usd_per_second: -0.001"], "price.usd_per_second", 5),
+    ("bfl/flux-kontext-max", ["credits: -4"], "price.credits", 5),
+    ("google/gemini-2.5-flash-image", ['image_output: "-0.00003"'], "price.image_output", 5),
+    ("comfyui/flux-schnell", ['cpu_usd_per_hour: "-1"'], "price.cpu_usd_per_hour", 5),
+    ("openai/dall-e-3", ["table:", "  - size: 1024x1024", '    usd: "-0.04"'], "price.table.0.usd", 7),
+]
+
+
+@pytest.mark.parametrize("oid, price, field, line", PRICE_OVERRIDES)
+def test_a_negative_price_in_a_policy_override_names_file_line_and_field(tmp_path: Path, oid, price,
+                                                                        field, line):
+    p = tmp_path / "p.yaml"
+    p.write_text("objective: cheapest\nofferings:\n  - id: " + oid + "\n    price:\n"
+                 + "".join(f"      {x}\n" for x in price))
+    with pytest.raises(ConfigError) as exc:
+        load_policy(p)
+    assert str(exc.value) == (f"{p}:{line}: offerings.0.{field}: "
+                              "Input should be greater than or equal to 0")
+
+
+def test_a_negative_price_fails_policy_check_with_exit_2(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from imagebroker.cli import app
+
+    p = tmp_path / "p.yaml"
+    p.write_text("objective: cheapest\nofferings:\n  - id: replicate/black-forest-labs/flux-dev\n"
+                 "    price: {usd: \"-0.02\", source: our contract, checked: 2026-11-01}\n")
+    result = CliRunner().invoke(app, ["policy", "check", str(p)])
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert "p.yaml:4: offerings.0.price.usd: Input should be greater than or equal to 0" in out
+    assert "Traceback" not in result.output
+
+
+def test_a_zero_price_is_a_price(tmp_path: Path):
+    from imagebroker.policies.effective import effective_catalog
+    from imagebroker.providers.catalog import builtin_catalog
+
+    p = tmp_path / "p.yaml"
+    p.write_text('offerings:\n  - id: replicate/black-forest-labs/flux-dev\n    price: {usd: "0"}\n')
+    catalog = effective_catalog(load_policy(p), builtin_catalog())
+    assert catalog.resolve("replicate/black-forest-labs/flux-dev").price.usd == Decimal(0)
+
+
+def test_a_negative_price_in_a_catalog_file_names_file_line_and_field(tmp_path: Path):
+    from imagebroker.providers.catalog import load_catalog_file
+
+    f = tmp_path / "x.yaml"
+    f.write_text("provider: x\ncatalog_version: 1\nofferings:\n  - model: m\n    kind: closed\n"
+                 "    regions: [us]\n    license: {commercial_use: 'yes', name: n}\n"
+                 "    latency: {p50_s: 1, p95_s: 2}\n    source: s\n    checked: 2026-01-01\n"
+                 "    capabilities: {}\n    price:\n      unit: per_image\n      usd: '-0.5'\n"
+                 "      source: s\n      checked: 2026-01-01\n      confidence: high\n")
+    with pytest.raises(ConfigError) as exc:
+        load_catalog_file(f)
+    assert str(exc.value) == (f"{f}:14: offerings.0.price.usd: "
+                              "Input should be greater than or equal to 0")
+
+
+def test_an_error_in_inherited_offerings_names_the_file_they_are_in(tmp_path: Path):
+    (tmp_path / "base.yaml").write_text(
+        "objective: cheapest\nofferings:\n  - id: replicate/black-forest-labs/flux-dev\n"
+        "    price: {usd: \"-1\"}\n")
+    (tmp_path / "team.yaml").write_text("extends: base.yaml\nobjective: fastest\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml:4: offerings\.0\.price\.usd: Input should be"):
+        load_policy(tmp_path / "team.yaml")
+
+
+def test_a_partial_override_of_an_offering_only_a_given_catalog_has_still_loads(tmp_path: Path):
+    """What an entry lacks is judged once it is merged over the catalog the Broker is given."""
+    from imagebroker.policies.effective import effective_catalog
+    from imagebroker.providers.catalog import Catalog
+    from imagebroker.providers.offering import Offering
+    from imagebroker.testing.mock import mock_offering
+
+    p = tmp_path / "p.yaml"
+    p.write_text('offerings:\n  - id: mock/a\n    price: {usd: "0.07"}\n')
+    policy = load_policy(p)
+    given = Catalog([Offering.model_validate({"id": "mock/a", **mock_offering("a")})], "t")
+    catalog = effective_catalog(policy, given)
+    assert catalog.resolve("mock/a").price.usd == Decimal("0.07")
