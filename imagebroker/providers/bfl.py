@@ -18,6 +18,9 @@ class BFLProvider(HttpProvider):
     name = "bfl"
     api_key_env = "BFL_API_KEY"
     default_base_url = "https://api.bfl.ai"
+    # the global and regional hosts answer with a polling_url on the cluster that took the job ("always
+    # use the returned polling_url", docs.bfl.ai/integration_guidelines): BFL's own hosts get the key
+    key_hosts = ("*.bfl.ai",)
 
     def headers(self, key: str | None) -> dict[str, str]:
         return {"x-key": key} if key else {}
@@ -35,17 +38,18 @@ class BFLProvider(HttpProvider):
             body["guidance"] = request.guidance_scale
         body.update(request.extra.get(self.name, {}))
         path = str(offering.settings.get("endpoint", offering.model))
-        headers = self.headers(ctx.api_key)
-        resp = await self.send("POST", f"{self.base_url_for(offering)}/v1/{path}", where=where,
-                               json=body, headers=headers, timeout=ctx.timeout_s)
+        headers, base = self.headers(ctx.api_key), self.base_url_for(offering)
+        resp = await self.send("POST", f"{base}/v1/{path}", where=where, json=body, headers=headers,
+                               timeout=ctx.timeout_s)
         task = self.json(resp, where)
         if "polling_url" not in task:
             raise BadProviderResponse("submit answered without a polling_url", **where)
         where["request_id"] = task.get("id")
+        polling_url = self.keyed_url(task["polling_url"], base, where)
         interval = self.settings.poll_interval_s or 0.5
 
         async def check() -> dict[str, Any] | None:
-            r = await self.send("GET", task["polling_url"], where=where, headers=headers)
+            r = await self.send("GET", polling_url, where=where, headers=headers)
             result = self.json(r, where)
             status = result.get("status")
             if status == "Ready":
@@ -62,7 +66,7 @@ class BFLProvider(HttpProvider):
         sample = (result.get("result") or {}).get("sample")
         if not sample:
             raise BadProviderResponse("Ready without result.sample", **where)
-        image = await self.download(sample, where)
+        image = await self.download(sample, where, base_url=base)
         usage: dict[str, Any] = {"images": 1, "width": w, "height": h}
         if task.get("cost") is not None:  # newer responses may report credits (not verified)
             usage["credits"] = task["cost"]

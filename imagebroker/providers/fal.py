@@ -34,16 +34,17 @@ class FalProvider(HttpProvider):
         if request.adapters:
             body["loras"] = [{"path": a.ref, "scale": a.scale} for a in request.adapters]
         body.update(request.extra.get(self.name, {}))
-        headers = self.headers(ctx.api_key)
-        resp = await self.send("POST", f"{self.base_url_for(offering)}/{offering.model}", where=where,
-                               json=body, headers=headers, timeout=ctx.timeout_s)
+        headers, base = self.headers(ctx.api_key), self.base_url_for(offering)
+        resp = await self.send("POST", f"{base}/{offering.model}", where=where, json=body, headers=headers,
+                               timeout=ctx.timeout_s)
         handle = self.json(resp, where)
         if not isinstance(handle, dict) or "status_url" not in handle:
             raise BadProviderResponse("submit answered without a status_url", **where)
         where["request_id"] = handle.get("request_id")
+        status_url = self.keyed_url(handle["status_url"], base, where)
 
         async def check() -> dict[str, Any] | None:
-            r = await self.send("GET", handle["status_url"], where=where, headers=headers)
+            r = await self.send("GET", status_url, where=where, headers=headers)
             status = self.json(r, where)
             if status.get("error"):
                 raise ProviderUnavailable(f"fal: {status.get('error_type') or ''} {status['error']}",
@@ -57,16 +58,17 @@ class FalProvider(HttpProvider):
                             deadline_s=ctx.timeout_s, where=where)
         except (asyncio.CancelledError, ProviderUnavailable):
             with contextlib.suppress(Exception):
-                await self.send("PUT", handle["cancel_url"], where=where, headers=headers, timeout=5)
+                cancel_url = self.keyed_url(handle["cancel_url"], base, where)
+                await self.send("PUT", cancel_url, where=where, headers=headers, timeout=5)
             raise
-        out = self.json(await self.send("GET", handle["response_url"], where=where, headers=headers),
-                        where)
+        response_url = self.keyed_url(handle.get("response_url"), base, where)
+        out = self.json(await self.send("GET", response_url, where=where, headers=headers), where)
         flags = out.get("has_nsfw_concepts") or []
         if any(flags):
             raise ContentRejected("fal's safety checker flagged the output", **where)
         try:
             items = out["images"]
-            images = [RawImage(await self.download(i["url"], where),
+            images = [RawImage(await self.download(i["url"], where, base_url=base),
                                None if out.get("seed") is None else out["seed"] + n)
                       for n, i in enumerate(items)]
             sizes = [[i.get("width") or w, i.get("height") or h] for i in items]

@@ -1,13 +1,34 @@
-"""What HTTP providers share: one client per provider, and the one mapping of HTTP statuses and
-transport failures onto imagebroker's error tree."""
+"""What HTTP providers share: one client per provider, the one mapping of HTTP statuses and
+transport failures onto imagebroker's error tree, and the rules for URLs a provider's answer names.
+
+Keys stay home. A provider's answer may name URLs to call next (BFL's `polling_url`, fal's
+`status_url`) and URLs to fetch results from; neither is trusted because the answer came over TLS:
+
+- credentials (`keyed_url`) go only to the origin of the base URL in use, or to one of the provider's
+  own official hosts (`HttpProvider.key_hosts`, data in the provider's module) when that base URL is
+  itself one of them; a URL elsewhere is a non-retryable `BadProviderResponse` naming its origin, and
+  no request is made. `send` never follows a redirect: a redirect is such an answer too;
+- results (`download`) are fetched without credentials, over https (http only where the base URL is
+  itself http on a loopback or private address), never from a link-local, multicast, unspecified or
+  reserved address, from a loopback or private one only when the base URL is on one too (every address
+  the host resolves to is checked), following at most `MAX_REDIRECTS` redirects, each checked like the
+  first, and at most `MAX_RESULT_BYTES` long. `data:` URLs are decoded (base64, same bound). A URL that
+  breaks a rule is a non-retryable `BadProviderResponse`: the job was paid for, and asking again would
+  pay again for the same answer.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextlib
+import ipaddress
 import json
+import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, ClassVar, TypeVar
 
 import httpx
 
@@ -25,6 +46,9 @@ from .base import Provider
 T = TypeVar("T")
 REQUEST_ID_HEADERS = ("x-request-id", "x-fal-request-id", "request-id", "x-amzn-requestid")
 MODERATION_WORDS = ("moderat", "safety", "content_policy", "content policy", "nsfw")
+MAX_REDIRECTS = 3  # redirects a result download follows, each hop checked like the first
+MAX_RESULT_BYTES = 128 << 20  # one result on the wire; the broker's image checks apply a tighter bound
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def retry_after(headers: httpx.Headers, body: Any = None) -> float | None:
@@ -66,8 +90,101 @@ def status_error(status: int, text: str, headers: httpx.Headers, **where: Any) -
     return ProviderError(msg, **kw)
 
 
+def origin(url: httpx.URL) -> str:
+    """scheme://host:port, the port always written: what error messages name (never the whole URL,
+    whose query may carry a signature)."""
+    port = url.port or DEFAULT_PORTS.get(url.scheme)
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return f"{url.scheme}://{host}" + (f":{port}" if port else "")
+
+
+def _host_matches(host: str, pattern: str) -> bool:
+    """`api.bfl.ai` matches itself; `*.bfl.ai` matches any name under bfl.ai."""
+    return host.endswith(pattern[1:]) if pattern.startswith("*.") else host == pattern
+
+
+def _kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """loopback, forbidden (link-local, multicast, unspecified, reserved), private or public."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+        return "forbidden"
+    return "public" if ip.is_global else "private"
+
+
+async def address_kinds(host: str, port: int | None, where: dict[str, Any]) -> set[str]:
+    """The kinds of every address `host` stands for: an IP literal is read, never looked up."""
+    try:
+        return {_kind(ipaddress.ip_address(host))}
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ProviderUnavailable(f"cannot resolve {host}: {type(exc).__name__}", **where) from None
+    return {_kind(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])) for info in infos}
+
+
+async def check_result_url(url: str, base_url: str | None, where: dict[str, Any]) -> httpx.URL:
+    """The URL, if a result may be fetched from it (the rules are in this module's docstring);
+    otherwise a BadProviderResponse naming its origin."""
+    try:
+        target = httpx.URL(url)
+        base = httpx.URL(base_url or "")
+    except (httpx.InvalidURL, TypeError):
+        raise BadProviderResponse("result URL is not a URL", **where) from None
+    base_kinds = await address_kinds(base.host, base.port, where) if base.host else {"public"}
+    home = "public" not in base_kinds  # the base URL is itself loopback or private
+    if not (target.scheme == "https" or (target.scheme == "http" and base.scheme == "http" and home)):
+        raise BadProviderResponse(f"result URL {origin(target)} refused: https only", **where)
+    if not target.host:
+        raise BadProviderResponse(f"result URL {origin(target)} refused: no host", **where)
+    kinds = await address_kinds(target.host, target.port or DEFAULT_PORTS[target.scheme], where)
+    if "forbidden" in kinds or (not home and kinds != {"public"}):
+        what = "a link-local, multicast or unspecified" if "forbidden" in kinds else "a private"
+        raise BadProviderResponse(f"result URL {origin(target)} refused: {what} address", **where)
+    return target
+
+
+def data_url(url: str, where: dict[str, Any]) -> bytes:
+    """The bytes of a base64 `data:` URL, at most MAX_RESULT_BYTES."""
+    head, _, payload = url.partition(",")
+    if not head.lower().endswith(";base64"):
+        raise BadProviderResponse("data: URL that is not base64", **where)
+    if len(payload) > MAX_RESULT_BYTES * 4 // 3 + 4:
+        raise BadProviderResponse(f"data: URL larger than {MAX_RESULT_BYTES >> 20} MiB", **where)
+    try:
+        return base64.b64decode(payload)
+    except (binascii.Error, ValueError):
+        raise BadProviderResponse("data: URL that is not valid base64", **where) from None
+
+
+def redirect_target(resp: httpx.Response, where: dict[str, Any]) -> httpx.URL:
+    try:
+        return resp.url.join(resp.headers["location"])
+    except httpx.InvalidURL:
+        raise BadProviderResponse("redirected to a location that is not a URL", **where) from None
+
+
+@contextlib.contextmanager
+def transport_errors(where: dict[str, Any]) -> Iterator[None]:
+    """httpx's transport failures as imagebroker errors."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise ProviderUnavailable(f"timed out: {type(exc).__name__}", **where) from None
+    except httpx.TransportError as exc:
+        raise ProviderUnavailable(f"connection failed: {type(exc).__name__}", **where) from None
+
+
 class HttpProvider(Provider):
     """A provider that speaks plain HTTP with httpx."""
+
+    # official hosts besides the base URL's own origin that may be sent the key (https, port 443), when
+    # the base URL is itself on one of them: `*.name` for any name under it (BFL's regional hosts)
+    key_hosts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
@@ -86,16 +203,31 @@ class HttpProvider(Provider):
     async def send(self, method: str, url: str, *, where: dict[str, Any], accept: tuple[int, ...] = (),
                    **kw: Any) -> httpx.Response:
         """The request; transport failures and error statuses raised as imagebroker errors, except the
-        statuses in `accept`, whose responses the caller reads itself (ComfyUI's 400 node errors)."""
-        try:
+        statuses in `accept`, whose responses the caller reads itself (ComfyUI's 400 node errors).
+        Redirects are never followed (they would carry the key): one is a BadProviderResponse."""
+        with transport_errors(where):
             resp = await self.client().request(method, url, **kw)
-        except httpx.TimeoutException as exc:
-            raise ProviderUnavailable(f"timed out: {type(exc).__name__}", **where) from None
-        except httpx.TransportError as exc:
-            raise ProviderUnavailable(f"connection failed: {type(exc).__name__}", **where) from None
+        if resp.is_redirect:
+            to = origin(redirect_target(resp, where))
+            raise BadProviderResponse(f"{resp.request.url.path} redirected to {to}: not followed", **where)
         if resp.status_code >= 400 and resp.status_code not in accept:
             raise status_error(resp.status_code, resp.text, resp.headers, **where)
         return resp
+
+    def keyed_url(self, url: Any, base_url: str | None, where: dict[str, Any]) -> str:
+        """A URL the provider's answer named, to be called with the key (a polling or status URL): it
+        must be on the base URL's origin, or on one of `key_hosts` when the base URL is; otherwise a
+        BadProviderResponse naming its origin, before any request."""
+        try:
+            target, base = httpx.URL(url), httpx.URL(base_url or "")
+        except (httpx.InvalidURL, TypeError):
+            raise BadProviderResponse("answer named a URL that is not a URL", **where) from None
+        official = all(u.scheme == "https" and (u.port or 443) == 443
+                       and any(_host_matches(u.host, p) for p in self.key_hosts) for u in (target, base))
+        if origin(target) != origin(base) and not official:
+            raise BadProviderResponse(f"answer named {origin(target)}, not {origin(base)}: the key is "
+                                      "not sent there", **where)
+        return str(url)
 
     @staticmethod
     def json(resp: httpx.Response, where: dict[str, Any]) -> Any:
@@ -104,13 +236,33 @@ class HttpProvider(Provider):
         except ValueError:
             raise BadProviderResponse(f"malformed JSON from {resp.request.url.path}", **where) from None
 
-    async def download(self, url: str, where: dict[str, Any]) -> bytes:
-        """Result URLs expire (Replicate after an hour, BFL after ten minutes): fetch them at once."""
-        if url.startswith("data:"):
-            import base64
+    async def download(self, url: Any, where: dict[str, Any], *, base_url: str | None = None) -> bytes:
+        """A result, fetched at once (result URLs expire: Replicate's after an hour, BFL's after ten
+        minutes) by the rules in this module's docstring, from the answer to a call to `base_url`
+        (None: the strictest rules, those of a public https base URL)."""
+        url = str(url)
+        if url[:5].lower() == "data:":
+            return data_url(url, where)
+        for _ in range(MAX_REDIRECTS + 1):
+            target = await check_result_url(url, base_url, where)
+            with transport_errors(where):
+                async with self.client().stream("GET", target) as resp:
+                    if not resp.is_redirect:
+                        return await self._read(resp, where)
+                    url = str(redirect_target(resp, where))
+        raise BadProviderResponse(f"result URL redirected more than {MAX_REDIRECTS} times", **where)
 
-            return base64.b64decode(url.split(",", 1)[1])
-        return (await self.send("GET", url, where=where)).content
+    @staticmethod
+    async def _read(resp: httpx.Response, where: dict[str, Any]) -> bytes:
+        body = bytearray()
+        async for chunk in resp.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_RESULT_BYTES:
+                raise BadProviderResponse(f"result larger than {MAX_RESULT_BYTES >> 20} MiB", **where)
+        if resp.status_code >= 400:
+            text = bytes(body[:2000]).decode(errors="replace")
+            raise status_error(resp.status_code, text, resp.headers, **where)
+        return bytes(body)
 
     async def poll(self, check: Callable[[], Awaitable[T | None]], *, interval: float, deadline_s: float,
                    where: dict[str, Any]) -> T:

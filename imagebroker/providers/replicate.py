@@ -68,8 +68,8 @@ class ReplicateProvider(HttpProvider):
             if resp.status_code >= 400:
                 failed.append(resp.headers)
 
-        client = replicate.Client(api_token=ctx.api_key, base_url=self.base_url_for(offering),
-                                  event_hooks={"response": [remember]})
+        base = self.base_url_for(offering)  # the client polls by id there, never at a URL the answer names
+        client = replicate.Client(api_token=ctx.api_key, base_url=base, event_hooks={"response": [remember]})
         inp = self._input(request, offering)
         version = offering.settings.get("version")
         wait = max(1, min(60, int(ctx.timeout_s)))
@@ -107,7 +107,7 @@ class ReplicateProvider(HttpProvider):
             raise ProviderUnavailable(f"Replicate prediction {pred.status}: {error}", **where)
         outputs = pred.output if isinstance(pred.output, list) else [pred.output] if pred.output else []
         seeds = [None if request.seed is None else request.seed + i for i in range(len(outputs))]
-        images = [RawImage(await self.download(str(url), where), seed)
+        images = [RawImage(await self.download(url, where, base_url=base), seed)
                   for url, seed in zip(outputs, seeds, strict=True)]
         usage: dict[str, Any] = {"images": len(images), "width": inp.get("width"),
                                  "height": inp.get("height")}

@@ -27,13 +27,14 @@ class TogetherProvider(HttpProvider):
         if request.adapters:
             body["image_loras"] = [{"path": a.ref, "scale": a.scale} for a in request.adapters]
         body.update(request.extra.get(self.name, {}))
-        resp = await self.send("POST", f"{self.base_url_for(offering)}/images/generations", where=where,
-                               json=body, headers=self.headers(ctx.api_key), timeout=ctx.timeout_s)
+        base = self.base_url_for(offering)
+        resp = await self.send("POST", f"{base}/images/generations", where=where, json=body,
+                               headers=self.headers(ctx.api_key), timeout=ctx.timeout_s)
         data = self.json(resp, where)
         try:
             items = data["data"]
             images = [RawImage(base64.b64decode(d["b64_json"]) if d.get("b64_json") else
-                               await self.download(d["url"], where),
+                               await self.download(d["url"], where, base_url=base),
                                None if request.seed is None else request.seed + i)
                       for i, d in enumerate(items)]
         except (KeyError, TypeError, ValueError) as exc:

@@ -1,15 +1,17 @@
 """Fake Black Forest Labs: POST /v1/{model} -> {id, polling_url}; GET /v1/get_result?id= -> Pending,
-then Ready with result.sample; GET /delivery/{id} serves the image."""
+then Ready with result.sample; GET /delivery/{id} serves the image. The hostile-URL steps are
+`hostile.HostileURLs`'s."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from . import FakeServer, Reply
+from .base import Reply
+from .hostile import HostileURLs
 
 
-class FakeBFL(FakeServer):
+class FakeBFL(HostileURLs):
     name = "bfl"
 
     def authorised(self, req: dict[str, Any]) -> bool:
@@ -25,7 +27,8 @@ class FakeBFL(FakeServer):
         body = json.loads(req["body"])
         task = f"task-{self.generations}"
         self.state[task] = {"step": step, "polls": 0, "body": body}
-        return Reply(200, {"id": task, "polling_url": f"{self.url}/v1/get_result?id={task}"})
+        polling_url = self.poll_url(step, f"{self.url}/v1/get_result?id={task}")
+        return Reply(200, {"id": task, "polling_url": polling_url})
 
     def other(self, req: dict[str, Any]) -> Reply:
         if req["path"] == "/v1/get_result":
@@ -40,8 +43,9 @@ class FakeBFL(FakeServer):
             if task["step"] == "empty":
                 return Reply(200, {"id": "x", "status": "Ready", "result": {}})
             tid = req["query"]["id"][0]
+            sample = self.result_url(task["step"], f"{self.url}/delivery/{tid}")
             return Reply(200, {"id": tid, "status": "Ready", "result": {
-                "sample": f"{self.url}/delivery/{tid}", "seed": task["body"].get("seed", 42)}})
+                "sample": sample, "seed": task["body"].get("seed", 42)}})
         if req["path"].startswith("/delivery/"):
             task = self.state[req["path"].rsplit("/", 1)[1]]
             b = task["body"]

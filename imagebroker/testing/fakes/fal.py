@@ -1,15 +1,21 @@
 """Fake fal.ai queue: POST /{model} -> handle; GET .../status; GET .../requests/{id}; PUT .../cancel;
-images served from /files/."""
+images served from /files/. The hostile-URL steps of `bfl.HostileURLs` (`foreign_poll` and
+`poll_redirect` move the status URL), and two of fal's own:
+
+    foreign_result   the response URL is on `elsewhere`
+    foreign_cancel   the cancel URL is on `elsewhere`, and the request never completes
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from . import FakeServer, Reply
+from .base import Reply
+from .hostile import HostileURLs
 
 
-class FakeFal(FakeServer):
+class FakeFal(HostileURLs):
     name = "fal"
 
     def authorised(self, req: dict[str, Any]) -> bool:
@@ -26,8 +32,10 @@ class FakeFal(FakeServer):
         rid = f"req-{self.generations}"
         self.state[rid] = {"step": step, "polls": 0, "body": body}
         base = f"{self.url}{req['path']}/requests/{rid}"
-        return Reply(200, {"request_id": rid, "response_url": base, "status_url": f"{base}/status",
-                           "cancel_url": f"{base}/cancel"})
+        away = base.replace(self.url, self.elsewhere.url, 1)
+        return Reply(200, {"request_id": rid, "response_url": away if step == "foreign_result" else base,
+                           "status_url": self.poll_url(step, f"{base}/status"),
+                           "cancel_url": f"{away if step == 'foreign_cancel' else base}/cancel"})
 
     def other(self, req: dict[str, Any]) -> Reply:
         path = req["path"]
@@ -41,12 +49,14 @@ class FakeFal(FakeServer):
                 return Reply(202, {"status": "CANCELLATION_REQUESTED"})
             if path.endswith("/status"):
                 task["polls"] += 1
-                status = "IN_QUEUE" if task["polls"] < 2 else "COMPLETED"
+                done = task["polls"] >= 2 and task["step"] != "foreign_cancel"
+                status = "COMPLETED" if done else "IN_QUEUE"
                 return Reply(200, {"status": status, "queue_position": 0, "logs": []})
             b, step = task["body"], task["step"]
             size = b["image_size"]
             n = 0 if step == "empty" else b.get("num_images", 1)
-            return Reply(200, {"images": [{"url": f"{self.url}/files/{rid}-{i}.jpeg", "width": size["width"],
+            return Reply(200, {"images": [{"url": self.result_url(step, f"{self.url}/files/{rid}-{i}.jpeg"),
+                                           "width": size["width"],
                                            "height": size["height"], "content_type": "image/jpeg"}
                                           for i in range(n)],
                                "seed": b.get("seed", 7), "has_nsfw_concepts": [step == "refuse"] * max(n, 1),

@@ -6,7 +6,7 @@ import base64
 import json
 from typing import Any
 
-from . import FakeServer, Reply
+from .base import FakeServer, Reply
 
 SIZES = {("1:1", "1K"): (1024, 1024), ("2:3", "1K"): (832, 1248), ("3:2", "1K"): (1248, 832),
          ("3:4", "1K"): (864, 1184), ("4:3", "1K"): (1184, 864), ("9:16", "1K"): (768, 1344),

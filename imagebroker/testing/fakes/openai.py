@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from ..images import make_image
-from . import FakeServer, Reply
+from .base import FakeServer, Reply
 
 # image-output tokens reported per quality; with `auto` the fake picks between medium and high, as the real
 # service may: a call estimated at medium settles dearer (the budget must have reserved the bound)

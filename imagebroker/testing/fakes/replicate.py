@@ -1,18 +1,20 @@
 """Fake Replicate: POST /v1/models/{owner}/{name}/predictions or /v1/predictions (201), GET
-/v1/predictions/{id} (starting -> processing -> succeeded), POST .../cancel, outputs under /files/."""
+/v1/predictions/{id} (starting -> processing -> succeeded), POST .../cancel, outputs under /files/.
+The hostile-URL steps of `bfl.HostileURLs` (`foreign_poll` moves `urls.get` and `urls.cancel`)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from . import FakeServer, Reply
+from .base import Reply
+from .hostile import HostileURLs
 
 SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "9:16": (768, 1344), "4:3": (1152, 896),
          "3:4": (896, 1152), "3:2": (1216, 832), "2:3": (832, 1216)}
 
 
-class FakeReplicate(FakeServer):
+class FakeReplicate(HostileURLs):
     name = "replicate"
 
     def error_body(self, message: str) -> Any:
@@ -29,10 +31,12 @@ class FakeReplicate(FakeServer):
         task = self.state[pid]
         base = {"id": pid, "model": task["model"], "version": "v", "input": task["input"], "logs": "",
                 "error": None, "status": task["status"], "created_at": "2026-11-22T00:00:00Z",
-                "urls": {"get": f"{self.url}/v1/predictions/{pid}",
-                         "cancel": f"{self.url}/v1/predictions/{pid}/cancel"}, "output": None, "metrics": {}}
+                "urls": {"get": self.poll_url(task["step"], f"{self.url}/v1/predictions/{pid}"),
+                         "cancel": self.poll_url(task["step"], f"{self.url}/v1/predictions/{pid}/cancel")},
+                "output": None, "metrics": {}}
         if task["status"] == "succeeded":
-            base["output"] = [f"{self.url}/files/{pid}-{i}.png" for i in range(task["n"])]
+            base["output"] = [self.result_url(task["step"], f"{self.url}/files/{pid}-{i}.png")
+                              for i in range(task["n"])]
             base["metrics"] = {"predict_time": 2.5, "total_time": 3.0}
         if task["status"] == "failed":
             base["error"] = "NSFW content detected. Try running it again, or try a different prompt."

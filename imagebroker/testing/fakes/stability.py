@@ -6,7 +6,7 @@ import base64
 import re
 from typing import Any
 
-from . import FakeServer, Reply
+from .base import FakeServer, Reply
 
 SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640), "2:3": (832, 1216),
          "3:2": (1216, 832), "4:5": (896, 1088), "5:4": (1088, 896), "9:16": (768, 1344), "9:21": (640, 1536)}

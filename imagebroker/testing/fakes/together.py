@@ -6,7 +6,7 @@ import base64
 import json
 from typing import Any
 
-from . import FakeServer, Reply
+from .base import FakeServer, Reply
 
 
 class FakeTogether(FakeServer):
