@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BudgetExceeded, ConfigError, DuplicateRequest, RequestError
-from ..logs import known_secrets
+from ..logs import known_secrets, logger
 from ..policies.effective import effective_catalog
 from ..policies.loader import load_policy
 from ..policies.planner import PlannerState, plan, request_key
@@ -137,7 +137,13 @@ class AsyncBroker:
         now = time.monotonic()
         if now - self._latency_at > LATENCY_REFRESH_S:
             by: dict[str, list[float]] = {}
-            for offering, latency in self.ledger.recent_latencies(time.time() - LATENCY_WINDOW_S):
+            try:
+                recent = self.ledger.recent_latencies(time.time() - LATENCY_WINDOW_S)
+            except Exception as exc:  # a hint for the planner: keep the last one rather than fail the call
+                logger.warning("could not read recent latencies from the ledger: %s", type(exc).__name__)
+                self._latency_at = now
+                return self._latency
+            for offering, latency in recent:
                 by.setdefault(offering, []).append(latency)
             latency = {o: (round(_percentile(v, 0.5), 3), round(_percentile(v, 0.95), 3))
                        for o, v in by.items() if len(v) >= LATENCY_MIN_SAMPLES}
@@ -152,7 +158,11 @@ class AsyncBroker:
         if not restrict:
             return None
         keys = [(b.name, period_key(b.period)) for b in restrict]
-        counters = self.ledger.counters(keys)
+        try:
+            counters = self.ledger.counters(keys)
+        except Exception as exc:  # the reservation still checks the budget: plan without the headroom
+            logger.warning("could not read budget counters for planning: %s", type(exc).__name__)
+            return None
         return min(b.limit_usd - sum(counters[(b.name, period_key(b.period))])
                    for b in restrict)
 
@@ -241,6 +251,7 @@ class AsyncBroker:
         for p in self._providers.values():
             await p.aclose()
         self._providers.clear()
+        self.ledger.writer.flush_backlog()  # rows that could not be written when their call ended
 
     async def __aenter__(self) -> AsyncBroker:
         return self

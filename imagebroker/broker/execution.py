@@ -208,6 +208,8 @@ async def _candidate(view: CallView, log: CallLog, rules: RetryRules, cand: Cand
             log.skip(offering, SkipReason.OVER_BUDGET, str(exc))
             return Skipped(SkipReason.OVER_BUDGET)
         except Exception as exc:  # nothing was paid: the call cannot go on without its budget checked
+            if reservation:  # reserved, but its pending row could not be written
+                _ledger_step(log, "release the budget of", view.ledger.release, reservation)
             raise log.ledger_error("reserve budget for", exc) from exc
     try:
         outcome = await _attempts(view, log, rules, cand, offering, progress)

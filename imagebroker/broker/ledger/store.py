@@ -181,6 +181,7 @@ class Ledger:
         return applied
 
     # -- budgets ----------------------------------------------------------------------------
+    @_retried
     def counters(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[Decimal, Decimal]]:
         out = {}
         with self.engine.connect() as conn:
@@ -321,7 +322,7 @@ class Ledger:
     # -- calls (see writer.py) -------------------------------------------------------------
     def start_call(self, row: dict[str, Any]) -> None:
         """A pending row, written before a call that holds a reservation (so a crash is visible)."""
-        self.writer.write(self.writer.sql.pending(row))
+        self.writer.write(self.writer.sql.pending(row), keep=False)
 
     def record_call(self, row: Mapping[str, Any], attempt_rows: Sequence[Mapping[str, Any]],
                     skip_rows: Sequence[Mapping[str, Any]], tags: Mapping[str, str], pending: bool = False) -> None:
@@ -340,6 +341,7 @@ class Ledger:
         with self.engine.begin() as conn:
             fill_rollups(conn)
 
+    @_retried
     def served(self, idempotency_key: str, since: float) -> tuple[str, float, list[str]] | None:
         """The latest call since `since` that succeeded under this key: request id, time, image SHA-256s."""
         with self.engine.connect() as conn:
@@ -349,6 +351,7 @@ class Ledger:
                                .order_by(calls.c.created_at.desc()).limit(1)).first()
         return None if row is None else (row.request_id, row.created_at, json.loads(row.image_sha256s or "[]"))
 
+    @_retried
     def recent_latencies(self, since: float, limit: int = 20_000) -> list[tuple[str, float]]:
         with self.engine.connect() as conn:
             q = (select(calls.c.offering, calls.c.latency_s)

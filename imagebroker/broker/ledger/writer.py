@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from ...logs import logger
 from .schema import ROLLUP_KEYS, ROLLUP_MEASURES, attempts, call_tags, calls, latency_bucket, skips
 
 CALL_COLUMNS = tuple(c.name for c in calls.columns)
@@ -90,28 +91,54 @@ class CallWriter:
 
     def __init__(self, engine: Engine, sqlite: bool, check: Callable[[], None] = lambda: None) -> None:
         self.engine, self.sqlite, self.check = engine, sqlite, check
+        self.backlog: list[Statements] = []  # written when the database is reachable again
         self.sql = CallSQL("?" if sqlite else "%s")
         self._conn: Any = None
         self._lock = threading.Lock()
         self._queues: dict[asyncio.AbstractEventLoop, list[tuple[Statements, asyncio.Future[None]]]] = {}
 
-    def write(self, statements: Statements) -> None:
-        """One transaction, committed before this returns."""
+    def write(self, statements: Statements, keep: bool = True) -> None:
+        """One transaction, committed before this returns. A connection that fails (a PostgreSQL
+        backend terminated, a reset socket) is replaced and the transaction tried once more; if that
+        fails too, the statements are kept and written before the next write that succeeds (or at
+        close), and the error is raised: the caller reports the call as unrecorded, for now. (`keep`
+        False: not kept, for a pending row whose call does not go ahead without it.)"""
         self.check()
         with self._lock:
-            for last in (False, True):
-                fresh = self._conn is None
-                if fresh:
-                    self._conn = self.engine.raw_connection()
+            try:
+                self._write(statements)
+            except Exception as exc:
+                if keep and self._lost_connection(exc):
+                    self.backlog.append(statements)
+                raise
+            while self.backlog:
                 try:
-                    self._run(statements)
-                    return
-                except Exception:
-                    if self._rolled_back():  # the statements failed, not the connection
-                        raise
-                    self._drop()
-                    if fresh or last:  # a kept connection may have gone stale: one fresh try
-                        raise
+                    self._write(self.backlog[0])
+                except Exception as exc:
+                    if self._lost_connection(exc):
+                        return  # still unreachable: kept for the next time
+                    logger.error("dropped %d unrecorded statement(s) the ledger refuses: %s",
+                                 len(self.backlog[0]), type(exc).__name__)
+                self.backlog.pop(0)
+
+    def _write(self, statements: Statements) -> None:
+        for last in (False, True):
+            if self._conn is None:
+                self._conn = self.engine.raw_connection()
+            try:
+                self._run(statements)
+                return
+            except Exception as exc:
+                if not self._lost_connection(exc) and self._rolled_back():
+                    raise  # the statements failed, not the connection
+                self._drop()
+                if last:
+                    raise
+
+    def _lost_connection(self, exc: BaseException) -> bool:
+        dbapi = self.engine.dialect.dbapi
+        kinds = tuple(getattr(dbapi, name) for name in ("OperationalError", "InterfaceError") if hasattr(dbapi, name))
+        return isinstance(exc, kinds) and not self.sqlite  # SQLite's own errors are not a connection lost
 
     def _run(self, statements: Statements) -> None:
         cur = self._conn.cursor()
@@ -177,7 +204,7 @@ class CallWriter:
 
     def after_fork(self) -> None:
         """In a forked child: forget the parent's connection and queues (SQLite forbids sharing them)."""
-        self._conn, self._lock, self._queues = None, threading.Lock(), {}
+        self._conn, self._lock, self._queues, self.backlog = None, threading.Lock(), {}, []
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -185,7 +212,15 @@ class CallWriter:
                 self._conn.invalidate()
             self._conn = None
 
+    def flush_backlog(self) -> bool:
+        """Try again what could not be written; True when nothing is left unwritten."""
+        if self.backlog:
+            with contextlib.suppress(Exception):
+                self.write([])
+        return not self.backlog
+
     def close(self) -> None:
         self.flush_all()
+        self.flush_backlog()
         with self._lock:
             self._drop()
