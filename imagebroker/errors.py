@@ -14,6 +14,7 @@
     │   ├── ContentRejected    moderation/safety refusal (not retried on the same provider)
     │   ├── ModelNotFound      retired or unknown model
     │   ├── BadProviderResponse    malformed body, zero/undecodable images
+    │   ├── OutcomeUnknown     the request reached the provider, its answer did not reach us: maybe billed
     │   └── AdapterError       the adapter itself failed (a bug): not the provider's fault
     ├── AllAttemptsFailed      carries the attempts
     └── LedgerError            a call could not be recorded; carries its result when it succeeded
@@ -147,6 +148,13 @@ class ModelNotFound(ProviderError):
 
 class BadProviderResponse(ProviderError):
     """The provider answered, but not with what was asked: malformed body, too few or broken images."""
+
+
+class OutcomeUnknown(ProviderError):
+    """The provider accepted the request (a job id, or a request fully sent) but its answer never came
+    back: a timeout or a reset after sending, a job whose polling or download kept failing. It may
+    have been billed, so it is recorded at the estimated cost and counted in budgets; asking again
+    would be a second paid submit, so `retry.on_unknown_outcome` decides (default: the next offering)."""
 
 
 class AdapterError(ProviderError):

@@ -102,8 +102,12 @@ def test_failures_map_onto_the_error_tree(provider, tmp_path, monkeypatch, step,
     assert not FAKES[provider].key or FAKES[provider].key not in str(result)
 
 
-def test_timeout(provider, tmp_path, monkeypatch):
-    result, _, _ = run(provider, ["timeout"], tmp_path, monkeypatch, timeout_s=0.5,
-                       retry={"max_attempts": 1})
+def test_a_timeout_after_sending_is_an_unknown_outcome_counted_at_its_estimate(provider, tmp_path, monkeypatch):
+    result, fake, _ = run(provider, ["timeout"], tmp_path, monkeypatch, timeout_s=0.5)
     assert isinstance(result, AllAttemptsFailed)
-    assert result.attempts[0].error_type == "ProviderUnavailable"
+    *before, attempt = result.attempts  # sent, maybe billed: never submitted again
+    assert attempt.error_type == "OutcomeUnknown"
+    assert all(a.error_type == "ProviderUnavailable" for a in before)  # timed out before sending (the SDK's import)
+    assert sum(r.get("method", "POST") == "POST" and "upload" not in r["path"] for r in fake.requests) == 1
+    assert attempt.cost is not None and attempt.cost.status in ("estimated", "unpriced")
+    assert "may have been billed" in attempt.cost.detail

@@ -205,3 +205,28 @@ def test_nothing_tried_because_every_price_is_unknown_says_so(tmp_path):
 
 def test_an_adapter_error_is_not_retryable_and_names_the_bug():
     assert not AdapterError.retryable
+
+
+@pytest.mark.parametrize("rule, served, attempts", [("next", "mock/spare", 2), ("retry", "mock/first", 2),
+                                                     ("stop", None, 1)])
+def test_an_unknown_outcome_moves_on_retries_or_stops_as_the_policy_says(tmp_path, rule, served, attempts):
+    from imagebroker.errors import OutcomeUnknown
+
+    first = mock_offering("first", settings={"script": ["error:OutcomeUnknown", "ok"]})
+    spare = mock_offering("spare", price={"usd": "0.02"})
+    policy = mock_policy(first, spare, retry={"on_unknown_outcome": rule, "initial_delay_s": 0.01},
+                         budgets=[{"name": "all", "period": "total", "limit_usd": "1"}])
+    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        if served is None:
+            with pytest.raises(OutcomeUnknown) as exc:
+                b.generate("x")
+            result_attempts = exc.value.attempts
+        else:
+            result = b.generate("x")
+            assert result.offering == served
+            result_attempts = result.attempts
+            assert result.cost.usd == Decimal("0.01") + (Decimal("0.02") if served == "mock/spare" else Decimal("0.01"))
+        spent = b.ledger.counters([("all", "total")])[("all", "total")][0]
+    assert len(result_attempts) == attempts and result_attempts[0].error_type == "OutcomeUnknown"
+    assert result_attempts[0].cost.usd == Decimal("0.01")  # maybe billed: at its estimate, never NULL
+    assert spent == sum(a.cost.usd for a in result_attempts)  # and counted in the budget

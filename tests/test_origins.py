@@ -91,7 +91,7 @@ def test_fal_sends_no_cancel_elsewhere(tmp_path, monkeypatch):
     result, fake = run("fal", "foreign_cancel", tmp_path, monkeypatch, timeout_s=0.5,
                        retry={"max_attempts": 1})
     assert isinstance(result, AllAttemptsFailed), result
-    assert [a.error_type for a in result.attempts] == ["ProviderUnavailable"]  # the timeout
+    assert [a.error_type for a in result.attempts] == ["OutcomeUnknown"]  # the timeout of an accepted job
     assert fake.elsewhere.requests == []
 
 
@@ -213,3 +213,47 @@ async def test_a_data_url_result_is_read_without_a_connection():
     assert isinstance(p, HttpProvider)
     assert await p.download("data:image/png;base64,aGVsbG8=", WHERE, base_url=PUBLIC) == b"hello"
     assert p._client is None  # no client was even made: nothing was fetched
+
+
+# -- an accepted job is polled and downloaded again, never submitted again ------------------------------
+def bfl_broker(fake, tmp_path, **extra):
+    from imagebroker.policies.schema import Policy
+    from tests.conftest import builtin_providers
+
+    return Broker(Policy.model_validate({
+        "name": "t", "deny": builtin_providers("bfl"), "prefer": ["bfl/flux-2-pro"], "objective": "ordered",
+        "providers": {"bfl": {"base_url": fake.base_url, "poll_interval_s": 0.01}},
+        "fallback": {"max_offerings": 1}, "retry": {"initial_delay_s": 0.01}, **extra}),
+        ledger=f"sqlite:///{tmp_path / 'l.db'}")
+
+
+@pytest.mark.parametrize("step", ["poll_flaky", "download_flaky"])
+def test_transient_failures_after_the_submit_are_retried_in_place(step, tmp_path, monkeypatch):
+    monkeypatch.setenv("BFL_API_KEY", FAKES["bfl"].key)
+    with FAKES["bfl"]([step]) as fake, bfl_broker(fake, tmp_path) as b:
+        result = b.generate("a red circle")
+    assert len(result.attempts) == 1 and result.cost.status in ("priced", "estimated")
+    assert fake.generations == 1  # one paid submit
+
+
+def test_a_job_whose_polling_keeps_failing_is_an_unknown_outcome_charged_to_the_budget(tmp_path, monkeypatch):
+    from decimal import Decimal
+
+    from imagebroker.errors import AllAttemptsFailed
+
+    monkeypatch.setenv("BFL_API_KEY", FAKES["bfl"].key)
+    budgets = [{"name": "all", "period": "total", "limit_usd": "1"}]
+    with FAKES["bfl"](["poll_down"]) as fake, bfl_broker(fake, tmp_path, budgets=budgets) as b:
+        with pytest.raises(AllAttemptsFailed) as exc:
+            b.generate("a red circle")
+        spent, reserved = b.ledger.counters([("all", "total")])[("all", "total")]
+    (attempt,) = exc.value.attempts
+    assert attempt.error_type == "OutcomeUnknown" and "polling kept failing" in attempt.error
+    assert fake.generations == 1  # not submitted again
+    assert attempt.cost.status == "estimated" and attempt.cost.usd > 0
+    assert (spent, reserved) == (attempt.cost.usd, Decimal(0))  # counted, at the estimate
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        (cost, status), = conn.execute("select cost_nusd, cost_status from calls").fetchall()
+    assert (cost, status) == (int(attempt.cost.usd * 10**9), "estimated")  # the call row keeps it too

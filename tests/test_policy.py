@@ -153,3 +153,14 @@ def test_a_partial_override_of_an_offering_only_a_given_catalog_has_still_loads(
     given = Catalog([Offering.model_validate({"id": "mock/a", **mock_offering("a")})], "t")
     catalog = effective_catalog(policy, given)
     assert catalog.resolve("mock/a").price.usd == Decimal("0.07")
+
+
+@pytest.mark.parametrize("where", ["name", "rule", "budget"])
+def test_names_the_ledger_stores_are_checked_against_its_limits(tmp_path, where):
+    long = "n" * 201
+    body = {"name": f"name: {long}\n", "rule": f"rules:\n  - name: {long}\n",
+            "budget": f"budgets:\n  - {{name: {long}, period: day, limit_usd: 1}}\n"}[where]
+    p = tmp_path / "p.yaml"
+    p.write_text(body)
+    with pytest.raises(ConfigError, match="at most 200 characters"):
+        load_policy(p)

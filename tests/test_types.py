@@ -58,3 +58,16 @@ def test_adapter_parse_takes_a_trailing_scale():
     assert Adapter.parse("styles/ink.safetensors:0.7") == Adapter(ref="styles/ink.safetensors", scale=0.7)
     assert Adapter.parse("org/repo") == Adapter(ref="org/repo", scale=1.0)
     assert Adapter.parse("C:/x") == Adapter(ref="C:/x", scale=1.0)
+
+
+@pytest.mark.parametrize("fields, why", [
+    ({"prompt": "a\x00b"}, "prompt: contains a NUL character"),
+    ({"tags": {"team": "a\x00"}}, "tags: contains a NUL character"),
+    ({"tags": {"team": "x" * 257}}, "value of 257 characters, at most 256"),
+    ({"idempotency_key": "k" * 201}, "idempotency_key"),
+    ({"model": "m" * 201}, "model"),
+])
+def test_what_the_ledger_would_refuse_is_refused_before_anything_is_paid(fields, why):
+    with pytest.raises(RequestError, match=re.escape(why)):
+        ImageRequest(**{"prompt": "x", **fields})
+    assert ImageRequest(prompt="x", tags={"team": "x" * 256}, idempotency_key="k" * 200)  # the limits themselves

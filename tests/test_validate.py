@@ -293,3 +293,15 @@ async def test_a_few_extra_images_succeed_with_n_and_the_usage_billed(tmp_path):
         result = await b.generate(prompt="x")
     assert [i.seed for i in result.images] == [0]
     assert result.cost.usd == Decimal("0.03")  # the provider's usage: what it sent, flagged by the caller
+
+
+async def test_the_policy_sets_the_limits(tmp_path):
+    def handler(request, offering, ctx):
+        return ProviderResult([RawImage(make_image(256, 256, seed=s), s) for s in range(2)], {"images": 2}, "r", {})
+
+    policy = Policy.model_validate({"name": "t", "deny": builtin_providers(), "offerings": [mock_offering("x")],
+                                    "images": {"max_images_factor": 1, "max_images_slack": 0}})
+    async with AsyncBroker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}",
+                           providers={"mock": MockProvider.with_handler(handler)}) as b:
+        with pytest.raises(AllAttemptsFailed, match="more than the 1 accepted in one answer"):
+            await b.generate(prompt="x")

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from tenacity import RetryCallState, stop_after_attempt, wait_random_exponential
 
@@ -32,14 +33,15 @@ from ..errors import (
     ContentRejected,
     LedgerError,
     NoRouteError,
+    OutcomeUnknown,
     ProviderError,
     ProviderUnavailable,
     RateLimited,
 )
 from ..logs import logger
 from ..policies.pricing import settle_checked
-from ..policies.schema import Budget, Policy, RetrySettings
-from ..providers.base import CallContext, ProgressCallback, Provider, ProviderResult
+from ..policies.schema import Budget, ImageChecks, Policy, RetrySettings
+from ..providers.base import CallContext, ProgressCallback, Provider, ProviderResult, track_submission
 from ..providers.catalog import Catalog
 from ..providers.offering import Offering
 from ..types import Candidate, GeneratedImage, ImageRequest, ImageResult, Plan, SkipReason
@@ -101,16 +103,17 @@ class RetryRules:
     stop: stop_after_attempt
     wait: wait_random_exponential
     max_retry_after_s: float
+    retry_unknown: bool
 
     @classmethod
     def of(cls, r: RetrySettings) -> RetryRules:
         return cls(stop_after_attempt(r.max_attempts),
                    wait_random_exponential(multiplier=r.initial_delay_s, max=r.max_delay_s),
-                   r.max_retry_after_s)
+                   r.max_retry_after_s, r.on_unknown_outcome == "retry")
 
     def delay(self, error: ProviderError, attempt: int) -> float | None:
         """Seconds to wait before trying again after failed attempt number `attempt`; None: stop."""
-        if not error.retryable:
+        if not (error.retryable or (self.retry_unknown and isinstance(error, OutcomeUnknown))):
             return None
         state = RetryCallState(None, None, (), {})
         state.attempt_number = attempt
@@ -143,7 +146,8 @@ async def execute(view: CallView, request: ImageRequest, plan: Plan, request_id:
                 await log.record("rejected", error=outcome.error, together=view.busy())
                 raise outcome.error
             if isinstance(outcome, Failure):
-                if isinstance(outcome.error, ContentRejected) and fallback.on_refusal == "stop":
+                if (isinstance(outcome.error, ContentRejected) and fallback.on_refusal == "stop") or (
+                        isinstance(outcome.error, OutcomeUnknown) and view.policy.retry.on_unknown_outcome == "stop"):
                     stopped = outcome.error
                     break
                 logger.info("call %s falls back from %s after %s", request_id, offering.id,
@@ -151,7 +155,8 @@ async def execute(view: CallView, request: ImageRequest, plan: Plan, request_id:
     except asyncio.CancelledError:
         log.record_cancelled()
         raise
-    if stopped is not None:  # a refusal is an answer, not an outage: no other provider is asked
+    if stopped is not None:  # a refusal is an answer, not an outage (an unknown outcome, maybe billed,
+        # stops too when the policy says so): no other provider is asked
         stopped.attempts, stopped.skipped = tuple(log.attempts), tuple(log.skips)
         error = stopped
     elif not log.attempts and log.refusals:  # nothing was tried: every candidate was over budget
@@ -173,7 +178,7 @@ async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult
         logger.warning("call %s: %s sent %d images for n=%d", log.request_id, served.offering.id,
                        len(result.images), log.request.n)
     done = ImageResult(request_id=log.request_id, images=served.images, offering=served.offering.id,
-                       cost=served.cost, latency_s=log.latency_s(), plan=log.plan,
+                       cost=log.call_cost(served), latency_s=log.latency_s(), plan=log.plan,
                        attempts=tuple(log.attempts), applied=applied,
                        dropped=outcome.candidate.dropped, skipped=tuple(log.skips))
     await log.record("ok", served=served, result=done, together=view.busy())
@@ -211,16 +216,22 @@ async def _candidate(view: CallView, log: CallLog, rules: RetryRules, cand: Cand
             if reservation:  # reserved, but its pending row could not be written
                 _ledger_step(log, "release the budget of", view.ledger.release, reservation)
             raise log.ledger_error("reserve budget for", exc) from exc
+    unknown_before = len(log.maybe_billed)
     try:
         outcome = await _attempts(view, log, rules, cand, offering, progress)
     except asyncio.CancelledError:
         if reservation:
             _ledger_step(log, "release the budget of", view.ledger.release, reservation)
         raise
-    if reservation and isinstance(outcome, Success):
-        _ledger_step(log, "settle the budget of", view.ledger.settle, reservation, outcome.served.cost.usd)
-    elif reservation:
-        _ledger_step(log, "release the budget of", view.ledger.release, reservation)
+    if reservation:  # what was paid, and what unknown outcomes may have cost (at their estimate)
+        spent = [c.usd for c in log.maybe_billed[unknown_before:]]
+        if isinstance(outcome, Success):
+            spent.append(outcome.served.cost.usd)
+        if spent:
+            total = sum((usd for usd in spent if usd is not None), Decimal(0))
+            _ledger_step(log, "settle the budget of", view.ledger.settle, reservation, total)
+        else:
+            _ledger_step(log, "release the budget of", view.ledger.release, reservation)
     return outcome
 
 
@@ -259,6 +270,7 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
     """One request to one offering: its images checked, its cost settled, its attempt written down."""
     provider = view.provider(offering.provider)
     timeout = provider.settings.timeout_s or view.policy.timeout_s
+    submitted = track_submission()
     ctx = CallContext(timeout_s=timeout, api_key=provider.api_key(), progress=progress,
                       attempt=len(log.attempts) + 1)
     started, t0 = datetime.now(UTC), time.perf_counter()
@@ -266,11 +278,12 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
     try:
         async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per attempt
             result = await provider.generate(log.request, offering, ctx)
-        images = await _checked_images(result, log.request, offering)
+        images = await _checked_images(result, log.request, offering, view.policy.images)
     except ProviderError as exc:
         error: ProviderError = exc
     except TimeoutError:
-        error = ProviderUnavailable(f"timed out after {timeout:g} s", **where)
+        kind = OutcomeUnknown if submitted[0] else ProviderUnavailable  # sent: it may be running, and billed
+        error = kind(f"timed out after {timeout:g} s", **where)
     except asyncio.CancelledError:
         log.attempt(offering, started, t0, error=asyncio.CancelledError("cancelled by the caller"))
         raise
@@ -288,14 +301,21 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
             logger.warning("call %s on %s settled at %s, above the bound $%s its budget reserved",
                            log.request_id, offering.id, cost, cand.bound_usd)
         return Success(served, cand, result)
-    if error.retryable:
+    if error.retryable or isinstance(error, OutcomeUnknown):
         view.breaker.failure(offering.provider)
+    if isinstance(error, OutcomeUnknown):
+        maybe = cand.estimated_cost.model_copy(update={
+            "detail": f"outcome unknown, may have been billed: {cand.estimated_cost.detail}"})
+        log.attempt(offering, started, t0, error=error, cost=maybe)
+        log.maybe_billed.append(maybe)
+        return Failure(error)
     log.attempt(offering, started, t0, error=error)
     return Failure(error)
 
 
-async def _checked_images(result: ProviderResult, request: ImageRequest,
-                          offering: Offering) -> tuple[GeneratedImage, ...]:
-    if sum(len(i.data) for i in result.images) > OFFLOAD_BYTES:  # decoding takes milliseconds:
-        return await asyncio.to_thread(validate_images, result, request, offering, True)
-    return validate_images(result, request, offering)  # small ones here: no thread hop
+async def _checked_images(result: ProviderResult, request: ImageRequest, offering: Offering,
+                          limits: ImageChecks) -> tuple[GeneratedImage, ...]:
+    if sum(len(i.data) for i in result.images) > OFFLOAD_BYTES:  # checking takes milliseconds:
+        return await asyncio.to_thread(validate_images, result, request, offering, True, limits=limits)
+    return validate_images(result, request, offering, limits=limits)  # small ones here: no thread hop
+

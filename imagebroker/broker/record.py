@@ -55,6 +55,7 @@ class CallLog:
     skips: list[Skip] = field(default_factory=list)
     refusals: list[BudgetExceeded] = field(default_factory=list)   # by `restrict` budgets
     ledger_faults: list[LedgerError] = field(default_factory=list)  # budget steps that failed after paying
+    maybe_billed: list[Cost] = field(default_factory=list)   # unknown outcomes: what each may have cost
     started: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
     pending_row: bool = False   # a pending row exists (the call holds a budget reservation)
@@ -98,6 +99,10 @@ class CallLog:
             self.ledger.start_call(self._call_row("pending", None, None, estimated))
             self.pending_row = True
 
+    def call_cost(self, served: Served | None) -> Cost | None:
+        """What the call cost: what served it, plus what its unknown outcomes may have cost."""
+        return _with_maybe_billed(served.cost if served else None, self.maybe_billed)
+
     def latency_s(self) -> float:
         return round(time.perf_counter() - self.t0, 6)
 
@@ -106,7 +111,7 @@ class CallLog:
                   estimated: Cost | None) -> dict[str, Any]:
         req = self.request
         images = served.images if served else ()
-        cost = served.cost if served else None
+        cost = self.call_cost(served)
         if estimated is None and self.plan.candidates:
             estimated = self.plan.candidates[0].estimated_cost
         return {
@@ -183,3 +188,17 @@ class CallLog:
 def _first_line(text: str, limit: int = 300) -> str:
     """A driver's error in one line (SQLAlchemy appends the whole statement and its parameters)."""
     return (text.strip().splitlines() or [""])[0][:limit]
+
+
+def _with_maybe_billed(cost: Cost | None, maybe: list[Cost]) -> Cost | None:
+    """The call's cost: what served it plus what its unknown outcomes may have cost (never dropped)."""
+    if not maybe:
+        return cost
+    extra = [c.usd for c in maybe]
+    if None in extra or (cost is not None and cost.usd is None):
+        return cost or maybe[0]
+    total = sum(extra, (cost.usd if cost else 0) or Decimal(0))  # type: ignore[arg-type]
+    if cost is None:
+        return maybe[0].model_copy(update={"usd": total, "detail": f"{len(maybe)} unknown outcome(s), estimated"})
+    return cost.model_copy(update={"usd": total, "detail": f"{cost.detail} + {len(maybe)} unknown outcome(s), "
+                                                           "estimated"})

@@ -34,16 +34,10 @@ from typing import Any
 from PIL import Image
 
 from ..errors import BadProviderResponse
+from ..policies.schema import ImageChecks
 from ..providers.base import ProviderResult
 from ..providers.offering import Offering, request_size
 from ..types import GeneratedImage, ImageRequest
-
-MAX_IMAGE_BYTES = 64 * 2**20  # bytes per image: above this it is not even parsed
-MAX_PIXELS = 64_000_000  # pixels per image whatever was asked (PIL's own bomb warning is at 89.5 MP)
-MAX_PIXEL_RATIO = 4.0  # pixels per image, as a multiple of the pixels asked
-MAX_TRAILING_ZEROS = 16  # NUL padding tolerated after an image's end (kept: bytes stay as received)
-MAX_IMAGES_FACTOR = 2  # more than max(n * FACTOR, n + SLACK) images in one answer is an error
-MAX_IMAGES_SLACK = 4
 
 _PIL_NAME = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -56,24 +50,9 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-@dataclass(frozen=True)
-class ImageLimits:
-    """The limits `validate_images` enforces; the defaults are the module constants above."""
-
-    max_bytes: int = MAX_IMAGE_BYTES
-    max_pixels: int = MAX_PIXELS
-    max_pixel_ratio: float = MAX_PIXEL_RATIO
-    max_trailing_zeros: int = MAX_TRAILING_ZEROS
-    max_images_factor: int = MAX_IMAGES_FACTOR
-    max_images_slack: int = MAX_IMAGES_SLACK
-    decode_pixels: bool = False   # decode every image in full (see 7. above)
-
-    def max_images(self, n: int) -> int:
-        """The most images one answer may carry for `n` asked; the first `n` of them are kept."""
-        return max(n * self.max_images_factor, n + self.max_images_slack)
-
-
-DEFAULT_LIMITS = ImageLimits()
+ImageLimits = ImageChecks  # the policy's `images:` section
+DEFAULT_LIMITS = ImageChecks()
+MAX_IMAGE_BYTES = DEFAULT_LIMITS.max_bytes
 
 
 class _Refused(Exception):

@@ -82,6 +82,9 @@ class RetrySettings(_Strict):
     initial_delay_s: float = Field(default=0.5, ge=0)
     max_delay_s: float = Field(default=8.0, ge=0)
     max_retry_after_s: float = Field(default=30.0, ge=0)  # a longer Retry-After moves to the next offering
+    # the request reached the provider but no answer came back (maybe billed): try the next offering,
+    # the same one again (a second paid submit), or stop the call
+    on_unknown_outcome: Literal["next", "retry", "stop"] = "next"
 
 
 class FallbackSettings(_Strict):
@@ -94,6 +97,22 @@ class FallbackSettings(_Strict):
 class BreakerSettings(_Strict):
     failure_threshold: int = Field(default=5, ge=1)
     cooldown_s: float = Field(default=30.0, ge=0)
+
+
+class ImageChecks(_Strict):
+    """Limits on what a provider's answer may hold (`broker/validate.py` explains each check)."""
+
+    max_bytes: int = Field(default=64 * 2**20, ge=1)      # per image: above this it is not even parsed
+    max_pixels: int = Field(default=64_000_000, ge=1)     # per image, whatever was asked
+    max_pixel_ratio: float = Field(default=4.0, gt=0)     # per image, as a multiple of the pixels asked
+    max_trailing_zeros: int = Field(default=16, ge=0)     # NUL padding tolerated after an image's end
+    max_images_factor: int = Field(default=2, ge=1)       # more than max(n * factor, n + slack) images
+    max_images_slack: int = Field(default=4, ge=0)        # in one answer is an error
+    decode_pixels: bool = False                           # decode every image in full (slow; see validate.py)
+
+    def max_images(self, n: int) -> int:
+        """The most images one answer may carry for `n` asked; the first `n` of them are kept."""
+        return max(n * self.max_images_factor, n + self.max_images_slack)
 
 
 class LedgerSettings(_Strict):
@@ -119,6 +138,7 @@ class Policy(_Strict):
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     timeout_s: float = Field(default=300.0, gt=0)
+    images: ImageChecks = Field(default_factory=ImageChecks)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     offerings: tuple[dict[str, Any], ...] = ()   # catalog additions and overrides
 

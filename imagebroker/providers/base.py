@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,6 +19,25 @@ from .offering import Offering
 from .settings import ProviderSettings
 
 ProgressCallback = Callable[[int, int], None]
+
+# Set per attempt by the call loop; a provider marks it once its request may have reached the
+# provider (a submit sent, a job id received), after which a failure is an unknown outcome, not a
+# clean one that could be retried for free.
+_submitted: ContextVar[list[bool] | None] = ContextVar("imagebroker_submitted", default=None)
+
+
+def track_submission() -> list[bool]:
+    """For the call loop: a fresh marker for the attempt about to run in this task."""
+    marker = [False]
+    _submitted.set(marker)
+    return marker
+
+
+def mark_submitted() -> None:
+    """For providers: the request may have reached the provider (it may be billed)."""
+    marker = _submitted.get()
+    if marker is not None:
+        marker[0] = True
 
 
 def sampling_fields(request: ImageRequest, offering: Offering, *, steps: str, guidance: str,

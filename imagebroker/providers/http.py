@@ -37,11 +37,19 @@ from ..errors import (
     BadProviderResponse,
     ContentRejected,
     ModelNotFound,
+    OutcomeUnknown,
     ProviderError,
     ProviderUnavailable,
     RateLimited,
 )
-from .base import Provider
+from .base import Provider, mark_submitted
+
+_TRANSFER_HEADERS = ("content-encoding", "content-length", "transfer-encoding")
+
+
+def _decoded(headers: httpx.Headers) -> list[tuple[str, str]]:
+    """Headers for a response rebuilt from its decoded body (which has no encoding or length left)."""
+    return [(k, v) for k, v in headers.multi_items() if k.lower() not in _TRANSFER_HEADERS]
 
 T = TypeVar("T")
 REQUEST_ID_HEADERS = ("x-request-id", "x-fal-request-id", "request-id", "x-amzn-requestid")
@@ -168,14 +176,25 @@ def redirect_target(resp: httpx.Response, where: dict[str, Any]) -> httpx.URL:
         raise BadProviderResponse("redirected to a location that is not a URL", **where) from None
 
 
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+POLL_RETRIES = 5  # transient failures polling or downloading an accepted job, tried again in place
+DOWNLOAD_RETRIES = 2
+
+
 @contextlib.contextmanager
-def transport_errors(where: dict[str, Any]) -> Iterator[None]:
-    """httpx's transport failures as imagebroker errors."""
+def transport_errors(where: dict[str, Any], submit: bool = False) -> Iterator[None]:
+    """httpx's transport failures as imagebroker errors. For a `submit` (a request that starts paid
+    work), a failure after the request may have been sent (a read timeout, a reset mid-answer) is an
+    `OutcomeUnknown`; failing to connect means nothing was sent, and may be tried again."""
     try:
         yield
     except httpx.TimeoutException as exc:
+        if submit and not isinstance(exc, NOT_SENT):
+            raise OutcomeUnknown(f"no answer after sending: {type(exc).__name__}", **where) from None
         raise ProviderUnavailable(f"timed out: {type(exc).__name__}", **where) from None
     except httpx.TransportError as exc:
+        if submit and not isinstance(exc, NOT_SENT):
+            raise OutcomeUnknown(f"connection lost after sending: {type(exc).__name__}", **where) from None
         raise ProviderUnavailable(f"connection failed: {type(exc).__name__}", **where) from None
 
 
@@ -201,12 +220,20 @@ class HttpProvider(Provider):
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     async def send(self, method: str, url: str, *, where: dict[str, Any], accept: tuple[int, ...] = (),
-                   **kw: Any) -> httpx.Response:
+                   submit: bool | None = None, **kw: Any) -> httpx.Response:
         """The request; transport failures and error statuses raised as imagebroker errors, except the
         statuses in `accept`, whose responses the caller reads itself (ComfyUI's 400 node errors).
-        Redirects are never followed (they would carry the key): one is a BadProviderResponse."""
-        with transport_errors(where):
-            resp = await self.client().request(method, url, **kw)
+        Redirects are never followed (they would carry the key): one is a BadProviderResponse.
+        `submit` (default: a POST) marks a request that starts paid work (see `transport_errors`);
+        the body is read up to MAX_RESULT_BYTES."""
+        submit = method == "POST" if submit is None else submit
+        if submit:
+            mark_submitted()
+        with transport_errors(where, submit):
+            async with self.client().stream(method, url, **kw) as streamed:
+                body = await self._read_bounded(streamed, where)
+        resp = httpx.Response(streamed.status_code, headers=_decoded(streamed.headers), content=body,
+                              request=streamed.request)
         if resp.is_redirect:
             to = origin(redirect_target(resp, where))
             raise BadProviderResponse(f"{resp.request.url.path} redirected to {to}: not followed", **where)
@@ -239,8 +266,19 @@ class HttpProvider(Provider):
     async def download(self, url: Any, where: dict[str, Any], *, base_url: str | None = None) -> bytes:
         """A result, fetched at once (result URLs expire: Replicate's after an hour, BFL's after ten
         minutes) by the rules in this module's docstring, from the answer to a call to `base_url`
-        (None: the strictest rules, those of a public https base URL)."""
-        url = str(url)
+        (None: the strictest rules, those of a public https base URL). The job is done and paid for:
+        a transient failure is tried again here, and one that persists is an `OutcomeUnknown`, never a
+        reason to submit the job again."""
+        for attempt in range(DOWNLOAD_RETRIES + 1):
+            try:
+                return await self._download(str(url), where, base_url)
+            except (ProviderUnavailable, RateLimited) as exc:
+                if attempt == DOWNLOAD_RETRIES:
+                    raise OutcomeUnknown(f"the result could not be downloaded: {exc}", **where) from None
+                await asyncio.sleep(0.25 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _download(self, url: str, where: dict[str, Any], base_url: str | None) -> bytes:
         if url[:5].lower() == "data:":
             return data_url(url, where)
         for _ in range(MAX_REDIRECTS + 1):
@@ -253,12 +291,20 @@ class HttpProvider(Provider):
         raise BadProviderResponse(f"result URL redirected more than {MAX_REDIRECTS} times", **where)
 
     @staticmethod
-    async def _read(resp: httpx.Response, where: dict[str, Any]) -> bytes:
+    async def _read_bounded(resp: httpx.Response, where: dict[str, Any]) -> bytes:
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_RESULT_BYTES:
+            raise BadProviderResponse(f"answer of {int(declared) >> 20} MiB, above {MAX_RESULT_BYTES >> 20} MiB",
+                                      **where)
         body = bytearray()
         async for chunk in resp.aiter_bytes():
             body += chunk
             if len(body) > MAX_RESULT_BYTES:
-                raise BadProviderResponse(f"result larger than {MAX_RESULT_BYTES >> 20} MiB", **where)
+                raise BadProviderResponse(f"answer larger than {MAX_RESULT_BYTES >> 20} MiB", **where)
+        return bytes(body)
+
+    async def _read(self, resp: httpx.Response, where: dict[str, Any]) -> bytes:
+        body = await self._read_bounded(resp, where)
         if resp.status_code >= 400:
             text = bytes(body[:2000]).decode(errors="replace")
             raise status_error(resp.status_code, text, resp.headers, **where)
@@ -266,14 +312,24 @@ class HttpProvider(Provider):
 
     async def poll(self, check: Callable[[], Awaitable[T | None]], *, interval: float, deadline_s: float,
                    where: dict[str, Any]) -> T:
-        """Call `check` until it returns a value; back off from `interval` up to 2 s."""
-        end = time.monotonic() + deadline_s
+        """Call `check` until it returns a value; back off from `interval` up to 2 s. The job was
+        accepted (and may be billed): a poll that fails transiently is tried again, up to
+        POLL_RETRIES in a row, and a job still running at the deadline is an `OutcomeUnknown`."""
+        mark_submitted()
+        end, failures = time.monotonic() + deadline_s, 0
         while True:
-            result = await check()
+            try:
+                result = await check()
+                failures = 0
+            except (ProviderUnavailable, RateLimited) as exc:
+                failures += 1
+                if failures > POLL_RETRIES:
+                    raise OutcomeUnknown(f"polling kept failing: {exc}", **where) from None
+                result = None
             if result is not None:
                 return result
             if time.monotonic() > end:
-                raise ProviderUnavailable(f"still running after {deadline_s:g} s", **where)
+                raise OutcomeUnknown(f"still running after {deadline_s:g} s", **where)
             await asyncio.sleep(interval)
             interval = min(interval * 1.5, 2.0)
 

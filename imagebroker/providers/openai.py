@@ -9,11 +9,13 @@ from typing import Any
 
 import httpx
 
-from ..errors import BadProviderResponse, MissingExtra, ProviderUnavailable
+from ..errors import BadProviderResponse, MissingExtra, OutcomeUnknown, ProviderUnavailable
 from ..types import ImageRequest
-from .base import CallContext, Provider, ProviderResult, RawImage
-from .http import status_error
+from .base import CallContext, Provider, ProviderResult, RawImage, mark_submitted
+from .http import NOT_SENT, status_error
 from .offering import Offering, request_size
+
+NOT_SENT_NAMES = frozenset(cls.__name__ for cls in NOT_SENT)  # the SDK's httpx2 has classes of these names
 
 
 class OpenAIProvider(Provider):
@@ -28,10 +30,16 @@ class OpenAIProvider(Provider):
     def _client(self, base_url: str, key: str) -> Any:
         if (base_url, key) not in self._clients:
             try:
-                from openai import AsyncOpenAI
+                from openai import AsyncOpenAI, DefaultAsyncHttpxClient
             except ImportError:
                 raise MissingExtra("openai", "openai") from None
-            self._clients[(base_url, key)] = AsyncOpenAI(api_key=key, base_url=base_url, max_retries=0)
+
+            async def sending(request: Any) -> None:  # the request leaves: from here it may be billed
+                mark_submitted()
+
+            http = DefaultAsyncHttpxClient(event_hooks={"request": [sending]})
+            self._clients[(base_url, key)] = AsyncOpenAI(api_key=key, base_url=base_url, max_retries=0,
+                                                         http_client=http)
         return self._clients[(base_url, key)]
 
     async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
@@ -52,10 +60,11 @@ class OpenAIProvider(Provider):
         except openai.APIStatusError as exc:
             headers = httpx.Headers(list(exc.response.headers.items()))
             raise status_error(exc.status_code, exc.response.text, headers, **where) from None
-        except openai.APITimeoutError:
-            raise ProviderUnavailable("timed out", **where) from None
-        except openai.APIConnectionError as exc:
-            raise ProviderUnavailable(f"connection failed: {type(exc.__cause__).__name__}", **where) from None
+        except openai.APIConnectionError as exc:  # (APITimeoutError too) before or after the request was sent
+            cause = type(exc.__cause__).__name__
+            if cause in NOT_SENT_NAMES:
+                raise ProviderUnavailable(f"connection failed: {cause}", **where) from None
+            raise OutcomeUnknown(f"no answer after sending: {cause}", **where) from None
         except (openai.APIResponseValidationError, ValueError) as exc:  # ValueError: JSON that is not
             raise BadProviderResponse(f"malformed response: {type(exc).__name__}", **where) from None
         try:

@@ -18,11 +18,12 @@ from ..errors import (
     ContentRejected,
     MissingExtra,
     ModelNotFound,
+    OutcomeUnknown,
     ProviderUnavailable,
 )
 from ..types import ImageRequest
-from .base import CallContext, ProviderResult, RawImage, sampling_fields
-from .http import HttpProvider, status_error
+from .base import CallContext, ProviderResult, RawImage, mark_submitted, sampling_fields
+from .http import POLL_RETRIES, HttpProvider, status_error
 from .offering import Offering, request_size
 
 RATIOS = {"1024x1024": "1:1", "1344x768": "16:9", "768x1344": "9:16", "1152x896": "4:3", "896x1152": "3:4",
@@ -73,6 +74,7 @@ class ReplicateProvider(HttpProvider):
         inp = self._input(request, offering)
         version = offering.settings.get("version")
         wait = max(1, min(60, int(ctx.timeout_s)))
+        mark_submitted()  # once sent, a lost answer is an unknown outcome (maybe billed), not a resubmit
         try:
             if version:
                 pred = await client.predictions.async_create(version=str(version), input=inp, wait=wait)
@@ -82,9 +84,18 @@ class ReplicateProvider(HttpProvider):
             where["request_id"] = pred.id
             interval = self.settings.poll_interval_s or client.poll_interval
             try:
+                failures = 0
                 while pred.status not in TERMINAL:
                     await asyncio.sleep(interval)
-                    await pred.async_reload()
+                    try:
+                        await pred.async_reload()
+                        failures = 0
+                    except (httpx.TransportError, ReplicateError) as exc:  # poll again, never resubmit
+                        if isinstance(exc, ReplicateError) and (exc.status or 500) < 500 and exc.status != 429:
+                            raise
+                        failures += 1
+                        if failures > POLL_RETRIES:
+                            raise OutcomeUnknown(f"polling kept failing: {type(exc).__name__}", **where) from None
             except asyncio.CancelledError:  # the broker's timeout: stop paying for it
                 with contextlib.suppress(Exception):
                     await pred.async_cancel()

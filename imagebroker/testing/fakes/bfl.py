@@ -1,6 +1,8 @@
 """Fake Black Forest Labs: POST /v1/{model} -> {id, polling_url}; GET /v1/get_result?id= -> Pending,
 then Ready with result.sample; GET /delivery/{id} serves the image. The hostile-URL steps are
-`hostile.HostileURLs`'s."""
+`hostile.HostileURLs`'s. Steps for an accepted job whose answer is hard to get: `poll_flaky` (the
+first two polls answer 503), `poll_down` (every poll answers 503), `download_flaky` (the first
+download answers 503)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,9 @@ class FakeBFL(HostileURLs):
             if task is None:
                 return Reply(200, {"status": "Task not found"})
             task["polls"] += 1
-            if task["polls"] < 2:
+            if task["step"] == "poll_down" or (task["step"] == "poll_flaky" and task["polls"] <= 2):
+                return Reply(503, self.error_body("service unavailable"))
+            if task["polls"] < 2 or (task["step"] == "poll_flaky" and task["polls"] < 4):
                 return Reply(200, {"id": "x", "status": "Pending"})
             if task["step"] == "refuse":
                 return Reply(200, {"id": "x", "status": "Content Moderated"})
@@ -48,6 +52,9 @@ class FakeBFL(HostileURLs):
                 "sample": sample, "seed": task["body"].get("seed", 42)}})
         if req["path"].startswith("/delivery/"):
             task = self.state[req["path"].rsplit("/", 1)[1]]
+            task["downloads"] = task.get("downloads", 0) + 1
+            if task["step"] == "download_flaky" and task["downloads"] == 1:
+                return Reply(503, b"busy", content_type="text/plain")
             b = task["body"]
             img = self.images(task["step"], 1, b["width"], b["height"], b.get("seed"), "jpeg")[0]
             return Reply(200, img, content_type="image/jpeg")
