@@ -87,6 +87,45 @@ def overhead(d: dict) -> list[str]:
     return [*out, ""]
 
 
+def sdk(after: dict, before: dict | None) -> list[str]:
+    """Issue 10: imagebroker through the real `openai` provider against the raw `openai` SDK."""
+    def row(name: str, key: str, target: str, ok: bool) -> str:
+        a, b = after[key], (before or {}).get(key)
+        was = f"{b['imagebroker_ms']['median']} ms vs {b['raw_ms']['median']} ms = x{b['ratio_median']}" if b else "-"
+        return (f"| {name} | {was} | {a['imagebroker_ms']['median']} ms vs {a['raw_ms']['median']} ms = "
+                f"**x{a['ratio_median']}** | {target} | {verdict(ok)} |")
+
+    t, tb = after["throughput"], (before or {}).get("throughput")
+    stages = after["stages_ms_per_call"]["async"]
+    out = ["## Overhead against the raw `openai` SDK (issue 10) — `benchmarks/sdk_overhead.py`", "",
+           f"Machine: {after['machine']}. One loopback fake OpenAI server in a process of its own, 1024x1024 PNG "
+           "answers; side by side in one run, alternating per call. imagebroker goes through its real `openai` "
+           "provider (the SDK, retries off), with planning, image checks, pricing and the SQLite ledger commit. "
+           "*Before*: the same script on the code before this wave (commit 75de56b) on a busier machine, which "
+           "decoded every image in full on the event loop (13-19 ms per call).", "",
+           "| measure | before | now | target | |", "|---|---|---|---|---|",
+           row("per call, sync (`Broker` vs `OpenAI`), median", "sync_latency", "<= x1.3",
+               after["sync_latency"]["ratio_median"] <= 1.3),
+           row("per call, async (`AsyncBroker` vs `AsyncOpenAI`), median", "async_latency", "<= x1.3",
+               after["async_latency"]["ratio_median"] <= 1.3),
+           f"| throughput at concurrency {t['concurrency']} | {tb['ratio'] if tb else '-'} | "
+           f"{t['imagebroker_per_s']}/s vs {t['raw_per_s']}/s = **x{t['ratio']}** (client CPU "
+           f"{t['client_cpu_ms_per_call']['imagebroker']} vs {t['client_cpu_ms_per_call']['raw']} ms/call) | "
+           f">= x0.9 | {verdict(t['ratio'] >= 0.9)} |", "",
+           "Where imagebroker's time goes, per async call (perf_counter around each stage, ms):", "",
+           "| stage | ms |", "|---|---|"]
+    out += [f"| {k.strip()} | {v} |" for k, v in stages.items() if k not in ("calls",) and not k.startswith("raw")]
+    hop = after["stages_ms_per_call"]["sync"].get("sync_thread_hop (Broker.generate minus AsyncBroker.generate)")
+    out += ["", "What remains: the ledger commit (rows built, one SQLite transaction of four statements, committed "
+            "before `generate()` returns: the durability promise) is the largest piece; image checks (structure, "
+            "checksums, size), settlement and the request and plan objects follow at 0.1-0.25 ms each. The sync "
+            f"`Broker` also pays a thread hop to its private event loop ({hop} ms) and the async HTTP stack the raw "
+            "sync SDK does not use. Under concurrency every call adds the same CPU to a client process that the SDK "
+            "already keeps busy, so the throughput ratio follows the extra CPU per call. Run-to-run spread on this "
+            "2-core machine: async x1.38-1.42, sync x1.73-1.99, throughput x0.69-0.79.", ""]
+    return out
+
+
 def local(d: dict) -> list[str]:
     o, on, off = d["overhead"], d["coalescing_on"], d["coalescing_off"]
     return [
@@ -127,6 +166,8 @@ def main() -> None:
     for name, fn in (("core", core), ("overhead", overhead), ("local_overhead", local)):
         data = load(name)
         lines += fn(data) if data else [f"## {name}", "", "Not run yet.", ""]
+    after = load("sdk_overhead")
+    lines += sdk(after, load("sdk_overhead_before")) if after else ["## sdk_overhead", "", "Not run yet.", ""]
     lines += gpu(load("gpu_pipelines"))
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines))
     print("\n".join(lines))

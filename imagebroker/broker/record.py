@@ -73,7 +73,7 @@ class CallLog:
     # -- as it happens -------------------------------------------------------------------------
     def attempt(self, offering: Offering, started: datetime, t0: float, *, error: BaseException | None = None,
                 cost: Cost | None = None, request_id: str | None = None) -> None:
-        a = Attempt.model_construct(  # our own values, typed here: no second validation on the hot path
+        a = Attempt(
             number=len(self.attempts) + 1, offering=offering.id, started_at=started,
             latency_s=round(time.perf_counter() - t0, 6), status="error" if error else "ok",
             error_type=type(error).__name__ if error else None,

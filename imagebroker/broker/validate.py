@@ -124,8 +124,7 @@ def _check(data: bytes, seed: int | None, request: ImageRequest, offering: Offer
         raise _Refused(f"header says {w}x{h} but decodes as {img.width}x{img.height}")
     if convert:
         data, fmt = _convert(img, request.output_format), request.output_format  # type: ignore[arg-type]
-    # every field was checked above: constructed without validating them again (this is the hot path)
-    return GeneratedImage.model_construct(data=data, format=fmt, width=w, height=h, seed=seed)
+    return GeneratedImage(data=data, format=fmt, width=w, height=h, seed=seed)  # type: ignore[arg-type]
 
 
 def _size_problem(w: int, h: int, request: ImageRequest, offering: Offering,

@@ -300,3 +300,11 @@ def m005_skips_adapter_errors_over_bound(conn: Connection) -> None:
         "'circuit_open' WHEN substr(error, 1, 13) = 'price unknown' THEN 'price_unknown' ELSE 'over_budget' END, "
         f"error, started_at FROM attempts WHERE {fake}")
     conn.exec_driver_sql(f"DELETE FROM attempts WHERE {fake}")
+
+
+@migration
+def m006_drop_unread_call_indexes(conn: Connection) -> None:
+    """Two indexes nothing reads any more (the report reads rollups, and its edge days by created_at):
+    each call's write no longer maintains them."""
+    conn.exec_driver_sql("DROP INDEX ix_calls_day")
+    conn.exec_driver_sql("DROP INDEX ix_calls_offering_created")
