@@ -257,3 +257,19 @@ def test_a_job_whose_polling_keeps_failing_is_an_unknown_outcome_charged_to_the_
     with sqlite3.connect(tmp_path / "l.db") as conn:
         (cost, status), = conn.execute("select cost_nusd, cost_status from calls").fetchall()
     assert (cost, status) == (int(attempt.cost.usd * 10**9), "estimated")  # the call row keeps it too
+
+
+def test_an_answer_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from imagebroker.errors import AllAttemptsFailed
+    from imagebroker.policies.schema import Policy
+    from tests.conftest import builtin_providers
+
+    monkeypatch.setenv("TOGETHER_API_KEY", FAKES["together"].key)
+    with FAKES["together"](["ok"]) as fake:
+        policy = Policy.model_validate({
+            "name": "t", "deny": builtin_providers("together"), "fallback": {"max_offerings": 1},
+            "providers": {"together": {"base_url": fake.base_url, "max_response_bytes": 1000}}})
+        with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b, pytest.raises(AllAttemptsFailed) as exc:
+            b.generate("a red circle", model="together/black-forest-labs/FLUX.1-schnell")
+    (attempt,) = exc.value.attempts  # not retried: the same provider would send the same
+    assert attempt.error_type == "BadProviderResponse" and "above 1000 bytes" in attempt.error

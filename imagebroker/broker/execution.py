@@ -293,6 +293,8 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
         error = AdapterError(f"adapter bug: {type(exc).__name__}: {exc}", **where)
     else:
         cost = settle_checked(result.usage, offering, log.request, cand.bound_usd)
+        if "reported" in cost.units:  # the provider's usage was not believed
+            logger.warning("call %s on %s: %s", log.request_id, offering.id, log.redact(cost.detail))
         view.breaker.success(offering.provider)
         log.attempt(offering, started, t0, cost=cost, request_id=result.request_id)
         logger.debug("call %s settled on %s: %s", log.request_id, offering.id, cost)

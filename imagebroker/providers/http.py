@@ -156,13 +156,14 @@ async def check_result_url(url: str, base_url: str | None, where: dict[str, Any]
     return target
 
 
-def data_url(url: str, where: dict[str, Any]) -> bytes:
-    """The bytes of a base64 `data:` URL, at most MAX_RESULT_BYTES."""
+def data_url(url: str, where: dict[str, Any], limit: int | None = None) -> bytes:
+    """The bytes of a base64 `data:` URL, at most `limit` (default MAX_RESULT_BYTES)."""
+    limit = limit or MAX_RESULT_BYTES
     head, _, payload = url.partition(",")
     if not head.lower().endswith(";base64"):
         raise BadProviderResponse("data: URL that is not base64", **where)
-    if len(payload) > MAX_RESULT_BYTES * 4 // 3 + 4:
-        raise BadProviderResponse(f"data: URL larger than {MAX_RESULT_BYTES >> 20} MiB", **where)
+    if len(payload) > limit * 4 // 3 + 4:
+        raise BadProviderResponse(f"data: URL larger than {_mib(limit)}", **where)
     try:
         return base64.b64decode(payload)
     except (binascii.Error, ValueError):
@@ -280,7 +281,7 @@ class HttpProvider(Provider):
 
     async def _download(self, url: str, where: dict[str, Any], base_url: str | None) -> bytes:
         if url[:5].lower() == "data:":
-            return data_url(url, where)
+            return data_url(url, where, self.max_bytes)
         for _ in range(MAX_REDIRECTS + 1):
             target = await check_result_url(url, base_url, where)
             with transport_errors(where):
@@ -290,17 +291,22 @@ class HttpProvider(Provider):
                     url = str(redirect_target(resp, where))
         raise BadProviderResponse(f"result URL redirected more than {MAX_REDIRECTS} times", **where)
 
-    @staticmethod
-    async def _read_bounded(resp: httpx.Response, where: dict[str, Any]) -> bytes:
+    @property
+    def max_bytes(self) -> int:
+        """The most one answer or result may hold: `providers.NAME.max_response_bytes`, else
+        MAX_RESULT_BYTES."""
+        return self.settings.max_response_bytes or MAX_RESULT_BYTES
+
+    async def _read_bounded(self, resp: httpx.Response, where: dict[str, Any]) -> bytes:
+        limit = self.max_bytes
         declared = resp.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_RESULT_BYTES:
-            raise BadProviderResponse(f"answer of {int(declared) >> 20} MiB, above {MAX_RESULT_BYTES >> 20} MiB",
-                                      **where)
+        if declared.isdigit() and int(declared) > limit:  # refused before a byte of the body is read
+            raise BadProviderResponse(f"answer of {_mib(int(declared))}, above {_mib(limit)}", **where)
         body = bytearray()
         async for chunk in resp.aiter_bytes():
             body += chunk
-            if len(body) > MAX_RESULT_BYTES:
-                raise BadProviderResponse(f"answer larger than {MAX_RESULT_BYTES >> 20} MiB", **where)
+            if len(body) > limit:
+                raise BadProviderResponse(f"answer larger than {_mib(limit)}", **where)
         return bytes(body)
 
     async def _read(self, resp: httpx.Response, where: dict[str, Any]) -> bytes:
@@ -337,3 +343,7 @@ class HttpProvider(Provider):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"

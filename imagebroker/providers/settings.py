@@ -25,6 +25,7 @@ class ProviderSettings(_Strict):
     region: str | None = None          # a region option of the provider's offerings (eu, us)
     timeout_s: float | None = Field(default=None, gt=0)
     poll_interval_s: float | None = Field(default=None, gt=0)
+    max_response_bytes: int | None = Field(default=None, ge=1)   # one answer or result (default 128 MiB)
     options: dict[str, Any] = Field(default_factory=dict)   # provider-specific (ComfyUI workflow, ...)
 
 
