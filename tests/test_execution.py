@@ -113,7 +113,7 @@ def test_a_refusal_stops_the_call_by_default_and_falls_back_only_when_the_policy
         assert b.generate("x").offering == "mock/spare"
 
 
-def test_the_budget_that_refused_decides_reject_or_restrict(tmp_path):
+def test_the_budget_that_refused_decides_reject_or_restrict(ledger_url, tmp_path):
     """A $0.50 call over a `reject` budget is refused even when an unrelated tag-scoped `restrict`
     budget exists; it must not be served quietly by a cheaper offering."""
     dear = mock_offering("dear", price={"usd": "0.50"})
@@ -122,7 +122,7 @@ def test_the_budget_that_refused_decides_reject_or_restrict(tmp_path):
                {"name": "drafts", "period": "day", "limit_usd": "5", "on_exceed": "restrict",
                 "scope": {"tags": {"stage": "draft"}}}]
     policy = mock_policy(dear, cheap, objective="ordered", prefer=["mock/dear", "mock/cheap"], budgets=budgets)
-    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+    with Broker(policy, ledger=ledger_url) as b:
         with pytest.raises(BudgetExceeded) as exc:
             b.generate("x")
         assert exc.value.budget == "total"
@@ -139,7 +139,7 @@ def test_the_budget_that_refused_decides_reject_or_restrict(tmp_path):
 @pytest.mark.parametrize("usage", [
     {"images": -30_000}, {"images": "abc"}, {"images": float("nan")}, {"images": float("inf")},
     {"images": 1, "width": "1e999999"}, {"images": 1, "sizes": [["a", 2]]}, {"images": True}])
-async def test_usage_that_cannot_be_believed_is_estimated_with_the_raw_units_kept(tmp_path, usage, caplog):
+async def test_usage_that_cannot_be_believed_is_estimated_with_the_raw_units_kept(ledger_url, usage, caplog):
     def handler(request, offering, ctx):
         res = ok_result(request, offering)
         return ProviderResult(res.images, usage, "r-1", {})
@@ -148,7 +148,7 @@ async def test_usage_that_cannot_be_believed_is_estimated_with_the_raw_units_kep
     offering["price"] = {"unit": "per_megapixel", "usd_per_mp": "0.01", "source": "test", "checked": "2026-11-22",
                          "confidence": "high"}
     policy = mock_policy(offering, budgets=[{"name": "all", "period": "total", "limit_usd": "1"}])
-    async with AsyncBroker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}",
+    async with AsyncBroker(policy, ledger=ledger_url,
                            providers={"mock": MockProvider.with_handler(handler)}) as b:
         result = await b.generate("x", size="1000x1000")
         counters = b.ledger.counters([("all", "total")])
@@ -209,14 +209,14 @@ def test_an_adapter_error_is_not_retryable_and_names_the_bug():
 
 @pytest.mark.parametrize("rule, served, attempts", [("next", "mock/spare", 2), ("retry", "mock/first", 2),
                                                      ("stop", None, 1)])
-def test_an_unknown_outcome_moves_on_retries_or_stops_as_the_policy_says(tmp_path, rule, served, attempts):
+def test_an_unknown_outcome_moves_on_retries_or_stops_as_the_policy_says(ledger_url, rule, served, attempts):
     from imagebroker.errors import OutcomeUnknown
 
     first = mock_offering("first", settings={"script": ["error:OutcomeUnknown", "ok"]})
     spare = mock_offering("spare", price={"usd": "0.02"})
     policy = mock_policy(first, spare, retry={"on_unknown_outcome": rule, "initial_delay_s": 0.01},
                          budgets=[{"name": "all", "period": "total", "limit_usd": "1"}])
-    with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+    with Broker(policy, ledger=ledger_url) as b:
         if served is None:
             with pytest.raises(OutcomeUnknown) as exc:
                 b.generate("x")

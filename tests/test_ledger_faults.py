@@ -62,9 +62,8 @@ def test_a_fault_inside_reserve_is_a_ledger_error_not_a_driver_error(tmp_path):
     assert exc.value.result is None and "\n" not in str(exc.value)
 
 
-def test_a_fault_inside_settle_after_paying_is_a_ledger_error_with_the_result(tmp_path):
-    db = tmp_path / "l.db"
-    with Broker(budgeted(), ledger=f"sqlite:///{db}") as b:
+def test_a_fault_inside_settle_after_paying_is_a_ledger_error_with_the_result(ledger_url):
+    with Broker(budgeted(), ledger=ledger_url) as b:
         ledger = b.ledger
 
         def broken_settle(rid, actual):
@@ -74,11 +73,11 @@ def test_a_fault_inside_settle_after_paying_is_a_ledger_error_with_the_result(tm
         with pytest.raises(LedgerError, match="could not settle the budget of call") as exc:
             b.generate("x")
     assert exc.value.result.images and exc.value.result.offering == "mock/x"
-    assert statuses(Ledger(f"sqlite:///{db}")) == {"ok": 1}  # the call itself was recorded
+    assert statuses(Ledger(ledger_url)) == {"ok": 1}  # the call itself was recorded
 
 
-async def test_a_running_call_keeps_its_reservation_past_its_ttl(tmp_path):
-    url = f"sqlite:///{tmp_path / 'l.db'}"
+async def test_a_running_call_keeps_its_reservation_past_its_ttl(ledger_url):
+    url = ledger_url
     async with AsyncBroker(budgeted(["sleep:1.5"], ttl_s=0.3), ledger=url) as b:
         call = asyncio.ensure_future(b.generate("x"))
         await asyncio.sleep(0.9)  # three TTLs: without renewal any process would reconcile it now
@@ -93,8 +92,8 @@ async def test_a_running_call_keeps_its_reservation_past_its_ttl(tmp_path):
     assert statuses(Ledger(url)) == {"ok": 1}
 
 
-def test_a_settlement_after_the_hold_expired_still_charges_the_budget(tmp_path):
-    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+def test_a_settlement_after_the_hold_expired_still_charges_the_budget(ledger_url):
+    ledger = Ledger(ledger_url)
     rid = ledger.reserve("r1", [("all", "total", Decimal("1"))], Decimal("0.5"), ttl_s=0.01)
     ledger._unhold(rid)  # as if this process had stalled: nobody renews it
     time.sleep(0.05)
