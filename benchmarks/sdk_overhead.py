@@ -325,7 +325,7 @@ def install(st: Stages) -> None:
 
     ex, core, rec = "imagebroker.broker.execution", "imagebroker.broker.core", "imagebroker.broker.record"
     stages = {
-        "sync_total": [f"{core}:Broker.generate"],
+        "sync_total": ["imagebroker.broker.sync:Broker.generate"],
         "async_total": [f"{core}:AsyncBroker.generate"],
         "request_build": [f"{core}:_request"],  # ImageRequest(**fields), pydantic
         "plan": [f"{core}:AsyncBroker._plan"],  # state() + memoised plan

@@ -39,7 +39,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "generate": "imagebroker.broker.api",
     "agenerate": "imagebroker.broker.api",
-    "Broker": "imagebroker.broker.core",
+    "Broker": "imagebroker.broker.sync",
     "AsyncBroker": "imagebroker.broker.core",
     "Ledger": "imagebroker.broker.ledger.store",
     "ImageRequest": "imagebroker.types",
@@ -73,8 +73,9 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from .broker.api import agenerate, generate
-    from .broker.core import AsyncBroker, Broker
+    from .broker.core import AsyncBroker
     from .broker.ledger.store import Ledger
+    from .broker.sync import Broker
     from .policies.loader import load_policy
     from .policies.schema import Policy
     from .providers.base import Provider, ProviderResult

@@ -9,7 +9,8 @@ import weakref
 from typing import Any
 
 from ..types import ImageRequest, ImageResult
-from .core import AsyncBroker, Broker
+from .core import AsyncBroker
+from .sync import Broker
 
 _lock = threading.Lock()
 _sync: Broker | None = None

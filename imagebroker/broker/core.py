@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
@@ -268,51 +267,4 @@ def _request(request: ImageRequest | str | None, fields: dict[str, Any]) -> Imag
     return ImageRequest(**fields)
 
 
-class Broker:
-    """The synchronous face of `AsyncBroker`: the same core, run on a private event-loop thread."""
-
-    def __init__(self, policy: str | Path | Policy | None = None, ledger: str | Ledger | None = None,
-                 **kw: Any) -> None:
-        self._async = AsyncBroker(policy, ledger, **kw)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="imagebroker",
-                                        daemon=True)
-        self._thread.start()
-
-    def __repr__(self) -> str:
-        return f"<Broker policy={self.policy.name!r} ledger={self.ledger!r}>"
-
-    @property
-    def policy(self) -> Policy:
-        return self._async.policy
-
-    @property
-    def ledger(self) -> Ledger:
-        return self._async.ledger
-
-    @property
-    def catalog(self) -> Catalog:
-        return self._async.catalog
-
-    def plan(self, request: ImageRequest | str | None = None, /, **fields: Any) -> Plan:
-        return self._async.plan(request, **fields)
-
-    def generate(self, request: ImageRequest | str | None = None, /, *,
-                 progress: ProgressCallback | None = None, **fields: Any) -> ImageResult:
-        coro = self._async.generate(request, progress=progress, **fields)
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def close(self) -> None:
-        if self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._async.aclose(), self._loop).result()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> Broker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-__all__ = ["AsyncBroker", "Broker", "BudgetExceeded", "new_request_id"]
+__all__ = ["AsyncBroker", "BudgetExceeded", "new_request_id"]

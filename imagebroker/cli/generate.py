@@ -105,7 +105,7 @@ def generate(
     json_out: JsonOpt = False,
 ) -> None:
     """Generate images for PROMPT, write them into --out, and print offering, cost and latency."""
-    from ..broker.core import Broker
+    from ..broker.sync import Broker
 
     fields = request_fields(size, n, seed, adapter, model, tag)
     extra = {"negative_prompt": negative, "steps": steps, "guidance_scale": guidance,
