@@ -204,7 +204,7 @@ def test_a_well_formed_file_whose_pixels_do_not_decode_is_refused():
     data = bytearray(make_huge_png(256, 256))
     idat = data.index(b"IDAT") + 4
     data[idat:idat + 8] = b"\xff" * 8  # not a zlib stream; the chunk structure stays whole
-    assert "image 1 does not decode:" in refused(bytes(data), size="256x256")
+    assert "image 1 is a damaged PNG: the 'IDAT' chunk fails its checksum" in refused(bytes(data), size="256x256")
 
 
 def test_a_stream_corrupt_under_valid_checksums_is_caught_when_pixels_are_decoded():

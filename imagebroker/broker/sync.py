@@ -3,8 +3,9 @@
 While one thread at a time calls it, the loop runs in that thread (`run_until_complete`): no thread
 hop, progress callbacks on the caller's thread, and Ctrl-C cancels the call so that its `cancelled`
 row is written. The first time a second thread calls while the loop is busy (or a thread whose own
-event loop is running calls, as in a notebook), the loop moves to a thread of its own for good and every caller hands its call to it (`run_coroutine_threadsafe`): the
-provider clients and pipelines are bound to the loop, not to a thread, so they move with it.
+event loop is running calls, as in a notebook), the loop moves to a thread of its own for good and
+every caller hands its call to it (`run_coroutine_threadsafe`): the provider clients and pipelines are
+bound to the loop, not to a thread, so they move with it.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ The checks, cheapest first, so a hostile answer costs little:
 6. size: the size asked (the request's, else the offering's default), or one of the offering's
    declared fixed `capabilities.sizes`; a canvas offering (ComfyUI) asked no size may return any
    size its size rule allows, since its graph decides;
-7. integrity: PIL verifies the file (a PNG's chunk CRCs), and must agree with the header read in 4.
-   The pixels themselves are decoded only to convert to another `output_format`, or when
+7. integrity: a PNG's chunk checksums are verified during the walk in 4 (what PIL's `verify()` checks).
+   The pixels themselves are decoded (by PIL, which must then agree with the header read in 4) only to
+   convert to another `output_format`, or when
    `ImageLimits.decode_pixels` asks for it: a full decode costs 15-25 ms per megapixel of CPU (zlib's
    inflate is most of it), as much as the whole round trip to a fast provider, for a failure (a
    CRC-valid file with a corrupt compressed stream) that the checks above make improbable.
@@ -112,12 +113,11 @@ def _check(data: bytes, seed: int | None, request: ImageRequest, offering: Offer
         raise _Refused(problem)
     fmt = head.format
     convert = bool(request.output_format and request.output_format != fmt)
+    if not (convert or limits.decode_pixels):  # the structure (and a PNG's checksums) was checked above
+        return GeneratedImage(data=data, format=fmt, width=w, height=h, seed=seed)  # type: ignore[arg-type]
     try:
         img = Image.open(io.BytesIO(data), formats=[_PIL_NAME[head.format]])  # shares, does not copy
-        if convert or limits.decode_pixels:
-            img.load()
-        else:
-            img.verify()  # structure and checksums, no pixel decoded
+        img.load()
     except _DECODE_ERRORS as exc:
         raise _Refused(f"does not decode: {_one_line(exc)}") from None
     if img.size != (w, h):
@@ -163,13 +163,17 @@ def _png(data: bytes) -> _Header:
     length, kind, w, h = struct.unpack_from(">I4sII", data, 8)
     if kind != b"IHDR" or length != 13:
         raise _Refused("is not a valid PNG: IHDR is not its first chunk")
-    pos, size = 8, len(data)
+    pos, size, view = 8, len(data), memoryview(data)
     while pos + 12 <= size:
         length, kind = struct.unpack_from(">I4s", data, pos)
-        pos += 12 + length
+        end = pos + 12 + length
+        if end > size:
+            break
+        (crc,) = struct.unpack_from(">I", data, end - 4)
+        if zlib.crc32(view[pos + 4:end - 4]) != crc:  # what PIL's verify() checks, without PIL
+            raise _Refused(f"is a damaged PNG: the {kind.decode('latin-1')!r} chunk fails its checksum")
+        pos = end
         if kind == b"IEND":
-            if pos > size:
-                break
             return _Header("png", w, h, pos)
     raise _Refused("is truncated: the PNG has no IEND chunk")
 

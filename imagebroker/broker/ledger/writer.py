@@ -146,7 +146,9 @@ class CallWriter:
             if self.sqlite:
                 cur.execute("BEGIN IMMEDIATE")
             for sql, rows in statements:
-                if rows:
+                if len(rows) == 1:  # the usual case: cheaper than executemany's setup
+                    cur.execute(sql, rows[0])
+                elif rows:
                     cur.executemany(sql, rows)
             self._conn.commit()
         finally:
