@@ -118,11 +118,12 @@ def sdk(after: dict, before: dict | None) -> list[str]:
     hop = after["stages_ms_per_call"]["sync"].get("sync_thread_hop (Broker.generate minus AsyncBroker.generate)")
     out += ["", "What remains: the ledger commit (rows built, one SQLite transaction of four statements, committed "
             "before `generate()` returns: the durability promise) is the largest piece; image checks (structure, "
-            "checksums, size), settlement and the request and plan objects follow at 0.1-0.25 ms each. The sync "
-            f"`Broker` also pays a thread hop to its private event loop ({hop} ms) and the async HTTP stack the raw "
-            "sync SDK does not use. Under concurrency every call adds the same CPU to a client process that the SDK "
-            "already keeps busy, so the throughput ratio follows the extra CPU per call. Run-to-run spread on this "
-            "2-core machine: async x1.38-1.42, sync x1.73-1.99, throughput x0.69-0.79.", ""]
+            "PNG checksums, size), settlement, the provider's own work and the request and plan objects follow at "
+            "about 0.1 ms each. The sync `Broker` runs its loop on the caller's thread while uncontended "
+            f"({hop} ms more than `AsyncBroker`), but still uses the async HTTP stack that the raw sync SDK does not. "
+            "Under concurrency every call adds the same CPU to a client process that the SDK already keeps busy, "
+            "so the throughput ratio follows the extra CPU per call. Two runs of the final code on this 2-core "
+            "machine: async x1.36 / x1.38, sync x1.61 / x1.64, throughput x0.73 / x0.74.", ""]
     return out
 
 
