@@ -147,3 +147,26 @@ def test_postgres_backends_terminated_during_300_budgeted_calls_lose_nothing(pg_
     assert "pending" not in statuses(ledger), (outcomes, statuses(ledger))
     assert reserved == 0 and spent == len(ok_rows) * 10_000_000  # $0.01 each, charged once
     print(outcomes, "backends killed:", killed)
+
+
+def test_a_commit_whose_answer_was_lost_is_not_written_twice(pg_url):
+    import psycopg
+
+    from imagebroker.broker.report import cost_report
+
+    with Broker(mock_policy(mock_offering("x")), ledger=pg_url) as b:
+        b.generate("x")  # the writer's connection is open
+        writer, real = b.ledger.writer, b.ledger.writer._run
+        lost = []
+
+        def commit_then_lose_the_connection(statements):
+            real(statements)
+            if not lost:
+                lost.append(1)
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        writer._run = commit_then_lose_the_connection
+        b.generate("x")
+        _, total = cost_report(b.ledger, by="provider")
+    assert lost and total.calls == 2 and total.cost_usd == Decimal("0.02")  # each call counted once
+    assert statuses(Ledger(pg_url)) == {"ok": 2}

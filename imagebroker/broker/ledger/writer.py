@@ -50,6 +50,16 @@ class CallSQL:
         self.add_call_rollup = upsert("call_rollups", (*ROLLUP_KEYS, "status"), ROLLUP_MEASURES)
         self.add_latency_rollup = upsert("latency_rollups", (*ROLLUP_KEYS, "bucket"), ("calls",))
 
+    def finished_calls(self, statements: Statements) -> dict[str, str]:
+        """request id -> status of the finished calls that `statements` write (none for a pending row)."""
+        status_at, out = CALL_COLUMNS.index("status"), {}
+        for sql, rows in statements:
+            if sql == self.insert_call:
+                out |= {r[0]: r[status_at] for r in rows if r[status_at] != "pending"}
+            elif sql == self.update_call:
+                out |= {r[-1]: r[UPDATED_COLUMNS.index("status")] for r in rows}
+        return out
+
     def pending(self, row: Mapping[str, Any]) -> Statements:
         return [(self.insert_call, [[row[c] if c != "status" else "pending" for c in CALL_COLUMNS]])]
 
@@ -126,6 +136,8 @@ class CallWriter:
             if self._conn is None:
                 self._conn = self.engine.raw_connection()
             try:
+                if last and self._committed_already(statements):
+                    return  # the lost connection had committed it: writing again would count it twice
                 self._run(statements)
                 return
             except Exception as exc:
@@ -134,6 +146,24 @@ class CallWriter:
                 self._drop()
                 if last:
                     raise
+
+    def _committed_already(self, statements: Statements) -> bool:
+        """Whether the finished calls these statements write are in the ledger with the status they
+        write (a commit whose acknowledgement was lost with the connection)."""
+        want = self.sql.finished_calls(statements)
+        if not want:
+            return False
+        cur = self._conn.cursor()
+        try:
+            mark = "?" if self.sqlite else "%s"
+            cur.execute(f"SELECT request_id, status FROM calls WHERE request_id IN ({', '.join([mark] * len(want))})",
+                        list(want))
+            found = dict(cur.fetchall())
+            self._conn.rollback()
+        finally:
+            with contextlib.suppress(Exception):
+                cur.close()
+        return all(found.get(rid) == status for rid, status in want.items())
 
     def _lost_connection(self, exc: BaseException) -> bool:
         dbapi = self.engine.dialect.dbapi
