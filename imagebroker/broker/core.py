@@ -25,7 +25,7 @@ from ..providers.registry import provider_class
 from ..types import ImageRequest, ImageResult, Plan
 from .breaker import CircuitBreaker
 from .budgets import period_key
-from .execution import CallView, execute
+from .execution import CallView, RetryRules, execute
 from .ledger.store import Ledger
 
 LATENCY_MIN_SAMPLES = 20
@@ -62,6 +62,7 @@ class AsyncBroker:
         self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger or self.policy.ledger.url)
         self._classes = dict(providers or {})
         self._providers: dict[str, Provider] = {}
+        self._stateful: list[Provider] = []  # providers whose `state_epoch` is their own
         self.breaker = CircuitBreaker(self.policy.breaker.failure_threshold,
                                       self.policy.breaker.cooldown_s)
         self._latency: dict[str, tuple[float, float]] = {}
@@ -75,7 +76,7 @@ class AsyncBroker:
         self._epoch = -1
         self.in_flight = 0  # generate() calls under way on this broker
         self._view = CallView(self.policy, self.catalog, self.ledger, self.provider, self.breaker, self.secrets,
-                              lambda: self.in_flight > 1)
+                              lambda: self.in_flight > 1, RetryRules.of(self.policy.retry))
         self._keyed: dict[str, tuple[ImageRequest, asyncio.Future[ImageResult], float]] = {}  # oldest first
 
     def __repr__(self) -> str:
@@ -85,7 +86,9 @@ class AsyncBroker:
     def provider(self, name: str) -> Provider:
         if name not in self._providers:
             cls = self._classes.get(name) or provider_class(name)
-            self._providers[name] = cls(self.policy.provider(name))
+            provider = self._providers[name] = cls(self.policy.provider(name))
+            if type(provider).state_epoch is not Provider.state_epoch:  # its state can change at any time
+                self._stateful.append(provider)
         return self._providers[name]
 
     def secrets(self) -> list[str]:
@@ -101,7 +104,7 @@ class AsyncBroker:
         variables). Returns the unavailable map: a new object only when something changed, so that
         plans stay memoised."""
         now, env_size = time.monotonic(), len(os.environ)
-        epoch = sum(p.state_epoch for p in self._providers.values())
+        epoch = sum(p.state_epoch for p in self._stateful)
         if (env_size == self._env_size and epoch == self._epoch
                 and now - self._unavail_at < UNAVAILABLE_REFRESH_S):
             return self._unavail
@@ -129,7 +132,7 @@ class AsyncBroker:
         if devices != self._devices:
             self._devices = devices
         self._unavail_at, self._env_size = now, env_size
-        self._epoch = sum(p.state_epoch for p in self._providers.values())  # (providers made just now)
+        self._epoch = sum(p.state_epoch for p in self._stateful)  # (with the providers made just now)
         return self._unavail
 
     def observed_latency(self) -> dict[str, tuple[float, float]]:
@@ -250,6 +253,7 @@ class AsyncBroker:
         for p in self._providers.values():
             await p.aclose()
         self._providers.clear()
+        self._stateful.clear()
         self.ledger.writer.flush_backlog()  # rows that could not be written when their call ended
 
     async def __aenter__(self) -> AsyncBroker:

@@ -65,6 +65,7 @@ class CallView:
     breaker: CircuitBreaker
     secrets: Callable[[], list[str | None]]
     busy: Callable[[], bool]   # other calls are under way on this broker (their rows commit together)
+    rules: RetryRules          # the policy's retry settings as tenacity's rules (built once)
 
 
 # -- outcomes -----------------------------------------------------------------------------------
@@ -133,8 +134,7 @@ async def execute(view: CallView, request: ImageRequest, plan: Plan, request_id:
                                         f"{view.policy.name!r}", plan.rejected)
         await log.record("rejected", error=error, together=view.busy())
         raise error
-    fallback = view.policy.fallback
-    rules = RetryRules.of(view.policy.retry)
+    fallback, rules = view.policy.fallback, view.rules
     stopped: ProviderError | None = None
     try:
         for cand in plan.candidates[: fallback.max_offerings if fallback.enabled else 1]:
