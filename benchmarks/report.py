@@ -122,8 +122,8 @@ def sdk(after: dict, before: dict | None) -> list[str]:
             "about 0.1 ms each. The sync `Broker` runs its loop on the caller's thread while uncontended "
             f"({hop} ms more than `AsyncBroker`), but still uses the async HTTP stack that the raw sync SDK does not. "
             "Under concurrency every call adds the same CPU to a client process that the SDK already keeps busy, "
-            "so the throughput ratio follows the extra CPU per call. Two runs of the final code on this 2-core "
-            "machine: async x1.36 / x1.38, sync x1.61 / x1.64, throughput x0.73 / x0.74.", ""]
+            "so the throughput ratio follows the extra CPU per call. Three runs of the final code on this 2-core "
+            "machine: async x1.34-1.38, sync x1.61-1.64, throughput x0.73-0.74.", ""]
     return out
 
 
