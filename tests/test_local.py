@@ -107,7 +107,7 @@ def test_progress_counts_every_denoising_step(broker):
 
 def test_a_timed_out_call_interrupts_the_pipeline(models, tmp_path):
     # 2 s: room for the first call's imports and load; 400 steps take several times that
-    p = policy(models).model_copy(update={"timeout_s": 2.0, "retry": {"max_attempts": 1}})
+    p = Policy.model_validate({**policy(models).model_dump(), "timeout_s": 2.0, "retry": {"max_attempts": 1}})
     p = Policy.model_validate(p.model_dump())
     seen: list[int] = []
     with Broker(p, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:

@@ -112,7 +112,8 @@ class ComfyUIProvider(HttpProvider):
         if aiohttp is not None:
             ws_url = base.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
             try:
-                async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, timeout=10) as ws:
+                async with aiohttp.ClientSession() as session, session.ws_connect(
+                        ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=10)) as ws:
                     await self._submit(base, graph, client_id, prompt_id, where)
                     submitted = True
                     if await self._listen(ws, prompt_id, ctx, where):
