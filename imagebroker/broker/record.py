@@ -64,11 +64,14 @@ class CallLog:
     def redact(self, text: str) -> str:
         return redact(text, self.secrets())
 
-    def ledger_error(self, what: str, exc: BaseException) -> LedgerError:
-        if isinstance(exc, LedgerError):
+    def ledger_error(self, what: str, exc: BaseException, result: ImageResult | None = None,
+                     status: str | None = None) -> LedgerError:
+        """`exc` as a one-line LedgerError naming the call (and its `status`, when recording it)."""
+        if isinstance(exc, LedgerError) and status is None:
             return exc
-        return LedgerError(f"the ledger could not {what} call {self.request_id}: {type(exc).__name__}: "
-                           f"{_first_line(self.redact(str(exc)))}")
+        call = f"call {self.request_id}" + (f" ({status})" if status else "")
+        return LedgerError(f"the ledger could not {what} {call}: {type(exc).__name__}: "
+                           f"{_first_line(self.redact(str(exc)))}", result)
 
     # -- as it happens -------------------------------------------------------------------------
     def attempt(self, offering: Offering, started: datetime, t0: float, *, error: BaseException | None = None,
@@ -166,8 +169,7 @@ class CallLog:
             else:  # alone: write now rather than wait a loop iteration for company
                 self.ledger.record_call(*rows, pending=self.pending_row)
         except Exception as exc:
-            failure = LedgerError(f"the ledger could not record call {self.request_id} ({status}): "
-                                  f"{type(exc).__name__}: {_first_line(self.redact(str(exc)))}", result)
+            failure = self.ledger_error("record", exc, result, status)
             logger.error("%s", failure)
             if error is None:
                 raise failure from exc

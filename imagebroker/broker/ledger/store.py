@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from platformdirs import user_data_dir
 from sqlalchemy import create_engine, event, insert, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from ...errors import BudgetExceeded, ConfigError, LedgerError, MissingExtra
 from .schema import (
@@ -37,7 +37,7 @@ from .schema import (
     to_nusd,
 )
 from .upkeep import Checkpointer, renew_held
-from .writer import CallWriter
+from .writer import CallWriter, lost_connection
 
 LEDGER_ENV = "IMAGEBROKER_LEDGER_URL"
 T = TypeVar("T")
@@ -76,7 +76,7 @@ def _retried(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(self, *args, **kwargs)
         except DBAPIError as exc:
-            if not exc.connection_invalidated and not isinstance(exc, OperationalError):
+            if not lost_connection(exc, self.engine):
                 raise
             return fn(self, *args, **kwargs)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from ...logs import logger
 from .schema import ROLLUP_KEYS, ROLLUP_MEASURES, attempts, call_tags, calls, latency_bucket, skips
@@ -28,6 +29,20 @@ TAG_COLUMNS = tuple(c.name for c in call_tags.columns)
 SKIP_COLUMNS = tuple(c.name for c in skips.columns if c.name != "id")
 
 Statements = list[tuple[str, list[Sequence[Any]]]]  # (SQL, rows for executemany), in order
+
+
+def lost_connection(exc: BaseException, engine: Engine) -> bool:
+    """Whether `exc` (the driver's own, or SQLAlchemy's wrapping of it) says the connection failed,
+    not the statement: worth one try on a fresh connection. The one place this is decided."""
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig or exc
+    if engine.dialect.name == "sqlite":
+        return False  # SQLite has no connection to lose: its errors are the statement's or the file's
+    dbapi = engine.dialect.dbapi
+    kinds = tuple(getattr(dbapi, name) for name in ("OperationalError", "InterfaceError") if hasattr(dbapi, name))
+    return isinstance(exc, kinds)
 
 
 class CallSQL:
@@ -166,9 +181,7 @@ class CallWriter:
         return all(found.get(rid) == status for rid, status in want.items())
 
     def _lost_connection(self, exc: BaseException) -> bool:
-        dbapi = self.engine.dialect.dbapi
-        kinds = tuple(getattr(dbapi, name) for name in ("OperationalError", "InterfaceError") if hasattr(dbapi, name))
-        return isinstance(exc, kinds) and not self.sqlite  # SQLite's own errors are not a connection lost
+        return lost_connection(exc, self.engine)
 
     def _run(self, statements: Statements) -> None:
         cur = self._conn.cursor()
