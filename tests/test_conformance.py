@@ -108,6 +108,8 @@ def test_a_timeout_after_sending_is_an_unknown_outcome_counted_at_its_estimate(p
     *before, attempt = result.attempts  # sent, maybe billed: never submitted again
     assert attempt.error_type == "OutcomeUnknown"
     assert all(a.error_type == "ProviderUnavailable" for a in before)  # timed out before sending (the SDK's import)
-    assert sum(r.get("method", "POST") == "POST" and "upload" not in r["path"] for r in fake.requests) == 1
+    # never a second submit (the marker is set as the request goes out: on a slow machine the loop's
+    # timeout can fire before the fake has read it, which is still counted as maybe billed)
+    assert sum(r.get("method", "POST") == "POST" and "upload" not in r["path"] for r in fake.requests) <= 1
     assert attempt.cost is not None and attempt.cost.status in ("estimated", "unpriced")
     assert "may have been billed" in attempt.cost.detail
