@@ -20,6 +20,7 @@ from .errors import (
     AuthError,
     BadProviderResponse,
     BudgetExceeded,
+    CallTimedOut,
     ConfigError,
     ContentRejected,
     DuplicateRequest,
@@ -58,7 +59,8 @@ _LAZY = {
 
 __all__ = sorted([
     *_LAZY, "__version__", "AdapterError", "AllAttemptsFailed", "AuthError", "BadProviderResponse", "BudgetExceeded",
-    "ConfigError", "ContentRejected", "DuplicateRequest", "ImageBrokerError", "LedgerError", "MissingExtra",
+    "CallTimedOut", "ConfigError", "ContentRejected", "DuplicateRequest", "ImageBrokerError", "LedgerError",
+    "MissingExtra",
     "ModelNotFound", "NoRouteError", "ProviderError", "ProviderUnavailable", "RateLimited", "RequestError",
 ])
 

@@ -84,18 +84,27 @@ class Located:
         return self.error_from(exc.errors(), base)
 
     def error_from(self, errors: Sequence[ErrorDetails], base: Path_ = ()) -> ConfigError:
-        """The first of pydantic's `errors` (about data found at `base` in this file) as
-        `file:line: field: problem`."""
-        err = errors[0]
-        path = self.path(err, base)
-        field = ".".join(str(p) for p in path) or "(top level)"
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (not allowed here)"
-        more = len(errors) - 1
-        if more:
-            msg += f" (and {more} more problem{'s' if more > 1 else ''})"
-        return ConfigError(msg, file=self.file, line=self.line(path), field=field)
+        """Pydantic's `errors` (about data found at `base` in this file), every one of them, as
+        `file:line: field: problem` lines."""
+        problems = []
+        for err in errors:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (not allowed here)"
+            problems.append((self.path(err, base), msg))
+        return self.problems_error(problems)
+
+    def problems_error(self, problems: Sequence[tuple[Path_, str]]) -> ConfigError:
+        """One ConfigError for every (field path, problem): the first names its file, line and field,
+        and each further one follows on a line of its own, in the same form."""
+        def field(path: Path_) -> str:
+            return ".".join(str(p) for p in path) or "(top level)"
+
+        (path, msg), rest = problems[0], problems[1:]
+        for p, m in rest:
+            where = ":".join(str(x) for x in (self.file, self.line(p)) if x is not None)
+            msg += f"\n{where}: {field(p)}: {m}"
+        return ConfigError(msg, file=self.file, line=self.line(path), field=field(path))
 
     def path(self, err: ErrorDetails, base: Path_ = ()) -> Path_:
         """Where in the file a pydantic error points: its `loc` under `base`, without the names
@@ -190,6 +199,19 @@ class _Checks(Composer):
         finally:
             self.depth -= 1
             self.open_anchors.discard(event.anchor)
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        """A key given twice is refused (PyYAML keeps the last silently: a typo's second `objective:`)."""
+        node = super().compose_mapping_node(anchor)
+        seen: dict[str, int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key.value in seen:
+                raise self._fail(f"key {key.value!r} is given twice (first on line {seen[key.value]})",
+                                 key.start_mark)
+            seen[key.value] = key.start_mark.line + 1
+        return node
 
     def compose_scalar_node(self, anchor: str | None) -> yaml.ScalarNode:
         node = super().compose_scalar_node(anchor)

@@ -163,6 +163,13 @@ class AdapterError(ProviderError):
     traceback, counted apart in `costs`, and the call falls back to the next offering."""
 
 
+class CallTimedOut(ImageBrokerError):
+    """The whole call (fallbacks included) ran past the caller's `timeout`: it was cancelled, and its
+    row says `cancelled`. Exit code 124, as `timeout(1)` uses."""
+
+    exit_code = 124
+
+
 class AllAttemptsFailed(ImageBrokerError):
     """Every planned offering failed or was skipped. `attempts` holds the tries in order, `skipped`
     the offerings passed over without a try (circuit open, price unknown, over budget)."""
@@ -342,3 +349,10 @@ class LedgerError(ImageBrokerError):
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class LedgerUnavailable(LedgerError):
+    """The ledger could not be opened (no server behind its URL, a file that cannot be created): found
+    before any call is made, so nothing was paid for. Exit code 2, like the setting it comes from."""
+
+    exit_code = 2

@@ -252,3 +252,4 @@ class ImageResult(_Frozen):
     applied: dict[str, Any]
     dropped: tuple[str, ...] = ()
     skipped: tuple[Skip, ...] = ()
+    warnings: tuple[str, ...] = ()   # what the caller should know of these images (a demo model's limits)

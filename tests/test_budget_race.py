@@ -37,9 +37,9 @@ def test_six_processes_never_overspend_a_budget_on_calls_that_settle_dearer(ledg
                  for _ in range(6)]
         outs = [(p.wait(timeout=120), *p.communicate()) for p in procs]
     served = [json.loads(out) for code, out, _ in outs if code == 0]
-    refused = [err for code, _, err in outs if code != 0]
+    refused = [json.loads(out)["error"] for code, out, _ in outs if code != 0]   # --json: errors as JSON too
     assert served, outs
-    assert all("BudgetExceeded" in err and "'total'" in err for err in refused), refused
+    assert all(e["type"] == "BudgetExceeded" and "'total'" in e["message"] for e in refused), refused
     assert len(served) + len(refused) == 6
     assert all(Decimal(s["cost"]["usd"]) == Decimal("0.125055") for s in served)  # dearer than the estimate
     ledger = Ledger(ledger_url)

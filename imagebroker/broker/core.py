@@ -13,15 +13,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from ..errors import BudgetExceeded, ConfigError, DuplicateRequest, RequestError
+from ..errors import BudgetExceeded, CallTimedOut, ConfigError, DuplicateRequest, RequestError
 from ..logs import known_secrets, logger
+from ..policies.check import check_names
 from ..policies.effective import effective_catalog
 from ..policies.loader import load_policy
 from ..policies.planner import PlannerState, plan, request_key
 from ..policies.schema import Policy
-from ..providers.base import ProgressCallback, Provider
+from ..providers.base import AttemptCallback, ProgressCallback, Provider
 from ..providers.catalog import Catalog, builtin_catalog
-from ..providers.registry import provider_class
+from ..providers.registry import provider_class, provider_names
 from ..types import ImageRequest, ImageResult, Plan
 from .breaker import CircuitBreaker
 from .budgets import period_key
@@ -59,6 +60,7 @@ class AsyncBroker:
                  providers: Mapping[str, type[Provider]] | None = None) -> None:
         self.policy = load_policy(policy)
         self.catalog = effective_catalog(self.policy, catalog or builtin_catalog())
+        check_names(self.policy, self.catalog, [*provider_names(), *(providers or {})])
         self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger or self.policy.ledger.url)
         self._classes = dict(providers or {})
         self._providers: dict[str, Provider] = {}
@@ -200,13 +202,28 @@ class AsyncBroker:
         return self._plan(_request(request, fields))
 
     async def generate(self, request: ImageRequest | str | None = None, /, *,
-                       progress: ProgressCallback | None = None, **fields: Any) -> ImageResult:
+                       progress: ProgressCallback | None = None, on_attempt: AttemptCallback | None = None,
+                       timeout: float | None = None, **fields: Any) -> ImageResult:
+        """`progress(step, total)` is called as a local pipeline denoises; `on_attempt(offering, number)`
+        before each try of a provider (what a progress display shows while it waits). `timeout` (seconds)
+        bounds the whole call, fallbacks included: past it the call is cancelled, recorded `cancelled`,
+        and `CallTimedOut` raised (with an `idempotency_key` only the waiting stops: the call goes on)."""
         req = _request(request, fields)
-        if req.idempotency_key is None:
-            return await self._generate(req, progress)
-        return await self._once(req, req.idempotency_key, progress)
+        if timeout is not None and not timeout > 0:
+            raise RequestError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                if req.idempotency_key is None:
+                    return await self._generate(req, progress, on_attempt)
+                return await self._once(req, req.idempotency_key, progress, on_attempt)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise CallTimedOut(f"the call ran past its timeout of {timeout:g} s and was cancelled") from None
 
-    async def _once(self, req: ImageRequest, key: str, progress: ProgressCallback | None) -> ImageResult:
+    async def _once(self, req: ImageRequest, key: str, progress: ProgressCallback | None,
+                    on_attempt: AttemptCallback | None) -> ImageResult:
         """At most one paid call per idempotency key: a repeat waits for the call under way or gets
         its result again (this broker remembers the last few hundred for a day); a key another
         process already served raises DuplicateRequest. A failed call is not remembered: a repeat
@@ -228,7 +245,7 @@ class AsyncBroker:
                     f"idempotency_key {key!r} was served by request {rid} at {when} (images "
                     f"{', '.join(h[:12] for h in hashes)}); the ledger keeps hashes, not images, so it "
                     "cannot be answered again without paying again: use a new key to generate anew", rid)
-            task = asyncio.ensure_future(self._generate(req, progress))
+            task = asyncio.ensure_future(self._generate(req, progress, on_attempt))
             self._keyed.pop(key, None)  # (an expired entry) the new one goes to the end, the newest
             known = self._keyed[key] = (req, task, time.time())
             task.add_done_callback(lambda t: self._forget_failed(key, t))
@@ -241,11 +258,12 @@ class AsyncBroker:
         if entry is not None and entry[1] is task and (task.cancelled() or task.exception() is not None):
             del self._keyed[key]
 
-    async def _generate(self, req: ImageRequest, progress: ProgressCallback | None) -> ImageResult:
+    async def _generate(self, req: ImageRequest, progress: ProgressCallback | None,
+                        on_attempt: AttemptCallback | None) -> ImageResult:
         the_plan = self._plan(req)
         self.in_flight += 1
         try:
-            return await execute(self._view, req, the_plan, new_request_id(), progress)
+            return await execute(self._view, req, the_plan, new_request_id(), progress, on_attempt)
         finally:
             self.in_flight -= 1
 

@@ -41,9 +41,9 @@ from ..errors import (
 from ..logs import logger
 from ..policies.pricing import settle_checked
 from ..policies.schema import Budget, ImageChecks, Policy, RetrySettings
-from ..providers.base import CallContext, ProgressCallback, Provider, ProviderResult, track_submission
+from ..providers.base import AttemptCallback, CallContext, ProgressCallback, Provider, ProviderResult, track_submission
 from ..providers.catalog import Catalog
-from ..providers.offering import Offering
+from ..providers.offering import Offering, offering_warnings
 from ..types import Candidate, GeneratedImage, ImageRequest, ImageResult, Plan, SkipReason
 from .breaker import CircuitBreaker
 from .budgets import applicable
@@ -127,8 +127,9 @@ class RetryRules:
 
 # -- the call -----------------------------------------------------------------------------------
 async def execute(view: CallView, request: ImageRequest, plan: Plan, request_id: str,
-                  progress: ProgressCallback | None) -> ImageResult:
-    log = CallLog(request, plan, request_id, view.ledger, view.policy, view.catalog.version, view.secrets)
+                  progress: ProgressCallback | None, on_attempt: AttemptCallback | None = None) -> ImageResult:
+    log = CallLog(request, plan, request_id, view.ledger, view.policy, view.catalog.version, view.secrets,
+                  on_attempt=on_attempt)
     if not plan.candidates:
         error: Exception = NoRouteError(f"no offering can serve this request under policy "
                                         f"{view.policy.name!r}", plan.rejected)
@@ -180,7 +181,8 @@ async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult
     done = ImageResult(request_id=log.request_id, images=served.images, offering=served.offering.id,
                        cost=log.call_cost(served), latency_s=log.latency_s(), plan=log.plan,
                        attempts=tuple(log.attempts), applied=applied,
-                       dropped=outcome.candidate.dropped, skipped=tuple(log.skips))
+                       dropped=outcome.candidate.dropped, skipped=tuple(log.skips),
+                       warnings=offering_warnings(log.request, served.offering))
     await log.record("ok", served=served, result=done, together=view.busy())
     if log.ledger_faults:  # recorded, but a budget step failed: the caller must know, images in hand
         fault = log.ledger_faults[0]
@@ -273,6 +275,7 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
     submitted = track_submission()
     ctx = CallContext(timeout_s=timeout, api_key=provider.api_key(), progress=progress,
                       attempt=len(log.attempts) + 1)
+    log.announce(offering)
     started, t0 = datetime.now(UTC), time.perf_counter()
     where = {"provider": offering.provider, "offering": offering.id}
     try:

@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import AdapterError, BudgetExceeded, LedgerError, redact
 from ..logs import logger
 from ..policies.schema import Policy
+from ..providers.base import AttemptCallback
 from ..providers.offering import Offering
 from ..types import Attempt, Cost, GeneratedImage, ImageRequest, ImageResult, Plan, Skip, SkipReason
 from .ledger.schema import to_nusd
@@ -51,6 +52,7 @@ class CallLog:
     policy: Policy
     catalog_version: str
     secrets: Callable[[], list[str | None]]
+    on_attempt: AttemptCallback | None = None   # the caller's, told of each try before it starts
     attempts: list[Attempt] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
     refusals: list[BudgetExceeded] = field(default_factory=list)   # by `restrict` budgets
@@ -87,6 +89,15 @@ class CallLog:
         logger.debug("call %s attempt %d on %s: %s in %.3f s%s", self.request_id, a.number, a.offering,
                      a.error_type or "ok", a.latency_s, f" ({a.error})" if a.error else "")
 
+    def announce(self, offering: Offering) -> None:
+        """Tell the caller's `on_attempt` of the try about to start; its failure is not the call's."""
+        if self.on_attempt is None:
+            return
+        try:
+            self.on_attempt(offering.id, len(self.attempts) + 1)
+        except Exception:
+            logger.warning("the on_attempt callback raised; the call goes on", exc_info=True)
+
     def _provider_id(self, value: str | None) -> str | None:
         return None if value is None else self.redact(str(value))[:200]
 
@@ -117,11 +128,13 @@ class CallLog:
         cost = self.call_cost(served)
         if estimated is None and self.plan.candidates:
             estimated = self.plan.candidates[0].estimated_cost
+        # what served it; for a call that failed, what it tried last (its failure is counted there)
+        offering = served.offering.id if served else self.attempts[-1].offering if self.attempts else None
         return {
             "request_id": self.request_id, "created_at": self.started,
             "day": datetime.fromtimestamp(self.started, UTC).strftime("%Y-%m-%d"),
-            "status": status, "offering": served.offering.id if served else None,
-            "provider": served.offering.provider if served else None, "n": req.n,
+            "status": status, "offering": offering, "provider": offering.split("/", 1)[0] if offering else None,
+            "n": req.n,
             "images": len(images), "width": images[0].width if images else req.width,
             "height": images[0].height if images else req.height, "seed": req.seed,
             "policy": self.plan.policy, "rule": self.plan.rule, "attempts": len(self.attempts),

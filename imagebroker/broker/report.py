@@ -63,22 +63,22 @@ class Group:
                 "latency_p95_s": self.latency_p95_s}
 
 
-def parse_when(text: str | None, *, end: bool = False) -> float | None:
-    """`7d`, `12h`, `30m`, a date (YYYY-MM-DD) or an ISO time, as unix seconds (UTC)."""
+def parse_when(text: str | None) -> float | None:
+    """`7d`, `12h`, `30m`, a date (YYYY-MM-DD: its midnight, UTC) or an ISO time, as unix seconds."""
     if not text:
         return None
     m = re.fullmatch(r"(\d+)([dhm])", text.strip())
-    if m:
-        unit = {"d": "days", "h": "hours", "m": "minutes"}[m.group(2)]
-        return (datetime.now(UTC) - timedelta(**{unit: int(m.group(1))})).timestamp()
     try:
+        if m:
+            unit = {"d": "days", "h": "hours", "m": "minutes"}[m.group(2)]
+            return (datetime.now(UTC) - timedelta(**{unit: int(m.group(1))})).timestamp()
         when = datetime.fromisoformat(text)
     except ValueError:
         raise RequestError(f"{text!r} is not a duration (7d, 12h, 30m) or a date (2026-11-22)") from None
+    except OverflowError:
+        raise RequestError(f"{text!r} reaches back before the year 1") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    if end and len(text) == 10:  # a whole day: up to its end
-        when += timedelta(days=1)
     return when.timestamp()
 
 
@@ -156,6 +156,8 @@ def _from_rows(conn: Connection, by: str, tag: str | None, since: float | None, 
 def cost_report(ledger: Ledger, *, since: float | None = None, until: float | None = None,
                 by: str = "provider") -> tuple[list[Group], Group]:
     tag = by.removeprefix("tag:") if by.startswith("tag:") else None
+    if tag == "":
+        raise RequestError("--by tag: needs the tag's key, e.g. tag:team")
     if tag is None and by not in GROUPINGS:
         raise RequestError(f"--by {by!r}: use one of {', '.join(GROUPINGS)} or tag:KEY")
     groups: dict[str, Group] = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..policies.schema import Policy
-from ..providers.base import ProgressCallback
+from ..providers.base import AttemptCallback, ProgressCallback
 from ..providers.catalog import Catalog
 from ..types import ImageRequest, ImageResult, Plan
 from .core import AsyncBroker
@@ -57,8 +57,11 @@ class Broker:
         return self._async.plan(request, **fields)
 
     def generate(self, request: ImageRequest | str | None = None, /, *,
-                 progress: ProgressCallback | None = None, **fields: Any) -> ImageResult:
-        return self._run(self._async.generate(request, progress=progress, **fields))
+                 progress: ProgressCallback | None = None, on_attempt: AttemptCallback | None = None,
+                 timeout: float | None = None, **fields: Any) -> ImageResult:
+        """Like `AsyncBroker.generate`; `timeout` (seconds) bounds the whole call, fallbacks included."""
+        return self._run(self._async.generate(request, progress=progress, on_attempt=on_attempt,
+                                              timeout=timeout, **fields))
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         with self._lock:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
-import json
-import sys
 from collections.abc import Callable
-from decimal import Decimal
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 
 from ..errors import ImageBrokerError
+from .output import err_console, print_json, styled
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
+json_errors: contextvars.ContextVar[bool] = contextvars.ContextVar("json_errors", default=False)
 
 PolicyOpt = Annotated[str | None, typer.Option("--policy", "-p", help="Policy file or preset name "
                                                 "(default: $IMAGEBROKER_POLICY, ./imagebroker.yaml, "
@@ -28,28 +26,50 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed (image i gets 
 AdapterOpt = Annotated[list[str] | None, typer.Option("--adapter", help="LoRA as REF or REF:SCALE; "
                                                        "repeat for several.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Pin an offering id or alias.")]
+WideOpt = Annotated[bool, typer.Option("--wide", "-w", help="Every column, however wide the terminal "
+                                        "(piped output always has every column).")]
+LedgerOpt = Annotated[str | None, typer.Option("--ledger", help="Ledger URL or SQLite file path (default: "
+                                                "the policy's ledger.url, $IMAGEBROKER_LEDGER_URL, then "
+                                                "the user data dir).")]
 TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="key=value, repeatable.")]
 
 
-def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
-    raise typer.Exit(code)
+class Mistake(ImageBrokerError):
+    """A mistake in the command line itself (an option's value): said in one line, exit code 2."""
+
+    exit_code = 2
+
+
+def fail(message: str) -> None:
+    raise Mistake(message)
+
+
+def report_error(kind: str, message: str) -> None:
+    """One error, as `{"error": {"type", "message"}}` on stdout under --json, else a line on stderr."""
+    if json_errors.get():
+        print_json({"error": {"type": kind, "message": message}})
+        return
+    err_console.print(styled("error: ", "red"), end="")
+    err_console.print(styled(message if kind in ("Mistake", "Interrupted") else f"{kind}: {message}"))
 
 
 def handle_errors(fn: F) -> F:
-    """User mistakes and provider failures become a message and an exit code, never a traceback."""
+    """User mistakes and provider failures become one line (JSON under --json or --format json) and an
+    exit code, never a traceback; Ctrl-C exits 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = json_errors.set(bool(kwargs.get("json_out")) or kwargs.get("fmt") == "json")
         try:
             return fn(*args, **kwargs)
         except ImageBrokerError as exc:
-            err_console.print(f"[red]error:[/red] {type(exc).__name__}: ", markup=True, end="")
-            err_console.print(str(exc), markup=False, soft_wrap=True)
+            report_error(type(exc).__name__, str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted")
+            report_error("Interrupted", "interrupted")
             raise typer.Exit(130) from None
+        finally:
+            json_errors.reset(token)
 
     return wrapper  # type: ignore[return-value]
 
@@ -74,25 +94,34 @@ def request_fields(size: str | None, n: int, seed: int | None, adapter: list[str
     if seed is not None:
         fields["seed"] = seed
     if adapter:
+        for a in adapter:
+            if not a.strip() or a.startswith(":"):
+                fail(f"--adapter {a!r}: give a LoRA file, folder or Hub id (REF or REF:SCALE)")
         fields["adapters"] = tuple(Adapter.parse(a) for a in adapter)
     if model:
         fields["model"] = model
     return fields
 
 
-def _default(o: Any) -> Any:
-    if isinstance(o, Decimal):
-        return str(o)
-    if hasattr(o, "isoformat"):
-        return o.isoformat()
-    if isinstance(o, (set, frozenset, tuple)):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def read_only_broker(policy: str | None, ledger: str | None) -> Any:
+    """A broker for commands that only look (`route`, `providers`): its ledger is never created or
+    migrated, and one that does not exist yet reads as empty."""
+    from ..broker.core import AsyncBroker
+    from ..broker.ledger.store import Ledger
+    from ..policies.loader import load_policy
+
+    loaded = load_policy(policy)
+    return AsyncBroker(loaded, ledger=Ledger(ledger or loaded.ledger.url, read_only=True))
 
 
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")
+LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 
 
-def usd(value: Decimal | None, places: int = 6) -> str:
-    return "unpriced" if value is None else f"${value:.{places}f}"
+def check_adapters(request: Any) -> None:
+    """A LoRA named by a file path that is not there is said now, before a pipeline is loaded or anything
+    is paid for (a Hub id is left to the backend, which looks in the local cache)."""
+    for a in request.adapters:
+        path = Path(a.ref).expanduser()
+        looks_like_path = a.ref.startswith(("/", "./", "../", "~")) or a.ref.endswith(LORA_SUFFIXES)
+        if looks_like_path and not path.exists():
+            fail(f"--adapter {a.ref}: file not found")

@@ -5,93 +5,113 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from decimal import Decimal
 from typing import Annotated
 
 import typer
-from rich import box
-from rich.table import Table
 
-from .common import console, fail, handle_errors, print_json, usd
+from .common import LedgerOpt, WideOpt, fail, handle_errors
+from .output import Col, console, plain_decimal, print_json, print_table, styled, usd
 
 ledger_app = typer.Typer(help="Where the ledger is, and its rows.", no_args_is_help=True)
-LedgerOpt = Annotated[str | None, typer.Option("--ledger", help="Ledger URL (default: "
-                                                "$IMAGEBROKER_LEDGER_URL or the user data dir).")]
+GROUP_COLUMNS = (Col("calls", right=True), Col("images", right=True, hide=3), Col("failed", right=True),
+                 Col("adapter errors", right=True, hide=4), Col("cost", right=True),
+                 Col("$/image", right=True, hide=2), Col("unpriced", right=True),
+                 Col("p50", right=True, hide=1), Col("p95", right=True, hide=1))
+
+
+def _csv_cell(value: object) -> str:
+    return "" if value is None else plain_decimal(value) if isinstance(value, Decimal) else str(value)
+
+
+def _write_csv(fieldnames: list[str], rows: list[dict[str, object]]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows({k: _csv_cell(v) for k, v in r.items()} for r in rows)
+    sys.stdout.write(out.getvalue())
+
+
+def _seconds(value: float | None) -> str:
+    return f"{value:.2f}s" if value is not None else "-"
 
 
 @handle_errors
 def costs(
-    since: Annotated[str | None, typer.Option(help="7d, 12h, 30m or a date (2026-11-01).")] = None,
-    until: Annotated[str | None, typer.Option(help="A date or time; the end is exclusive.")] = None,
+    since: Annotated[str | None, typer.Option(help="7d, 12h, 30m or a date (2026-11-01, from its midnight "
+                                                  "UTC).")] = None,
+    until: Annotated[str | None, typer.Option(help="A date or time, not included: --until 2026-11-02 ends "
+                                                  "at that day's midnight UTC.")] = None,
     by: Annotated[str, typer.Option(help="provider, offering, day, rule, policy, status or tag:KEY.")]
     = "provider",
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
-    ledger: LedgerOpt = None,
+    ledger: LedgerOpt = None, wide: WideOpt = False,
 ) -> None:
     """Where the money went: calls, images, failures and cost per group, with a total.
 
-    Costs are exact; p50/p95 latencies are within 0.5% (1%-wide histogram buckets)."""
+    Costs are exact; p50/p95 latencies are within 0.5% (1%-wide histogram buckets). A failed call counts
+    under the offering it tried last."""
     from ..broker.ledger.store import Ledger
     from ..broker.report import cost_report, parse_when
 
     if fmt not in ("table", "csv", "json"):
         fail(f"--format {fmt!r}: use table, csv or json")
-    groups, total = cost_report(Ledger(ledger), since=parse_when(since), until=parse_when(until, end=True),
-                                by=by)
+    groups, total = cost_report(Ledger(ledger, read_only=True), since=parse_when(since),
+                                until=parse_when(until), by=by)
     if fmt == "json":
         print_json({"groups": [g.as_dict() for g in groups], "total": total.as_dict()})
         return
     if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(total.as_dict()))
-        writer.writeheader()
-        for g in [*groups, total]:
-            writer.writerow(g.as_dict())
-        sys.stdout.write(out.getvalue())
+        _write_csv(list(total.as_dict()), [g.as_dict() for g in [*groups, total]])
         return
-    table = Table(title=f"costs by {by}", title_justify="left", box=box.SIMPLE_HEAD)
-    columns = [by, "calls", "images", "failed", "adapter errors", "cost", "$/image", "unpriced", "p50", "p95"]
-    if not total.unpriced:
-        columns.remove("unpriced")  # the note below the table speaks when some are
+    columns = [Col(by), *GROUP_COLUMNS]
+    drop = {"unpriced"} if not total.unpriced else set()   # the note below the table speaks when some are
     if not total.adapter_errors:
-        columns.remove("adapter errors")
-    width = max(len(g.key) for g in [*groups, total])
-    for col in columns:
-        table.add_column(col, justify="left" if col == by else "right", no_wrap=True,
-                         min_width=width if col == by else None)
+        drop.add("adapter errors")
+    columns = [c for c in columns if c.name not in drop]
+    rows = []
     for g in [*groups, total]:
         cells = {by: g.key, "calls": str(g.calls), "images": str(g.images), "failed": str(g.failures),
                  "cost": usd(g.cost_usd), "$/image": usd(g.avg_cost_per_image_usd) if g.images else "-",
                  "unpriced": str(g.unpriced), "adapter errors": str(g.adapter_errors),
-                 "p50": f"{g.latency_p50_s:.2f}s" if g.latency_p50_s is not None else "-",
-                 "p95": f"{g.latency_p95_s:.2f}s" if g.latency_p95_s is not None else "-"}
-        row = [cells[col] for col in columns]
-        table.add_row(*row, style="bold" if g is total else None)
-    console.print(table)
+                 "p50": _seconds(g.latency_p50_s), "p95": _seconds(g.latency_p95_s)}
+        rows.append([cells[c.name] for c in columns])
+    print_table(f"costs by {by}", columns, rows, wide=wide, bold_last=True)
     if total.unpriced:
-        console.print(f"[yellow]{total.unpriced} call(s) have no price: their cost is unknown, "
-                      "not zero[/yellow]")
+        console.print(styled(f"{total.unpriced} call(s) have no price: their cost is unknown, not zero",
+                             "yellow"))
     if total.over_bound:
-        console.print(f"[yellow]{total.over_bound} call(s) settled above the most they were expected to "
-                      "cost (the bound their budget reserved)[/yellow]")
+        console.print(styled(f"{total.over_bound} call(s) settled above the most they were expected to cost "
+                             "(the bound their budget reserved)", "yellow"))
     if total.adapter_errors:
-        console.print(f"[yellow]{total.adapter_errors} attempt(s) failed on a bug in a provider adapter, "
-                      "not on the provider (the calls fell back; see the log at ERROR)[/yellow]")
+        console.print(styled(f"{total.adapter_errors} attempt(s) failed on a bug in a provider adapter, not on "
+                             "the provider (the calls fell back; see the log at ERROR)", "yellow"))
 
 
 @ledger_app.command("path")
 @handle_errors
 def path(ledger: LedgerOpt = None) -> None:
-    """Print where the ledger lives."""
+    """Print where the ledger lives (its file, or its URL without the password). Opens nothing."""
+    from ..broker.ledger.store import ledger_url, shown_url
+
+    console.print(shown_url(ledger_url(ledger)), markup=False)
+
+
+@ledger_app.command("migrate")
+@handle_errors
+def migrate(ledger: LedgerOpt = None) -> None:
+    """Create the ledger, or bring one written by an older imagebroker up to date."""
     from ..broker.ledger.store import Ledger
 
-    console.print(Ledger(ledger).path)
+    led = Ledger(ledger)
+    console.print(f"ledger {led.path} is up to date", markup=False)
 
 
 @ledger_app.command("export")
 @handle_errors
 def export(fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
            ledger: LedgerOpt = None) -> None:
-    """Every call row, oldest first (costs as decimal strings)."""
+    """Every call row, oldest first (costs as decimal strings); CSV has its header even with no rows."""
     from sqlalchemy import select
 
     from ..broker.ledger.schema import calls, from_nusd
@@ -99,7 +119,7 @@ def export(fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = 
 
     if fmt not in ("csv", "json"):
         fail(f"--format {fmt!r}: use csv or json")
-    led = Ledger(ledger)
+    led = Ledger(ledger, read_only=True)
     with led.engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(select(calls).order_by(calls.c.created_at))]
     for r in rows:
@@ -108,10 +128,8 @@ def export(fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = 
     if fmt == "json":
         print_json(rows)
         return
-    if rows:
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: (str(v) if v is not None else "") for k, v in r.items()} for r in rows)
+    fields = [c.name for c in calls.columns if not c.name.endswith("_nusd")] + ["estimated_usd", "cost_usd"]
+    _write_csv(fields, rows)
 
 
 @ledger_app.command("rebuild-rollups")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 import threading
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from PIL import Image, PngImagePlugin
+from platformdirs import user_data_dir
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..errors import LedgerError
@@ -18,19 +20,19 @@ from ..types import GeneratedImage, ImageRequest, ImageResult
 from .common import (
     AdapterOpt,
     JsonOpt,
+    LedgerOpt,
     ModelOpt,
     NOpt,
     PolicyOpt,
     SeedOpt,
     SizeOpt,
     TagOpt,
-    console,
-    err_console,
+    check_adapters,
+    fail,
     handle_errors,
-    print_json,
     request_fields,
-    usd,
 )
+from .output import console, err_console, print_json, styled, usd
 
 EXIF_IMAGE_DESCRIPTION = 0x010E
 
@@ -58,34 +60,80 @@ def with_provenance(image: GeneratedImage, meta: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def check_out(out: Path) -> None:
+    """--out must be a folder that can be written, known before anything is paid for."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: is a file, not a folder (the images are named by request id inside it)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        fail(f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__})")
+
+
+def unsaved_dir() -> Path:
+    return Path(user_data_dir("imagebroker", appauthor=False)) / "unsaved"
+
+
 def write_images(result: ImageResult, request: ImageRequest, out: Path) -> list[dict[str, Any]]:
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for i, image in enumerate(result.images):
         ext = "jpg" if image.format == "jpeg" else image.format
         path = out / f"{result.request_id}-{i}.{ext}"
         data = with_provenance(image, provenance(result, request, image))
-        path.write_bytes(data)
+        with open(path, "xb") as f:   # never over a file already there
+            f.write(data)
         written.append({"path": str(path), "seed": image.seed, "width": image.width,
                         "height": image.height, "sha256": hashlib.sha256(data).hexdigest(),
                         "image_sha256": image.sha256})
     return written
 
 
-def _run_with_progress(broker: Any, request: ImageRequest, quiet: bool) -> ImageResult:
+def save_paid(result: ImageResult, request: ImageRequest, out: Path) -> list[dict[str, Any]]:
+    """The images written into --out; if that fails now (it was checked before the call), into the user
+    data dir instead, and said so: images that were paid for are never lost."""
+    try:
+        return write_images(result, request, out)
+    except OSError as exc:
+        rescue = unsaved_dir()
+        rescue.mkdir(parents=True, exist_ok=True)
+        images = write_images(result, request, rescue)
+        err_console.print(styled(f"could not write into {out} ({exc.strerror or type(exc).__name__}): the "
+                                 f"images are in {rescue} instead", "yellow"))
+        return images
+
+
+def _run_with_progress(broker: Any, request: ImageRequest, quiet: bool, timeout: float | None) -> ImageResult:
     if quiet:
-        return broker.generate(request)
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn(
-        "{task.completed}/{task.total}"), TimeElapsedColumn()]
+        return broker.generate(request, timeout=timeout)
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.fields[steps]}"), TimeElapsedColumn()]
     with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("generating", total=None)
+        task = progress.add_task("routing", total=None, steps="")
         lock = threading.Lock()
+
+        def on_attempt(offering: str, number: int) -> None:
+            with lock:
+                again = f" (attempt {number})" if number > 1 else ""
+                progress.update(task, description=f"{offering}{again}", completed=0, total=None, steps="")
 
         def on_step(step: int, total: int) -> None:
             with lock:
-                progress.update(task, completed=step, total=total, description="denoising")
+                progress.update(task, completed=step, total=total, steps=f"step {step}/{total}")
 
-        return broker.generate(request, progress=on_step)
+        return broker.generate(request, progress=on_step, on_attempt=on_attempt, timeout=timeout)
+
+
+def _result_json(result: ImageResult, images: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "request_id": result.request_id, "offering": result.offering, "images": images,
+        "cost": {"usd": result.cost.usd, "status": result.cost.status, "unit": result.cost.unit,
+                 "detail": result.cost.detail},
+        "latency_s": result.latency_s,
+        "attempts": [{"offering": a.offering, "status": a.status, "error": a.error,
+                      "error_type": a.error_type, "latency_s": a.latency_s} for a in result.attempts],
+        "applied": result.applied, "dropped": list(result.dropped), "warnings": list(result.warnings)}
 
 
 @handle_errors
@@ -93,7 +141,8 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
     model: ModelOpt = None, tag: TagOpt = None, policy: PolicyOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the images.")] = Path("."),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the images (created if missing).")]
+    = Path("."),
     negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps.")] = None,
     guidance: Annotated[float | None, typer.Option("--guidance", help="Guidance scale.")] = None,
@@ -102,6 +151,10 @@ def generate(
     quality: Annotated[str | None, typer.Option("--quality", help="low, medium, high, ...")] = None,
     output_format: Annotated[str | None, typer.Option("--output-format", help="png, jpeg or webp.")]
     = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds for the whole call, fallbacks "
+                                                  "included; past it the call is cancelled (exit 124).")]
+    = None,
+    ledger: LedgerOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate images for PROMPT, write them into --out, and print offering, cost and latency."""
@@ -111,37 +164,35 @@ def generate(
     extra = {"negative_prompt": negative, "steps": steps, "guidance_scale": guidance,
              "scheduler": scheduler, "quality": quality, "output_format": output_format}
     request = ImageRequest(prompt=prompt, **fields, **{k: v for k, v in extra.items() if v is not None})
+    if timeout is not None and not timeout > 0:
+        fail(f"--timeout {timeout:g}: must be a positive number of seconds")
+    check_out(out)
+    check_adapters(request)
     unrecorded = None
-    with Broker(policy) as broker:
+    with Broker(policy, ledger) as broker:
         try:
-            result = _run_with_progress(broker, request, quiet=json_out)
+            result = _run_with_progress(broker, request, quiet=json_out, timeout=timeout)
         except LedgerError as exc:
             if exc.result is None:
                 raise
             result, unrecorded = exc.result, exc  # paid for: write the images, then say so and fail
-    images = write_images(result, request, out)
+    images = save_paid(result, request, out)
     if unrecorded is not None:
-        err_console.print(f"[red]error: {unrecorded}[/red]")
+        err_console.print(styled(f"error: {unrecorded}", "red"))
     if json_out:
-        print_json({
-            "request_id": result.request_id, "offering": result.offering, "images": images,
-            "cost": {"usd": result.cost.usd, "status": result.cost.status, "unit": result.cost.unit,
-                     "detail": result.cost.detail},
-            "latency_s": result.latency_s,
-            "attempts": [{"offering": a.offering, "status": a.status, "error": a.error,
-                          "error_type": a.error_type, "latency_s": a.latency_s}
-                         for a in result.attempts],
-            "applied": result.applied, "dropped": list(result.dropped)})
+        print_json(_result_json(result, images))
         if unrecorded is not None:
             raise typer.Exit(unrecorded.exit_code)
         return
     for img in images:
-        console.print(f"wrote {img['path']} ({img['width']}x{img['height']}, seed {img['seed']})")
-    console.print(f"offering [bold]{result.offering}[/bold]  cost {usd(result.cost.usd)} "
-                  f"({result.cost.status}: {result.cost.detail})  latency {result.latency_s:.2f} s  "
-                  f"attempts {len(result.attempts)}")
+        console.print(f"wrote {img['path']} ({img['width']}x{img['height']}, seed {img['seed']})", markup=False)
+    console.print(f"offering {result.offering}  cost {usd(result.cost.usd)} ({result.cost.status}: "
+                  f"{result.cost.detail})  latency {result.latency_s:.2f} s  attempts {len(result.attempts)}",
+                  markup=False)
     if result.dropped:
-        console.print(f"[yellow]not supported by {result.offering}, so not sent: "
-                      f"{', '.join(result.dropped)}[/yellow]")
+        err_console.print(styled(f"not supported by {result.offering}, so not sent: {', '.join(result.dropped)}",
+                                 "yellow"))
+    for warning in result.warnings:
+        err_console.print(styled(f"warning: {warning}", "yellow"))
     if unrecorded is not None:
         raise typer.Exit(unrecorded.exit_code)

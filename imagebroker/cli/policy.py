@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from .common import console, handle_errors
+from .common import handle_errors
+from .output import console
 
 app = typer.Typer(help="Validate policies and list the built-in presets.", no_args_is_help=True)
 
@@ -14,13 +15,17 @@ app = typer.Typer(help="Validate policies and list the built-in presets.", no_ar
 @app.command("check")
 @handle_errors
 def check(file: Annotated[str, typer.Argument(help="Policy file (or preset name).")]) -> None:
-    """Validate a policy: exit 0 when it is valid, 2 with file:line: field: problem when not."""
+    """Validate a policy: exit 0 when it is valid, 2 with a `file:line: field: problem` line for each
+    problem when not (names that match no offering, provider or region included)."""
+    from ..policies.check import check_names
     from ..policies.effective import effective_catalog
     from ..policies.loader import load_policy
     from ..providers.catalog import builtin_catalog
+    from ..providers.registry import provider_names
 
     policy = load_policy(file)
     catalog = effective_catalog(policy, builtin_catalog())
+    check_names(policy, catalog, provider_names())
     console.print(f"ok: policy {policy.name!r} ({len(policy.rules)} rules, {len(policy.budgets)} "
                   f"budgets, objective {policy.objective}; {len(catalog)} offerings)")
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from rich import box
-from rich.table import Table
-
 from ..providers.catalog import stale
 from ..providers.offering import Offering
-from .common import JsonOpt, PolicyOpt, console, handle_errors, print_json
+from .common import JsonOpt, LedgerOpt, PolicyOpt, WideOpt, handle_errors, read_only_broker
+from .output import Col, console, print_json, print_table, styled
 
 
 def price_summary(o: Offering) -> str:
@@ -45,13 +43,16 @@ def offering_json(o: Offering, available: str | None, today: Any) -> dict[str, A
     }
 
 
-@handle_errors
-def providers(policy: PolicyOpt = None, json_out: JsonOpt = False) -> None:
-    """List every offering in the catalog (as the policy sees it) and whether it can be used now."""
-    from ..broker.core import AsyncBroker
-    from ..broker.ledger.store import Ledger
+LICENSE = {"yes": ("commercial", None), "no": ("non-commercial", "red"), "conditional": ("conditional", "yellow")}
+COLUMNS = (Col("offering"), Col("price", wrap=True), Col("available"), Col("license", hide=1),
+           Col("kind", hide=3), Col("regions", hide=2))
 
-    broker = AsyncBroker(policy, ledger=Ledger())
+
+@handle_errors
+def providers(policy: PolicyOpt = None, ledger: LedgerOpt = None, wide: WideOpt = False,
+              json_out: JsonOpt = False) -> None:
+    """List every offering in the catalog (as the policy sees it) and whether it can be used now."""
+    broker = read_only_broker(policy, ledger)
     today = datetime.now(UTC).date()
     state = broker.state(today)
     rows = []
@@ -62,16 +63,20 @@ def providers(policy: PolicyOpt = None, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json([offering_json(o, why, today) for o, why in rows])
         return
-    table = Table(title=f"catalog {broker.catalog.version}", title_justify="left", box=box.SIMPLE_HEAD)
-    for col in ("offering", "kind", "price", "license", "regions", "available"):
-        table.add_column(col, no_wrap=col in ("offering", "kind", "regions"), overflow="fold")
+    full = wide or not console.is_terminal   # on a terminal, "no" fits a column; the reason does not
+    cells = []
     for o, why in rows:
-        price = price_summary(o) + (" [yellow](stale)[/yellow]" if stale(o, today) else "")
-        lic = {"yes": "commercial", "no": "[red]non-commercial[/red]",
-               "conditional": "[yellow]conditional[/yellow]"}[o.license.commercial_use]
-        table.add_row(o.id, o.kind, price, lic, ",".join(o.regions),
-                      "[green]yes[/green]" if why is None else f"[dim]{why}[/dim]")
-    console.print(table)
+        price = styled(price_summary(o))
+        if stale(o, today):
+            price.append(" (stale)", style="yellow")
+        available = styled("yes", "green") if why is None else styled(why if full else "no", "dim")
+        cells.append([o.id, price, available, styled(*LICENSE[o.license.commercial_use]), o.kind,
+                      ",".join(o.regions)])
+    print_table(f"catalog {broker.catalog.version}", COLUMNS, cells, wide=wide)
+    unavailable = sum(why is not None for _, why in rows)
+    if unavailable and not full:
+        console.print(styled(f"{unavailable} offering(s) unavailable: --wide (or --json) says why and what to "
+                             "do", "dim"))
     n_stale = sum(stale(o, today) for o, _ in rows)
     if n_stale:
-        console.print(f"[yellow]{n_stale} price(s) were checked over 90 days ago (stale)[/yellow]")
+        console.print(styled(f"{n_stale} price(s) were checked over 90 days ago (stale)", "yellow"))

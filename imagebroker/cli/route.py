@@ -5,25 +5,25 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich import box
-from rich.table import Table
 
+from ..errors import NoRouteError
 from ..types import ImageRequest, Plan
 from .common import (
     AdapterOpt,
     JsonOpt,
+    LedgerOpt,
     ModelOpt,
     NOpt,
     PolicyOpt,
     SeedOpt,
     SizeOpt,
     TagOpt,
-    console,
+    WideOpt,
     handle_errors,
-    print_json,
+    read_only_broker,
     request_fields,
-    usd,
 )
+from .output import Col, console, print_json, print_table, styled, usd
 
 
 def plan_json(plan: Plan) -> dict:
@@ -37,44 +37,41 @@ def plan_json(plan: Plan) -> dict:
     }
 
 
-def print_plan(plan: Plan, *, limit: int | None = None) -> None:
+CANDIDATE_COLUMNS = (Col("#", right=True), Col("offering"), Col("est. cost", right=True),
+                     Col("up to", right=True, hide=2), Col("est. latency", right=True, hide=1),
+                     Col("dropped", wrap=True, hide=3))
+
+
+def print_plan(plan: Plan, *, wide: bool = False, limit: int | None = None) -> None:
     rule = f", rule {plan.rule!r}" if plan.rule else ""
-    console.print(f"policy [bold]{plan.policy}[/bold] (objective {plan.objective}{rule})")
-    table = Table(title="candidates, in the order they will be tried", title_justify="left", box=box.SIMPLE_HEAD)
-    for col in ("#", "offering", "est. cost", "up to", "est. latency", "dropped"):
-        table.add_column(col)
-    for i, c in enumerate(plan.candidates, 1):
-        table.add_row(str(i), c.offering, usd(c.estimated_cost.usd), usd(c.bound_usd),
-                      f"{c.estimated_latency_s:g} s" if c.estimated_latency_s is not None else "?",
-                      ", ".join(c.dropped) or "-")
+    console.print(f"policy {plan.policy} (objective {plan.objective}{rule})", markup=False)
     if plan.candidates:
-        console.print(table)
+        rows = [[str(i), c.offering, usd(c.estimated_cost.usd), usd(c.bound_usd),
+                 f"{c.estimated_latency_s:g} s" if c.estimated_latency_s is not None else "?",
+                 ", ".join(c.dropped) or "-"] for i, c in enumerate(plan.candidates, 1)]
+        print_table("candidates, in the order they will be tried", CANDIDATE_COLUMNS, rows, wide=wide)
     else:
-        console.print("[red]no offering can serve this request[/red]")
+        console.print(styled("no offering can serve this request", "red"))
     rejected = plan.rejected[:limit] if limit else plan.rejected
     if rejected:
-        rt = Table(title=f"rejected ({len(plan.rejected)})", title_justify="left", box=box.SIMPLE_HEAD)
-        rt.add_column("offering")
-        rt.add_column("why")
-        for r in rejected:
-            rt.add_row(r.offering, "; ".join(r.reasons))
-        console.print(rt)
+        print_table(f"rejected ({len(plan.rejected)})", (Col("offering"), Col("why", wrap=True)),
+                    [[r.offering, "; ".join(r.reasons)] for r in rejected], wide=wide)
 
 
 @handle_errors
 def route(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
-    model: ModelOpt = None, tag: TagOpt = None, policy: PolicyOpt = None, json_out: JsonOpt = False,
+    model: ModelOpt = None, tag: TagOpt = None, policy: PolicyOpt = None, ledger: LedgerOpt = None,
+    wide: WideOpt = False, json_out: JsonOpt = False,
 ) -> None:
-    """Show which offerings would serve PROMPT, in order, and why the others would not."""
-    from ..broker.core import AsyncBroker
-    from ..broker.ledger.store import Ledger
-
+    """Show which offerings would serve PROMPT, in order, and why the others would not. Calls no provider;
+    exits 2 when no offering can serve it."""
     request = ImageRequest(prompt=prompt, **request_fields(size, n, seed, adapter, model, tag))
-    broker = AsyncBroker(policy, ledger=Ledger())
-    plan = broker.plan(request)
+    plan = read_only_broker(policy, ledger).plan(request)
     if json_out:
         print_json(plan_json(plan))
     else:
-        print_plan(plan)
+        print_plan(plan, wide=wide)
+    if not plan.candidates:
+        raise typer.Exit(NoRouteError.exit_code)

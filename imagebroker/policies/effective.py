@@ -56,5 +56,5 @@ def _declared_local(name: str, model: Any, catalog: Catalog) -> dict[str, Any]:
 def effective_catalog(policy: Policy, base: Catalog) -> Catalog:
     items = [_declared_local(n, m, base) for n, m in sorted(policy.local.models.items())]
     catalog = base.with_overrides(items) if items else base
-    catalog = catalog.with_overrides(list(policy.offerings))
+    catalog = catalog.with_overrides(list(policy.offerings), policy._offerings_located)
     return Catalog([_rates(_pin_region(o, policy), policy) for o in catalog], catalog.version)

@@ -102,6 +102,7 @@ def load_policy(ref: str | Path | Policy | None = None) -> Policy:
         raise located.error(exc) from None
     if policy.offerings:
         _check_offerings(policy, offerings_file)
+    policy._located, policy._offerings_located = located, offerings_file
     return policy
 
 

@@ -54,6 +54,12 @@ def megapixel_usd(price: PerMegapixelPrice, width: int, height: int) -> Decimal:
     return mp * price.usd_per_mp
 
 
+def megapixel_rate(price: PerMegapixelPrice) -> str:
+    """The rate as a person reads it: `$0.03 first MP + $0.015/MP (ceil)`, not `$0.015/MP` alone."""
+    first = f"${price.first_mp_usd} first MP + " if price.first_mp_usd is not None else ""
+    return f"{first}${price.usd_per_mp}/MP ({price.rounding})"
+
+
 def estimated_output_tokens(price: PerTokenPrice, width: int, height: int, quality: str | None) -> int:
     table = price.output_tokens
     key = quality if quality in table else "auto" if "auto" in table else "medium"
@@ -98,7 +104,7 @@ def estimate(request: ImageRequest, offering: Offering, *, device: str = "cuda")
         usd, detail = each * n, f"{n} x ${each}/image"
     elif isinstance(price, PerMegapixelPrice):
         each = megapixel_usd(price, w, h)
-        usd, detail = each * n, f"{n} x {w}x{h} at ${price.usd_per_mp}/MP ({price.rounding})"
+        usd, detail = each * n, f"{n} x {w}x{h} at {megapixel_rate(price)}"
     elif isinstance(price, PerTokenPrice):
         out = estimated_output_tokens(price, w, h, request.quality)
         prompt = math.ceil(len(request.prompt) / CHARS_PER_TOKEN)
@@ -187,7 +193,7 @@ def settle(usage: Mapping[str, Any], offering: Offering, request: ImageRequest) 
     elif isinstance(price, PerMegapixelPrice):
         sizes = units.get("sizes") or [[w, h]] * images
         usd = sum((megapixel_usd(price, int(a), int(b)) for a, b in sizes), Decimal(0))
-        detail = f"{len(sizes)} image(s) at ${price.usd_per_mp}/MP ({price.rounding})"
+        detail = f"{len(sizes)} image(s) at {megapixel_rate(price)}"
     elif isinstance(price, PerTokenPrice):
         if not any(k.endswith("_tokens") for k in units):
             est = estimate(request, offering)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ..providers.settings import (
     CacheSettings,
@@ -141,6 +141,9 @@ class Policy(_Strict):
     images: ImageChecks = Field(default_factory=ImageChecks)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     offerings: tuple[dict[str, Any], ...] = ()   # catalog additions and overrides
+    # the files it was read from (`_yaml.Located`), so that later checks name their lines
+    _located: Any = PrivateAttr(default=None)
+    _offerings_located: Any = PrivateAttr(default=None)
 
     def provider(self, name: str) -> ProviderSettings:
         """The settings a provider is constructed from: its `providers.NAME` section (the local

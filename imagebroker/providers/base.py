@@ -18,7 +18,8 @@ from ..types import ImageRequest
 from .offering import Offering
 from .settings import ProviderSettings
 
-ProgressCallback = Callable[[int, int], None]
+ProgressCallback = Callable[[int, int], None]          # (step, total steps) while an image is made
+AttemptCallback = Callable[[str, int], None]           # (offering id, attempt number) before each try
 
 # Set per attempt by the call loop; a provider marks it once its request may have reached the
 # provider (a submit sent, a job id received), after which a failure is an unknown outcome, not a

@@ -180,6 +180,8 @@ class Offering(_Data):
     source: str
     checked: date
     notes: str = ""
+    demo: bool = False                 # a demo model: planned last unless a policy names it
+    trained_size: str | None = None    # the one size it was trained at, when it draws nothing good at others
     region_options: dict[str, RegionOption] = Field(default_factory=dict)
     settings: dict[str, object] = Field(default_factory=dict)  # provider-specific (endpoint, version)
 
@@ -191,6 +193,17 @@ class Offering(_Data):
 
     def retired(self, today: date) -> bool:
         return self.status == "shutdown" or (self.shutdown is not None and self.shutdown <= today)
+
+
+def offering_warnings(request: ImageRequest, offering: Offering) -> tuple[str, ...]:
+    """What a caller should be told of images this offering makes for this request."""
+    if offering.trained_size is None:
+        return ()
+    w, h = request_size(request, offering)
+    if (w, h) == parse_size(offering.trained_size):
+        return ()
+    return (f"{offering.id} was trained at {offering.trained_size} only: at {w}x{h} its images are "
+            "noise, not shapes",)
 
 
 def request_size(request: ImageRequest, offering: Offering) -> tuple[int, int]:

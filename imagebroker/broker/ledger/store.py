@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from platformdirs import user_data_dir
-from sqlalchemy import create_engine, event, insert, select, update
+from sqlalchemy import create_engine, event, insert, inspect, make_url, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import StaticPool
 
-from ...errors import BudgetExceeded, ConfigError, LedgerError, MissingExtra
+from ...errors import BudgetExceeded, ConfigError, LedgerError, LedgerUnavailable, MissingExtra
 from .schema import (
     MIGRATIONS,
     budget_counters,
@@ -46,6 +47,23 @@ HOST = socket.gethostname()
 
 def default_ledger_url() -> str:
     return f"sqlite:///{Path(user_data_dir('imagebroker', appauthor=False)) / 'ledger.db'}"
+
+
+def ledger_url(url: str | None = None) -> str:
+    """The ledger a process uses: `url`, else $IMAGEBROKER_LEDGER_URL, else an SQLite file in the user
+    data dir. A plain path (no `scheme://`) is an SQLite file."""
+    url = url or os.environ.get(LEDGER_ENV) or default_ledger_url()
+    if "://" not in url:
+        url = f"sqlite:///{Path(url).expanduser().resolve()}"
+    return url
+
+
+def shown_url(url: str) -> str:
+    """A ledger URL as it may be printed: SQLite as its file path, anything else without its password."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.database or ":memory:"
+    return parsed.render_as_string(hide_password=True)
 
 
 def _ln(x: float | None) -> float | None:
@@ -86,9 +104,14 @@ def _retried(fn: Callable[..., T]) -> Callable[..., T]:
 class Ledger:
     """Durable record of calls, attempts, costs and budget reservations."""
 
-    def __init__(self, url: str | None = None) -> None:
-        self.url = url or os.environ.get(LEDGER_ENV) or default_ledger_url()
-        self.engine = self._engine(self.url)
+    def __init__(self, url: str | None = None, *, read_only: bool = False) -> None:
+        """`read_only` (what `route`, `providers` and `costs` use): nothing is created or migrated, and a
+        ledger that does not exist yet reads as an empty one."""
+        self.url = ledger_url(url)
+        self.read_only = read_only
+        self.engine = self._engine(self.url, create=not read_only)
+        if read_only and not self._written_before():
+            self.engine = self._engine("sqlite://", create=False)   # empty, in memory, gone at exit
         self.sqlite = self.engine.dialect.name == "sqlite"
         self.writer = CallWriter(self.engine, self.sqlite, self.check_file)
         self._held: dict[str, float] = {}   # reservations this process holds -> their TTL
@@ -97,10 +120,13 @@ class Ledger:
         self._lock = threading.Lock()
         me = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (ledger := me()) and ledger._after_fork())
-        self.migrate()
-        self.reconcile()
+        if not read_only or self.engine.url.database is None:
+            self._open_step(self.migrate)
+        if not read_only:
+            self._open_step(self.reconcile)
         self._inode = self._file_inode()
-        self._checkpointer = Checkpointer(self.engine.url.database) if self._inode is not None else None
+        writes = self._inode is not None and not read_only
+        self._checkpointer = Checkpointer(self.engine.url.database) if writes else None
         if self._checkpointer is not None:  # its thread ends with the ledger, even one never closed
             weakref.finalize(self, self._checkpointer.stop)
 
@@ -132,24 +158,56 @@ class Ledger:
                               "process was using it; nothing more is written to it")
 
     def __repr__(self) -> str:
-        return f"Ledger({self.engine.url.render_as_string(hide_password=True)!r})"
+        return f"Ledger({shown_url(self.url)!r})"
 
     @property
     def path(self) -> str:
-        return self.engine.url.database or "" if self.sqlite else self.engine.url.render_as_string(
-            hide_password=True)
+        return shown_url(self.url)
+
+    def _open_step(self, step: Callable[[], object]) -> None:
+        """A step of opening the ledger, with a database that is not there said in one line."""
+        try:
+            step()
+        except OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+            raise LedgerUnavailable(f"cannot open the ledger {shown_url(self.url)}: {reason} (set --ledger "
+                                    f"or ${LEDGER_ENV} to another)") from None
+
+    def _written_before(self) -> bool:
+        """Whether a ledger is there to read: an SQLite file that exists, a database with our tables. One
+        written by an older imagebroker must be migrated by a command that writes, not read half-way."""
+        if self.engine.dialect.name == "sqlite" and not Path(self.engine.url.database or "").exists():
+            return False
+        done: set[str] = set()
+
+        def read() -> None:
+            with self.engine.connect() as conn:
+                if inspect(conn).has_table(migrations_table.name):
+                    done.update(r[0] for r in conn.execute(select(migrations_table.c.name)))
+        self._open_step(read)
+        pending = [name for name, _ in MIGRATIONS if name not in done]
+        if done and pending:
+            raise LedgerError(f"the ledger {shown_url(self.url)} was written by an older imagebroker: run "
+                              "`imagebroker ledger migrate` (or any generate) to bring it up to date")
+        return bool(done)
 
     @staticmethod
-    def _engine(url: str) -> Engine:
+    def _engine(url: str, *, create: bool) -> Engine:
         if url.startswith("postgresql"):
             try:
                 import psycopg  # noqa: F401
             except ImportError:
                 raise MissingExtra("postgres", "psycopg") from None
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if url.startswith("sqlite:///") and create:
+            folder = Path(url.removeprefix("sqlite:///")).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LedgerUnavailable(f"cannot create the ledger's folder {folder}: {exc.strerror} (set "
+                                        f"--ledger or ${LEDGER_ENV} to another)") from None
+        memory = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}} if url == "sqlite://" else {}
         try:
-            engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+            engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"), **memory)
         except Exception as exc:
             raise ConfigError(f"ledger URL {url.split('@')[-1]!r} is not usable: {exc}") from None
         if engine.dialect.name == "sqlite":

@@ -1,0 +1,5 @@
+"""`python -m imagebroker`: the command line."""
+
+from .cli import main
+
+main()
