@@ -89,3 +89,30 @@ def test_without_a_server_the_offering_says_what_to_set():
     with Broker(Policy(name="c", deny=HOSTED)) as b:
         reasons = {r.offering: r.reasons for r in b.plan("x").rejected}
     assert "no ComfyUI server configured: set providers.comfyui.base_url" in reasons["comfyui/sdxl"]
+
+
+def test_the_example_policy_and_workflow_in_the_readme_generate(tmp_path):
+    from pathlib import Path
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from imagebroker.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    example = yaml.safe_load((root / "examples/comfyui/policy.yaml").read_text())
+    workflow = root / example["providers"]["comfyui"]["options"]["workflow"]
+    assert infer_bindings(json.loads(workflow.read_text())).keys() == {
+        "seed", "steps", "guidance", "prompt", "negative", "width", "height", "batch"}
+    with FakeComfyUI(["ok"]) as fake:
+        example["providers"]["comfyui"].update(base_url=fake.url, poll_interval_s=0.05)
+        example["providers"]["comfyui"]["options"]["workflow"] = str(workflow)
+        example["deny"] = [*example["deny"], *HOSTED]   # no keys here anyway: keeps the plan to ComfyUI
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(yaml.safe_dump(example))
+        result = CliRunner().invoke(app, ["generate", "a cat", "--size", "512x512", "--policy", str(policy),
+                                          "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["offering"] == "comfyui/sdxl" and data["cost"]["status"] == "priced"
+    assert fake.requests and json.loads(fake.requests[-1]["body"])["prompt"]["6"]["inputs"]["text"] == "a cat"

@@ -1,3 +1,4 @@
+import json
 import re
 from pathlib import Path
 
@@ -19,3 +20,19 @@ def test_quickstart_has_exactly_two_commands():
 
 def test_ci_runs_the_readme_test_command_verbatim():
     assert quickstart_commands()[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_offering_schema_example_is_a_valid_policy(tmp_path):
+    from typer.testing import CliRunner
+
+    from imagebroker.cli import app
+
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.+?)\n```", text, flags=re.S) if "acme/house-model" in b)
+    policy = tmp_path / "house.yaml"
+    policy.write_text(block)
+    checked = CliRunner().invoke(app, ["policy", "check", str(policy)])
+    assert checked.exit_code == 0 and checked.stdout.startswith("ok: policy 'house'"), checked.output
+    listed = CliRunner().invoke(app, ["providers", "--policy", str(policy), "--json"])
+    house = next(o for o in json.loads(listed.stdout) if o["id"] == "acme/house-model")
+    assert house["price"]["usd"] == "0.03" and house["regions"] == ["eu"]
