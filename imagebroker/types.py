@@ -17,7 +17,7 @@ from .errors import RequestError
 MIN_SIDE, MAX_SIDE = 64, 4096
 MAX_N = 10
 MAX_TAG_VALUE = 256  # the ledger's call_tags.value
-CostStatus = Literal["priced", "estimated", "unpriced"]
+CostStatus = Literal["priced", "estimated", "unpriced", "cached"]
 Quality = Literal["auto", "low", "medium", "high", "xhigh", "max"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -184,6 +184,7 @@ class GeneratedImage(_Frozen):
     width: int
     height: int
     seed: int | None = None
+    c2pa: bool = False   # carries the provider's C2PA content credentials (never re-encoded here)
 
     @functools.cached_property
     def sha256(self) -> str:

@@ -56,6 +56,8 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("IMAGEBROKER_POLICY", raising=False)
     monkeypatch.setenv("IMAGEBROKER_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
+    monkeypatch.delenv("IMAGEBROKER_STORE_URL", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))   # the CLI's image store, and anything else kept
     monkeypatch.chdir(tmp_path)
 
 

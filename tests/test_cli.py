@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -89,22 +92,34 @@ def test_generate_writes_images_with_provenance_and_records_cost(tmp_path):
     assert data["offering"] == "mock/a" and data["cost"] == {"usd": "0.02", "status": "priced",
                                                              "unit": "per_image", "detail": "2 x $0.01/image"}
     assert [i["seed"] for i in data["images"]] == [5, 6]
-    img = Image.open(data["images"][0]["path"])
-    assert img.size == (128, 96)
-    meta = json.loads(img.text["imagebroker"])
-    assert meta["request_id"] == data["request_id"] and meta["prompt"] == "a cat" and meta["seed"] == 5
+    first = data["images"][0]
+    assert Image.open(first["path"]).size == (128, 96)
+    assert first["sha256"] == first["image_sha256"]   # the bytes as the provider sent them
+    meta = json.loads(Path(first["sidecar"]).read_text())
+    assert Path(first["sidecar"]) == Path(first["path"]).with_suffix(".json")
+    assert meta["request_id"] == data["request_id"] and meta["seed"] == 5 and meta["sha256"] == first["sha256"]
+    assert meta["prompt"] is None and meta["prompt_sha256"]   # prompts are kept only when the policy says so
     costs = json.loads(run("costs", "--by", "tag:team", "--format", "json").stdout)
     assert costs["groups"][0]["key"] == "red" and costs["total"]["cost_usd"] == "0.02"
     csv_out = run("costs", "--format", "csv").stdout.splitlines()
     assert csv_out[0].startswith("key,calls,images") and csv_out[-1].startswith("total,1,2")
 
 
-def test_generate_jpeg_carries_provenance_in_exif(tmp_path):
-    out = run("generate", "x", "--output-format", "jpeg", "--policy", str(mock_policy_file(tmp_path)),
-              "--out", str(tmp_path), "--json")
-    path = json.loads(out.stdout)["images"][0]["path"]
-    assert path.endswith(".jpg")
-    assert "mock/a" in Image.open(path).getexif()[0x010E]
+def test_embedded_provenance_is_an_added_chunk_and_the_pixels_are_untouched(tmp_path):
+    out = run("generate", "a cat", "--policy", str(mock_policy_file(tmp_path)), "--out", str(tmp_path),
+              "--embed-provenance", "--json")
+    image = json.loads(out.stdout)["images"][0]
+    assert image["embedded"] and image["sha256"] != image["image_sha256"]
+    data = Path(image["path"]).read_bytes()
+    assert json.loads(Image.open(io.BytesIO(data)).text["imagebroker"])["sha256"] == image["image_sha256"]
+    pos, kept = 8, [data[:8]]   # take the added chunk out again: what is left is the provider's file
+    while pos < len(data):
+        (length,) = struct.unpack_from(">I", data, pos)
+        chunk = data[pos:pos + 12 + length]
+        if not (chunk[4:8] == b"iTXt" and chunk[8:20] == b"imagebroker\0"):
+            kept.append(chunk)
+        pos += 12 + length
+    assert hashlib.sha256(b"".join(kept)).hexdigest() == image["image_sha256"]
 
 
 def test_generate_failure_exits_nonzero_without_traceback(tmp_path):

@@ -33,7 +33,8 @@ EXPECTED_SCHEMA = {
         "usage_json": "TEXT", "catalog_version": "VARCHAR(64)", "prompt_sha256": "VARCHAR(64)",
         "prompt": "TEXT", "image_sha256s": "TEXT", "tags_json": "TEXT", "error_type": "VARCHAR(64)",
         "error": "TEXT", "idempotency_key": "VARCHAR(200)", "adapter_errors": "INTEGER",
-        "over_bound": "INTEGER"},
+        "over_bound": "INTEGER", "cached": "INTEGER", "saved_nusd": "BIGINT", "cache_key": "VARCHAR(64)",
+        "store_url": "TEXT", "c2pa": "INTEGER"},
     "attempts": {
         "id": "INTEGER", "request_id": "VARCHAR(40)", "number": "INTEGER", "offering": "VARCHAR(200)",
         "provider": "VARCHAR(64)", "started_at": "FLOAT", "latency_s": "FLOAT", "status": "VARCHAR(16)",
@@ -50,7 +51,8 @@ EXPECTED_SCHEMA = {
     "call_rollups": {"day": "VARCHAR(10)", "provider": "VARCHAR(64)", "offering": "VARCHAR(200)",
                      "policy": "VARCHAR(200)", "rule": "VARCHAR(200)", "status": "VARCHAR(16)",
                      "calls": "BIGINT", "images": "BIGINT", "failures": "BIGINT", "cost_nusd": "BIGINT",
-                     "unpriced": "BIGINT", "adapter_errors": "BIGINT", "over_bound": "BIGINT"},
+                     "unpriced": "BIGINT", "adapter_errors": "BIGINT", "over_bound": "BIGINT",
+                     "cache_hits": "BIGINT", "saved_nusd": "BIGINT"},
     "skips": {"id": "INTEGER", "request_id": "VARCHAR(40)", "number": "INTEGER", "offering": "VARCHAR(200)",
               "provider": "VARCHAR(64)", "reason": "VARCHAR(32)", "detail": "TEXT", "at": "FLOAT"},
     "latency_rollups": {"day": "VARCHAR(10)", "provider": "VARCHAR(64)", "offering": "VARCHAR(200)",
@@ -110,9 +112,10 @@ def test_kill_9_mid_call_is_reconciled_by_the_next_process(tmp_path):
     ledger = Ledger(url)
     deadline = time.time() + 60
     while time.time() < deadline:
-        with ledger.engine.connect() as conn:
+        with ledger.engine.connect() as conn:   # mid-call: its reservation held and its pending row written
             held = conn.execute(select(reservations.c.status)).scalars().all()
-        if held == ["held"]:
+            pending = conn.execute(select(calls.c.status)).scalars().all()
+        if held == ["held"] and pending == ["pending"]:
             break
         time.sleep(0.1)
     assert held == ["held"]
@@ -245,7 +248,7 @@ def test_one_bad_write_in_a_batch_loses_none_of_the_others(tmp_path):
         return {c: None for c in CALL_COLUMNS} | {
             "request_id": rid, "created_at": time.time(), "day": "2026-11-22", "status": "ok", "n": 1,
             "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64,
-            "adapter_errors": 0, "over_bound": 0}
+            "adapter_errors": 0, "over_bound": 0, "cached": 0, "c2pa": 0}
 
     ledger.record_call(row("taken"), [], [], {})
 
@@ -269,7 +272,7 @@ def test_a_forked_child_records_on_connections_of_its_own(ledger_url):
         return {c: None for c in CALL_COLUMNS} | {
             "request_id": rid, "created_at": time.time(), "day": "2026-11-22", "status": "ok", "n": 1,
             "images": 1, "attempts": 1, "latency_s": 0.1, "cost_nusd": 5, "prompt_sha256": "0" * 64,
-            "adapter_errors": 0, "over_bound": 0}
+            "adapter_errors": 0, "over_bound": 0, "cached": 0, "c2pa": 0}
 
     ledger.record_call(row("parent-1"), [], [], {})  # the parent now holds a connection
     pid = os.fork()

@@ -35,7 +35,9 @@ def random_rows(rng: random.Random, count: int) -> list[dict]:
                    policy=rng.choice(["p", "q"]), rule=rng.choice([None, "big"]), attempts=1,
                    latency_s=rng.choice([0.0004, rng.uniform(0.01, 40)]), cost_nusd=cost,
                    prompt_sha256="0" * 64, adapter_errors=rng.choice([0, 0, 0, 1]),
-                   over_bound=int(status == "ok" and rng.random() < 0.2))
+                   over_bound=int(status == "ok" and rng.random() < 0.2), c2pa=0,
+                   cached=int(status == "ok" and rng.random() < 0.1))
+        row["saved_nusd"] = rng.randrange(1, 90_000_000) if row["cached"] else None
         out.append(row)
     return out
 
@@ -54,6 +56,8 @@ def by_hand(rows: list[dict], by: str, since: float | None, until: float | None)
         g["unpriced"] += ok and r["cost_nusd"] is None
         g["adapter_errors"] += r["adapter_errors"]
         g["over_bound"] += r["over_bound"]
+        g["cache_hits"] += r["cached"]
+        g["saved"] += r["saved_nusd"] or 0
         if ok:
             g["lat"].append(r["latency_s"])
     return groups
@@ -71,6 +75,7 @@ def assert_matches(report: tuple, expected: dict[str, dict]) -> None:
         assert (g.calls, g.images, g.failures, g.unpriced, g.adapter_errors, g.over_bound) == (
             e["calls"], e["images"], e["failures"], e["unpriced"], e["adapter_errors"], e["over_bound"])
         assert g.cost_usd == Decimal(e["cost"]) / 10**9  # exact
+        assert (g.cache_hits, g.saved_usd) == (e["cache_hits"], Decimal(e["saved"]) / 10**9)
         for got, q in ((g.latency_p50_s, 0.5), (g.latency_p95_s, 0.95)):
             if not e["lat"]:
                 assert got is None
@@ -113,7 +118,8 @@ def test_ranges_split_into_whole_days_and_edges():
 
 
 def test_a_ledger_from_before_the_rollups_is_backfilled_when_opened(tmp_path, ledger_url):
-    rows = [dict(r, adapter_errors=0, over_bound=0) for r in random_rows(random.Random(5), 400)]  # (from m005)
+    rows = [dict(r, adapter_errors=0, over_bound=0, cached=0, saved_nusd=None)   # (from m005, m007)
+            for r in random_rows(random.Random(5), 400)]
     engine = create_engine(ledger_url)
     with engine.begin() as conn:  # the schema as the last release left it, with calls in it
         migrations_table.create(conn)
@@ -121,7 +127,8 @@ def test_a_ledger_from_before_the_rollups_is_backfilled_when_opened(tmp_path, le
             fn(conn)
             conn.execute(insert(migrations_table).values(name=name, applied_at=0))
         old = [c.name for c in calls.columns
-               if c.name not in ("idempotency_key", "adapter_errors", "over_bound")]  # added by m004, m005
+               if c.name not in ("idempotency_key", "adapter_errors", "over_bound",   # added by m004, m005
+                                 "cached", "saved_nusd", "cache_key", "store_url", "c2pa")]   # and m007
         conn.execute(insert(calls), [{c: r[c] for c in old} for r in rows])
     engine.dispose()
     ledger = Ledger(ledger_url)

@@ -26,7 +26,9 @@ from ..providers.registry import provider_class, provider_names
 from ..types import ImageRequest, ImageResult, Plan
 from .breaker import CircuitBreaker
 from .budgets import period_key
+from .cache import replay
 from .execution import CallView, RetryRules, execute
+from .images import STORE_ENV, ImageStore
 from .ledger.store import Ledger
 
 LATENCY_MIN_SAMPLES = 20
@@ -52,12 +54,28 @@ def _percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
+def _store(store: bool | str | ImageStore | None, policy: Policy) -> ImageStore | None:
+    if isinstance(store, ImageStore):
+        return store
+    settings = policy.store
+    if store is None:
+        wanted = settings.enabled if settings.enabled is not None else bool(settings.url or os.environ.get(STORE_ENV))
+        return ImageStore(settings.url) if wanted else None
+    if store is False or settings.enabled is False:
+        return None
+    return ImageStore(store if isinstance(store, str) else settings.url)
+
+
 class AsyncBroker:
     """Routes requests by a policy, falls back on failure, and records every attempt and its cost."""
 
     def __init__(self, policy: str | Path | Policy | None = None, ledger: str | Ledger | None = None,
                  *, catalog: Catalog | None = None,
-                 providers: Mapping[str, type[Provider]] | None = None) -> None:
+                 providers: Mapping[str, type[Provider]] | None = None,
+                 store: bool | str | ImageStore | None = None) -> None:
+        """`store`: where images are kept (`broker/images.py`): None follows the policy's `store:` section
+        (on when it is enabled or names a URL, or $IMAGEBROKER_STORE_URL is set), True the default folder,
+        False none, or a URL or an ImageStore."""
         self.policy = load_policy(policy)
         self.catalog = effective_catalog(self.policy, catalog or builtin_catalog())
         check_names(self.policy, self.catalog, [*provider_names(), *(providers or {})])
@@ -77,8 +95,9 @@ class AsyncBroker:
         self._devices: dict[str, str] = {}
         self._epoch = -1
         self.in_flight = 0  # generate() calls under way on this broker
+        self.store = _store(store, self.policy)
         self._view = CallView(self.policy, self.catalog, self.ledger, self.provider, self.breaker, self.secrets,
-                              lambda: self.in_flight > 1, RetryRules.of(self.policy.retry))
+                              lambda: self.in_flight > 1, RetryRules.of(self.policy.retry), self.store)
         self._keyed: dict[str, tuple[ImageRequest, asyncio.Future[ImageResult], float]] = {}  # oldest first
 
     def __repr__(self) -> str:
@@ -239,12 +258,15 @@ class AsyncBroker:
         if known is None:
             served = self.ledger.served(key, time.time() - IDEMPOTENCY_TTL_S)
             if served is not None:
-                rid, at, hashes = served
-                when = datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+                replayed = replay(self.store, served, self._plan(req)) if self.store is not None else None
+                if replayed is not None:   # the same request id and bytes, from the image store
+                    return replayed
+                rid, hashes = served.request_id, served.image_sha256s
+                when = datetime.fromtimestamp(served.created_at, UTC).isoformat(timespec="seconds")
                 raise DuplicateRequest(
                     f"idempotency_key {key!r} was served by request {rid} at {when} (images "
-                    f"{', '.join(h[:12] for h in hashes)}); the ledger keeps hashes, not images, so it "
-                    "cannot be answered again without paying again: use a new key to generate anew", rid)
+                    f"{', '.join(h[:12] for h in hashes)}); its images are not in this broker's image store, so "
+                    "it cannot be answered again without paying again: use a new key to generate anew", rid)
             task = asyncio.ensure_future(self._generate(req, progress, on_attempt))
             self._keyed.pop(key, None)  # (an expired entry) the new one goes to the end, the newest
             known = self._keyed[key] = (req, task, time.time())

@@ -47,9 +47,13 @@ from ..providers.offering import Offering, offering_warnings
 from ..types import Candidate, GeneratedImage, ImageRequest, ImageResult, Plan, SkipReason
 from .breaker import CircuitBreaker
 from .budgets import applicable
+from .cache import cache_key, lookup
+from .images import ImageStore
 from .ledger.store import Ledger
 from .record import CallLog, Served
 from .validate import validate_images
+
+DAY_S = 86_400
 
 OFFLOAD_BYTES = 256 * 1024  # images larger than this in all are decoded (and hashed) on a worker thread
 
@@ -66,6 +70,7 @@ class CallView:
     secrets: Callable[[], list[str | None]]
     busy: Callable[[], bool]   # other calls are under way on this broker (their rows commit together)
     rules: RetryRules          # the policy's retry settings as tenacity's rules (built once)
+    store: ImageStore | None = None   # where images are kept, and the cache answers from
 
 
 # -- outcomes -----------------------------------------------------------------------------------
@@ -135,6 +140,8 @@ async def execute(view: CallView, request: ImageRequest, plan: Plan, request_id:
                                         f"{view.policy.name!r}", plan.rejected)
         await log.record("rejected", error=error, together=view.busy())
         raise error
+    if (hit := await _from_cache(view, log)) is not None:
+        return hit
     fallback, rules = view.policy.fallback, view.rules
     stopped: ProviderError | None = None
     try:
@@ -171,8 +178,54 @@ async def execute(view: CallView, request: ImageRequest, plan: Plan, request_id:
     raise error
 
 
+async def _from_cache(view: CallView, log: CallLog) -> ImageResult | None:
+    """The answer of the call a seeded request to a deterministic offering repeats, from the store: the
+    offering the plan would try first, $0 `cached`, no budget reserved, recorded as a call of its own."""
+    if view.store is None:
+        return None
+    cand = log.plan.candidates[0]
+    offering = view.catalog.offerings[cand.offering]
+    log.cache_key = cache_key(log.request, offering, view.policy)
+    if log.cache_key is None:
+        return None
+    try:
+        found = lookup(view.ledger, view.store, log.cache_key, time.time() - view.policy.cache.ttl_days * DAY_S)
+    except Exception as exc:  # a cache that cannot be read is a miss, never a failed call
+        logger.warning("call %s: the cache could not be read (%s): generating", log.request_id, type(exc).__name__)
+        return None
+    if found is None:
+        return None
+    first, images, cost, saved = found
+    log.saved_nusd, log.store_url = saved, view.store.url
+    logger.info("call %s answered from the cache (call %s)", log.request_id, first)
+    served = Served(offering, images, cost, cand.estimated_cost, cand.bound_usd)
+    done = ImageResult(request_id=log.request_id, images=images, offering=offering.id, cost=cost,
+                       latency_s=log.latency_s(), plan=log.plan, attempts=(),
+                       applied={"offering": offering.id, "cached_from": first}, dropped=cand.dropped,
+                       warnings=offering_warnings(log.request, offering))
+    await log.record("ok", served=served, result=done, together=view.busy())
+    return done
+
+
+def _keep(view: CallView, log: CallLog, served: Served) -> None:
+    """The images into the store (when there is one); a store that fails loses nothing: the caller has
+    the images, and the call is recorded as not stored."""
+    if view.store is None:
+        return
+    try:
+        for image in served.images:
+            view.store.put(image.data)
+    except Exception as exc:
+        logger.warning("call %s: images not stored in %s: %s", log.request_id, view.store.url, exc)
+        return
+    log.store_url = view.store.url
+    if log.cache_key is None or served.offering.id != log.plan.candidates[0].offering:
+        log.cache_key = cache_key(log.request, served.offering, view.policy)
+
+
 async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult:
     served, result = outcome.served, outcome.result
+    _keep(view, log, served)
     applied = dict(result.applied, offering=served.offering.id)
     if len(result.images) > log.request.n:  # billed as the provider reports; the first n are kept
         applied["images_received"] = len(result.images)

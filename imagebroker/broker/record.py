@@ -60,6 +60,9 @@ class CallLog:
     maybe_billed: list[Cost] = field(default_factory=list)   # unknown outcomes: what each may have cost
     started: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
+    cache_key: str | None = None    # what a later identical request finds this call by (deterministic)
+    store_url: str | None = None    # where its images were stored
+    saved_nusd: int | None = None   # answered from the cache: what the call it repeats cost
     pending_row: bool = False   # a pending row exists (the call holds a budget reservation)
     recorded: bool = False
 
@@ -152,6 +155,9 @@ class CallLog:
             "idempotency_key": req.idempotency_key,
             "adapter_errors": sum(a.error_type == AdapterError.__name__ for a in self.attempts),
             "over_bound": int(served is not None and served.over_bound),
+            "cached": int(self.saved_nusd is not None), "saved_nusd": self.saved_nusd,
+            "cache_key": self.cache_key if status == "ok" else None, "store_url": self.store_url,
+            "c2pa": sum(i.c2pa for i in images),
         }
 
     def rows(self, status: str, error: BaseException | None, served: Served | None = None

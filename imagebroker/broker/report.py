@@ -48,6 +48,8 @@ class Group:
     unpriced: int = 0
     adapter_errors: int = 0   # attempts that failed on a bug in the adapter, not on the provider
     over_bound: int = 0       # calls that settled above the most they could cost (their reservation)
+    cache_hits: int = 0       # calls answered from the cache ($0)
+    saved_usd: Decimal = Decimal(0)   # what the calls they repeat cost
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
 
@@ -59,6 +61,7 @@ class Group:
         return {"key": self.key, "calls": self.calls, "images": self.images, "failures": self.failures,
                 "cost_usd": self.cost_usd, "avg_cost_per_image_usd": self.avg_cost_per_image_usd,
                 "unpriced": self.unpriced, "adapter_errors": self.adapter_errors, "over_bound": self.over_bound,
+                "cache_hits": self.cache_hits, "saved_usd": self.saved_usd,
                 "latency_p50_s": self.latency_p50_s,
                 "latency_p95_s": self.latency_p95_s}
 
@@ -117,7 +120,7 @@ def split_range(since: float | None, until: float | None
     return (None if first is None else _day(first), None if last is None else _day(last)), edges
 
 
-Sums = tuple[Any, int, int, int, int, int, int, int]  # key, then ROLLUP_MEASURES
+Sums = tuple[Any, int, int, int, int, int, int, int, int, int]  # key, then ROLLUP_MEASURES
 
 
 def _from_rollups(conn: Connection, by: str, days: tuple[str | None, str | None]
@@ -171,7 +174,7 @@ def cost_report(ledger: Ledger, *, since: float | None = None, until: float | No
             if days is not None:
                 parts.append(_from_rollups(conn, by, days))
         for sums, hist in parts:
-            for k, n, images, failures, cost, unp, adapter, over in sums:
+            for k, n, images, failures, cost, unp, adapter, over, hits, saved in sums:
                 g = groups.setdefault(str(k) or "(none)", Group(str(k) or "(none)"))
                 g.calls += int(n)
                 g.images += int(images or 0)
@@ -180,13 +183,16 @@ def cost_report(ledger: Ledger, *, since: float | None = None, until: float | No
                 g.unpriced += int(unp or 0)
                 g.adapter_errors += int(adapter or 0)
                 g.over_bound += int(over or 0)
+                g.cache_hits += int(hits or 0)
+                g.saved_usd += from_nusd(int(saved or 0)) or Decimal(0)
             for k, bucket, count in hist:
                 h = hists.setdefault(str(k) or "(none)", {})
                 h[int(bucket)] = h.get(int(bucket), 0) + int(count)
     total = Group("total")
     every: dict[int, int] = {}
     for g in groups.values():
-        for field in ("calls", "images", "failures", "cost_usd", "unpriced", "adapter_errors", "over_bound"):
+        for field in ("calls", "images", "failures", "cost_usd", "unpriced", "adapter_errors", "over_bound",
+                      "cache_hits", "saved_usd"):
             setattr(total, field, getattr(total, field) + getattr(g, field))
         h = hists.get(g.key)
         if h:

@@ -66,6 +66,7 @@ class _Header:
     width: int
     height: int
     end: int  # offset just past the format's end marker
+    c2pa: bool = False  # carries a C2PA manifest store (PNG caBX chunk, JPEG APP11 JUMBF, WebP C2PA chunk)
 
 
 def validate_images(result: ProviderResult, request: ImageRequest, offering: Offering,
@@ -114,7 +115,8 @@ def _check(data: bytes, seed: int | None, request: ImageRequest, offering: Offer
     fmt = head.format
     convert = bool(request.output_format and request.output_format != fmt)
     if not (convert or limits.decode_pixels):  # the structure (and a PNG's checksums) was checked above
-        return GeneratedImage(data=data, format=fmt, width=w, height=h, seed=seed)  # type: ignore[arg-type]
+        return GeneratedImage(data=data, format=fmt, width=w, height=h, seed=seed,  # type: ignore[arg-type]
+                              c2pa=head.c2pa)
     try:
         img = Image.open(io.BytesIO(data), formats=[_PIL_NAME[head.format]])  # shares, does not copy
         img.load()
@@ -124,7 +126,19 @@ def _check(data: bytes, seed: int | None, request: ImageRequest, offering: Offer
         raise _Refused(f"header says {w}x{h} but decodes as {img.width}x{img.height}")
     if convert:
         data, fmt = _convert(img, request.output_format), request.output_format  # type: ignore[arg-type]
-    return GeneratedImage(data=data, format=fmt, width=w, height=h, seed=seed)  # type: ignore[arg-type]
+    # a converted image no longer carries the provider's content credentials (they signed the original)
+    return GeneratedImage(data=data, format=fmt, width=w, height=h, seed=seed,  # type: ignore[arg-type]
+                          c2pa=head.c2pa and not convert)
+
+
+def describe(data: bytes) -> tuple[str, int, int, bool]:
+    """Format, width, height and whether it carries C2PA content credentials, read from an image's
+    structure (an image this module accepted once: read back from the store)."""
+    try:
+        head = _read_header(data)
+    except _Refused as exc:
+        raise ValueError(f"not an image imagebroker stores: {exc}") from None
+    return head.format, head.width, head.height, head.c2pa
 
 
 def _size_problem(w: int, h: int, request: ImageRequest, offering: Offering,
@@ -163,7 +177,7 @@ def _png(data: bytes) -> _Header:
     length, kind, w, h = struct.unpack_from(">I4sII", data, 8)
     if kind != b"IHDR" or length != 13:
         raise _Refused("is not a valid PNG: IHDR is not its first chunk")
-    pos, size, view = 8, len(data), memoryview(data)
+    pos, size, view, c2pa = 8, len(data), memoryview(data), False
     while pos + 12 <= size:
         length, kind = struct.unpack_from(">I4s", data, pos)
         end = pos + 12 + length
@@ -173,13 +187,14 @@ def _png(data: bytes) -> _Header:
         if zlib.crc32(view[pos + 4:end - 4]) != crc:  # what PIL's verify() checks, without PIL
             raise _Refused(f"is a damaged PNG: the {kind.decode('latin-1')!r} chunk fails its checksum")
         pos = end
+        c2pa = c2pa or kind == b"caBX"
         if kind == b"IEND":
-            return _Header("png", w, h, pos)
+            return _Header("png", w, h, pos, c2pa)
     raise _Refused("is truncated: the PNG has no IEND chunk")
 
 
 def _jpeg(data: bytes) -> _Header:
-    pos, size, dims = 2, len(data), None
+    pos, size, dims, c2pa = 2, len(data), None, False
     while pos + 2 <= size:
         if data[pos] != 0xFF:
             raise _Refused(f"is not a valid JPEG: no marker at byte {pos}")
@@ -190,7 +205,7 @@ def _jpeg(data: bytes) -> _Header:
         if marker == 0xD9:  # EOI
             if dims is None:
                 raise _Refused("is not a valid JPEG: no frame header")
-            return _Header("jpeg", dims[0], dims[1], pos + 2)
+            return _Header("jpeg", dims[0], dims[1], pos + 2, c2pa)
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn and TEM have no length
             pos += 2
             continue
@@ -198,6 +213,8 @@ def _jpeg(data: bytes) -> _Header:
         if marker in _JPEG_SOF:
             h, w = struct.unpack_from(">HH", data, pos + 5)
             dims = (w, h)
+        elif marker == 0xEB and b"jumb" in data[pos + 4:pos + 2 + length]:   # APP11: a JUMBF box
+            c2pa = True
         pos += 2 + length
         if marker == 0xDA:  # SOS: entropy-coded data up to the next marker not stuffing or RSTn
             while (pos := data.find(b"\xff", pos)) >= 0 and pos + 1 < size and (
@@ -224,7 +241,12 @@ def _webp(data: bytes) -> _Header:
         w, h = (bits & 0x3FFF) + 1, (bits >> 14 & 0x3FFF) + 1
     else:
         raise _Refused(f"is not a valid WebP: unknown first chunk {kind!r}")
-    return _Header("webp", w, h, end)
+    pos, c2pa = 12, False
+    while pos + 8 <= end and not c2pa:
+        (length,) = struct.unpack_from("<I", data, pos + 4)
+        c2pa = data[pos:pos + 4] == b"C2PA"
+        pos += 8 + length + (length & 1)
+    return _Header("webp", w, h, end, c2pa)
 
 
 def _convert(img: Image.Image, fmt: str) -> bytes:

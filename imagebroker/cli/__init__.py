@@ -17,6 +17,7 @@ from .output import err_console, print_json, unlimited_when_piped
 from .policy import app as policy_app
 from .providers import providers
 from .route import route
+from .store import app as store_app
 
 app = typer.Typer(
     name="imagebroker", no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
@@ -51,6 +52,7 @@ app.command()(providers)
 app.command()(costs)
 app.add_typer(policy_app, name="policy")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(store_app, name="store")
 
 
 def hoist_verbosity(argv: list[str]) -> list[str]:

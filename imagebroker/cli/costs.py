@@ -83,6 +83,9 @@ def costs(
     if total.over_bound:
         console.print(styled(f"{total.over_bound} call(s) settled above the most they were expected to cost "
                              "(the bound their budget reserved)", "yellow"))
+    if total.cache_hits:
+        console.print(styled(f"{total.cache_hits} call(s) answered from the cache ($0): cache saved "
+                             f"{usd(total.saved_usd)}", "green"))
     if total.adapter_errors:
         console.print(styled(f"{total.adapter_errors} attempt(s) failed on a bug in a provider adapter, not on "
                              "the provider (the calls fell back; see the log at ERROR)", "yellow"))
@@ -122,13 +125,14 @@ def export(fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = 
     led = Ledger(ledger, read_only=True)
     with led.engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(select(calls).order_by(calls.c.created_at))]
+    money = [c.name for c in calls.columns if c.name.endswith("_nusd")]   # integer nano-USD -> decimal USD
     for r in rows:
-        r["estimated_usd"] = from_nusd(r.pop("estimated_nusd"))
-        r["cost_usd"] = from_nusd(r.pop("cost_nusd"))
+        for name in money:
+            r[name.removesuffix("_nusd") + "_usd"] = from_nusd(r.pop(name))
     if fmt == "json":
         print_json(rows)
         return
-    fields = [c.name for c in calls.columns if not c.name.endswith("_nusd")] + ["estimated_usd", "cost_usd"]
+    fields = [c.name for c in calls.columns if c.name not in money] + [m.removesuffix("_nusd") + "_usd" for m in money]
     _write_csv(fields, rows)
 
 

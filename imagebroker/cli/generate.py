@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import tempfile
 import threading
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from PIL import Image, PngImagePlugin
 from platformdirs import user_data_dir
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from ..errors import LedgerError
-from ..types import GeneratedImage, ImageRequest, ImageResult
+from ..broker import provenance
+from ..errors import LedgerError, RequestError
+from ..types import ImageRequest, ImageResult
 from .common import (
     AdapterOpt,
     JsonOpt,
@@ -33,31 +31,6 @@ from .common import (
     request_fields,
 )
 from .output import console, err_console, print_json, styled, usd
-
-EXIF_IMAGE_DESCRIPTION = 0x010E
-
-
-def provenance(result: ImageResult, request: ImageRequest, image: GeneratedImage) -> dict[str, Any]:
-    return {"generator": "imagebroker", "request_id": result.request_id, "offering": result.offering,
-            "prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": image.seed,
-            "applied": result.applied, "cost_usd": str(result.cost.usd), "cost_status": result.cost.status}
-
-
-def with_provenance(image: GeneratedImage, meta: dict[str, Any]) -> bytes:
-    """The image bytes with provenance in PNG text chunks, or EXIF ImageDescription for JPEG/WebP."""
-    text = json.dumps(meta, default=str)
-    img = Image.open(io.BytesIO(image.data))
-    buf = io.BytesIO()
-    if image.format == "png":
-        info = PngImagePlugin.PngInfo()
-        info.add_text("imagebroker", text)
-        info.add_text("prompt", meta["prompt"])
-        img.save(buf, format="PNG", pnginfo=info)
-    else:
-        exif = img.getexif()
-        exif[EXIF_IMAGE_DESCRIPTION] = text
-        img.save(buf, format=image.format.upper(), exif=exif, quality=95)
-    return buf.getvalue()
 
 
 def check_out(out: Path) -> None:
@@ -76,29 +49,42 @@ def unsaved_dir() -> Path:
     return Path(user_data_dir("imagebroker", appauthor=False)) / "unsaved"
 
 
-def write_images(result: ImageResult, request: ImageRequest, out: Path) -> list[dict[str, Any]]:
+def write_images(result: ImageResult, request: ImageRequest, out: Path, *, embed: bool = False,
+                 store_prompt: bool = False) -> list[dict[str, Any]]:
+    """Each image exactly as the provider sent it (its sha256 is the ledger's), with its provenance in a
+    sidecar `NAME.json`; with `embed`, also in a PNG iTXt chunk (the pixels untouched), unless the image
+    carries C2PA content credentials."""
     written = []
     for i, image in enumerate(result.images):
         ext = "jpg" if image.format == "jpeg" else image.format
         path = out / f"{result.request_id}-{i}.{ext}"
-        data = with_provenance(image, provenance(result, request, image))
+        meta = provenance.record(result, request, i, store_prompt=store_prompt)
+        data, note = image.data, None
+        if embed:
+            try:
+                data = provenance.embed_png(image, meta)
+            except RequestError as exc:
+                note = str(exc)
         with open(path, "xb") as f:   # never over a file already there
             f.write(data)
-        written.append({"path": str(path), "seed": image.seed, "width": image.width,
-                        "height": image.height, "sha256": hashlib.sha256(data).hexdigest(),
-                        "image_sha256": image.sha256})
+        with open(path.with_suffix(".json"), "xb") as f:
+            f.write(provenance.sidecar(meta))
+        written.append({"path": str(path), "sidecar": str(path.with_suffix(".json")), "seed": image.seed,
+                        "width": image.width, "height": image.height, "sha256": hashlib.sha256(data).hexdigest(),
+                        "image_sha256": image.sha256, "c2pa": image.c2pa, "embedded": embed and note is None,
+                        "note": note})
     return written
 
 
-def save_paid(result: ImageResult, request: ImageRequest, out: Path) -> list[dict[str, Any]]:
+def save_paid(result: ImageResult, request: ImageRequest, out: Path, **how: Any) -> list[dict[str, Any]]:
     """The images written into --out; if that fails now (it was checked before the call), into the user
     data dir instead, and said so: images that were paid for are never lost."""
     try:
-        return write_images(result, request, out)
+        return write_images(result, request, out, **how)
     except OSError as exc:
         rescue = unsaved_dir()
         rescue.mkdir(parents=True, exist_ok=True)
-        images = write_images(result, request, rescue)
+        images = write_images(result, request, rescue, **how)
         err_console.print(styled(f"could not write into {out} ({exc.strerror or type(exc).__name__}): the "
                                  f"images are in {rescue} instead", "yellow"))
         return images
@@ -154,10 +140,17 @@ def generate(
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds for the whole call, fallbacks "
                                                   "included; past it the call is cancelled (exit 124).")]
     = None,
+    embed_provenance: Annotated[bool, typer.Option("--embed-provenance", help="Also put the provenance "
+                                                   "into each PNG (an iTXt chunk; the pixels untouched), unless "
+                                                   "it carries C2PA content credentials.")] = False,
+    no_store: Annotated[bool, typer.Option("--no-store", help="Keep no copy in the image store (on by "
+                                           "default here; the policy's store.enabled: false turns it off too).")]
+    = False,
     ledger: LedgerOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Generate images for PROMPT, write them into --out, and print offering, cost and latency."""
+    """Generate images for PROMPT, write them into --out exactly as the provider sent them (provenance in a
+    NAME.json beside each), and print offering, cost and latency."""
     from ..broker.sync import Broker
 
     fields = request_fields(size, n, seed, adapter, model, tag)
@@ -169,14 +162,15 @@ def generate(
     check_out(out)
     check_adapters(request)
     unrecorded = None
-    with Broker(policy, ledger) as broker:
+    with Broker(policy, ledger, store=not no_store) as broker:
         try:
             result = _run_with_progress(broker, request, quiet=json_out, timeout=timeout)
         except LedgerError as exc:
             if exc.result is None:
                 raise
             result, unrecorded = exc.result, exc  # paid for: write the images, then say so and fail
-    images = save_paid(result, request, out)
+    images = save_paid(result, request, out, embed=embed_provenance,
+                       store_prompt=broker.policy.ledger.store_prompts)
     if unrecorded is not None:
         err_console.print(styled(f"error: {unrecorded}", "red"))
     if json_out:
@@ -185,7 +179,10 @@ def generate(
             raise typer.Exit(unrecorded.exit_code)
         return
     for img in images:
-        console.print(f"wrote {img['path']} ({img['width']}x{img['height']}, seed {img['seed']})", markup=False)
+        if img["note"]:
+            err_console.print(styled(f"{Path(img['path']).name}: {img['note']}", "yellow"))
+        seed = f", seed {img['seed']}" if img["seed"] is not None else ""
+        console.print(f"wrote {img['path']} ({img['width']}x{img['height']}{seed})", markup=False)
     console.print(f"offering {result.offering}  cost {usd(result.cost.usd)} ({result.cost.status}: "
                   f"{result.cost.detail})  latency {result.latency_s:.2f} s  attempts {len(result.attempts)}",
                   markup=False)

@@ -115,6 +115,23 @@ class ImageChecks(_Strict):
         return max(n * self.max_images_factor, n + self.max_images_slack)
 
 
+class StoreSettings(_Strict):
+    """The image store (`broker/images.py`): on for the command line unless `enabled: false`; for the library
+    when `enabled: true`, a `url` or $IMAGEBROKER_STORE_URL is set."""
+
+    url: str | None = Field(default=None, max_length=2000)   # a folder or an fsspec URL (s3://, memory://)
+    enabled: bool | None = None
+    keep_days: float = Field(default=90.0, gt=0)     # what `imagebroker store gc` keeps
+
+
+class ResultCache(_Strict):
+    """Answer a repeat of a seeded request to a deterministic offering from the store, at $0."""
+
+    enabled: bool = False
+    ttl_days: float = Field(default=30.0, gt=0)
+    offerings: tuple[str, ...] = ()   # patterns it applies to; empty: every deterministic offering
+
+
 class LedgerSettings(_Strict):
     url: str | None = None
     store_prompts: bool = False
@@ -140,6 +157,8 @@ class Policy(_Strict):
     timeout_s: float = Field(default=300.0, gt=0)
     images: ImageChecks = Field(default_factory=ImageChecks)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    cache: ResultCache = Field(default_factory=ResultCache)
     offerings: tuple[dict[str, Any], ...] = ()   # catalog additions and overrides
     # the files it was read from (`_yaml.Located`), so that later checks name their lines
     _located: Any = PrivateAttr(default=None)

@@ -181,6 +181,7 @@ class Offering(_Data):
     checked: date
     notes: str = ""
     demo: bool = False                 # a demo model: planned last unless a policy names it
+    deterministic: bool = False        # the same seeded request gives the same bytes (the cache may answer it)
     trained_size: str | None = None    # the one size it was trained at, when it draws nothing good at others
     region_options: dict[str, RegionOption] = Field(default_factory=dict)
     settings: dict[str, object] = Field(default_factory=dict)  # provider-specific (endpoint, version)

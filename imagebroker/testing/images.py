@@ -27,6 +27,23 @@ def make_image(width: int, height: int, *, seed: int | None = None, prompt: str 
     return buf.getvalue()
 
 
+C2PA_STORE = b"\x00\x00\x00\x20jumb\x00\x00\x00\x18jumdc2pa\x00\x11\x00\x10\x80\x00\xaa\x00\x38\x9b\x71"
+# (the start of a JUMBF manifest store: a `jumb` superbox whose description box is labelled c2pa; no
+#  signature inside, so it is present but would not verify)
+
+
+def with_c2pa(data: bytes) -> bytes:
+    """The image with a C2PA manifest store where the format keeps one: a PNG `caBX` chunk before IEND,
+    a JPEG APP11 segment right after SOI. Nothing else changes."""
+    if data.startswith(b"\x89PNG"):
+        iend = data.rfind(b"IEND") - 4
+        return data[:iend] + _chunk(b"caBX", C2PA_STORE) + data[iend:]
+    if data.startswith(b"\xff\xd8"):
+        body = b"JP\x00\x01\x00\x00\x00\x01" + C2PA_STORE   # JPEG XT box header, then the box
+        return data[:2] + b"\xff\xeb" + struct.pack(">H", len(body) + 2) + body + data[2:]
+    raise ValueError("with_c2pa takes a PNG or a JPEG")
+
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

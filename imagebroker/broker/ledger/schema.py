@@ -187,6 +187,14 @@ TABLES["calls"].append_column(Column("adapter_errors", Integer, nullable=False, 
 TABLES["call_rollups"].append_column(Column("adapter_errors", BigInteger, nullable=False, server_default="0"))
 TABLES["calls"].append_column(Column("over_bound", Integer, nullable=False, server_default="0"))
 TABLES["call_rollups"].append_column(Column("over_bound", BigInteger, nullable=False, server_default="0"))
+for _column in (Column("cached", Integer, nullable=False, server_default="0"),   # m007
+                Column("saved_nusd", BigInteger),          # what the call answered from the cache first cost
+                Column("cache_key", String(64), index=True),
+                Column("store_url", Text),                 # where its images are (the image store), if stored
+                Column("c2pa", Integer, nullable=False, server_default="0")):   # images with content credentials
+    TABLES["calls"].append_column(_column)
+TABLES["call_rollups"].append_column(Column("cache_hits", BigInteger, nullable=False, server_default="0"))
+TABLES["call_rollups"].append_column(Column("saved_nusd", BigInteger, nullable=False, server_default="0"))
 calls, attempts, call_tags = TABLES["calls"], TABLES["attempts"], TABLES["call_tags"]
 budget_counters, reservations = TABLES["budget_counters"], TABLES["reservations"]
 call_rollups, latency_rollups, skips = TABLES["call_rollups"], TABLES["latency_rollups"], TABLES["skips"]
@@ -219,7 +227,8 @@ def m002_report_indexes(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX ix_reservations_status ON reservations (status)")
 
 
-ROLLUP_MEASURES = ("calls", "images", "failures", "cost_nusd", "unpriced", "adapter_errors", "over_bound")
+ROLLUP_MEASURES = ("calls", "images", "failures", "cost_nusd", "unpriced", "adapter_errors", "over_bound",
+                   "cache_hits", "saved_nusd")
 
 
 def call_sums() -> tuple[ColumnElement[Any], ...]:
@@ -228,7 +237,8 @@ def call_sums() -> tuple[ColumnElement[Any], ...]:
     return (func.count(), func.coalesce(func.sum(calls.c.images), 0), func.sum(case((~ok, 1), else_=0)),
             func.coalesce(func.sum(calls.c.cost_nusd), 0),
             func.sum(case((and_(ok, calls.c.cost_nusd.is_(None)), 1), else_=0)),
-            func.coalesce(func.sum(calls.c.adapter_errors), 0), func.coalesce(func.sum(calls.c.over_bound), 0))
+            func.coalesce(func.sum(calls.c.adapter_errors), 0), func.coalesce(func.sum(calls.c.over_bound), 0),
+            func.coalesce(func.sum(calls.c.cached), 0), func.coalesce(func.sum(calls.c.saved_nusd), 0))
 
 
 def latency_bucket_sql() -> ColumnElement[Any]:
@@ -308,3 +318,16 @@ def m006_drop_unread_call_indexes(conn: Connection) -> None:
     each call's write no longer maintains them."""
     conn.exec_driver_sql("DROP INDEX ix_calls_day")
     conn.exec_driver_sql("DROP INDEX ix_calls_offering_created")
+
+
+@migration
+def m007_image_store_and_cache(conn: Connection) -> None:
+    """Each call says where its images are stored, whether it was answered from the cache (and what the
+    call it repeats cost), the key a later identical request finds it by, and how many of its images
+    carry C2PA content credentials; the rollups count cache hits and what they saved."""
+    for column, kind in (("cached", "INTEGER NOT NULL DEFAULT 0"), ("saved_nusd", "BIGINT"),
+                         ("cache_key", "VARCHAR(64)"), ("store_url", "TEXT"), ("c2pa", "INTEGER NOT NULL DEFAULT 0")):
+        conn.exec_driver_sql(f"ALTER TABLE calls ADD COLUMN {column} {kind}")
+    conn.exec_driver_sql("CREATE INDEX ix_calls_cache_key ON calls (cache_key)")
+    for column in ("cache_hits", "saved_nusd"):
+        conn.exec_driver_sql(f"ALTER TABLE call_rollups ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0")

@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from ...errors import BudgetExceeded, ConfigError, LedgerError, LedgerUnavailable, MissingExtra
+from .lookups import Lookups
 from .schema import (
     MIGRATIONS,
     budget_counters,
@@ -101,7 +102,7 @@ def _retried(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-class Ledger:
+class Ledger(Lookups):
     """Durable record of calls, attempts, costs and budget reservations."""
 
     def __init__(self, url: str | None = None, *, read_only: bool = False) -> None:
@@ -404,24 +405,6 @@ class Ledger:
         """Recompute the report's per-day rollups from the call rows (after editing rows by hand)."""
         with self.engine.begin() as conn:
             fill_rollups(conn)
-
-    @_retried
-    def served(self, idempotency_key: str, since: float) -> tuple[str, float, list[str]] | None:
-        """The latest call since `since` that succeeded under this key: request id, time, image SHA-256s."""
-        with self.engine.connect() as conn:
-            row = conn.execute(select(calls.c.request_id, calls.c.created_at, calls.c.image_sha256s)
-                               .where(calls.c.idempotency_key == idempotency_key, calls.c.status == "ok",
-                                      calls.c.created_at >= since)
-                               .order_by(calls.c.created_at.desc()).limit(1)).first()
-        return None if row is None else (row.request_id, row.created_at, json.loads(row.image_sha256s or "[]"))
-
-    @_retried
-    def recent_latencies(self, since: float, limit: int = 20_000) -> list[tuple[str, float]]:
-        with self.engine.connect() as conn:
-            q = (select(calls.c.offering, calls.c.latency_s)
-                 .where(calls.c.status == "ok", calls.c.created_at >= since)
-                 .order_by(calls.c.created_at.desc()).limit(limit))
-            return [(o, float(lat)) for o, lat in conn.execute(q)]
 
     def close(self) -> None:
         self.writer.close()

@@ -96,7 +96,8 @@ class CallSQL:
         out: Statements = [(self.add_call_rollup, [[*keys, row["status"], 1, row["images"] or 0,
                                                     0 if ok else 1, cost or 0,
                                                     1 if ok and cost is None else 0,
-                                                    row.get("adapter_errors") or 0, row.get("over_bound") or 0]])]
+                                                    row.get("adapter_errors") or 0, row.get("over_bound") or 0,
+                                                    row.get("cached") or 0, row.get("saved_nusd") or 0]])]
         if ok and row["latency_s"] is not None:
             out.append((self.add_latency_rollup, [[*keys, latency_bucket(row["latency_s"]), 1]]))
         return out

@@ -22,6 +22,9 @@ Hostile steps, for fakes whose images come from `FakeServer.images` (all but Ope
     many       success with 50 images, whatever n was asked (where one answer carries every image:
                Together, Google, fakehttp; the others fetch one URL per image asked)
 
+OpenAI's fake also takes `c2pa`: success with images that carry a C2PA manifest store (a PNG caBX
+chunk, a JPEG APP11 segment), as OpenAI's own do.
+
     with FAKES["bfl"](script=["429", "ok"]) as server:   # server.url, server.requests
         ...
 """

@@ -6,7 +6,7 @@ import base64
 import json
 from typing import Any
 
-from ..images import make_image
+from ..images import make_image, with_c2pa
 from .base import FakeServer, Reply
 
 # image-output tokens reported per quality; with `auto` the fake picks between medium and high, as the real
@@ -41,6 +41,8 @@ class FakeOpenAI(FakeServer):
         n = body.get("n", 1)
         images = [] if step == "empty" else [b"not an image"] * n if step == "broken" else [
             make_image(w, h, seed=i, fmt=fmt) for i in range(n)]
+        if step == "c2pa":   # as OpenAI signs its images: content credentials in the file
+            images = [with_c2pa(b) for b in images]
         quality = body.get("quality", "auto")  # the real default
         out_tokens = TOKENS.get(quality, 1756) * len(images)
         prompt_tokens = max(1, len(body["prompt"]) // 4)

@@ -1,0 +1,126 @@
+"""The deterministic cache: a repeat of a seeded request to an offering the catalog marks deterministic
+(local models, ComfyUI) is answered from the image store at $0, recorded as a call with `cached` set and
+what the call it repeats cost, and never counted against a budget.
+
+Its key is everything that changes the pixels: the offering, its model (source, version, workflow) and the
+weights' files as they are on disk (name, size, mtime), every request field that reaches the model, and
+each LoRA file's contents. A new adapter file, new weights or another workflow is a miss."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..policies.schema import Policy
+from ..providers.offering import Offering
+from ..types import Cost, GeneratedImage, ImageRequest, ImageResult, Plan
+from .images import ImageStore
+from .ledger.lookups import ServedCall
+from .ledger.schema import from_nusd
+from .ledger.store import Ledger
+from .validate import describe
+
+PIXEL_FIELDS = ("prompt", "negative_prompt", "width", "height", "aspect_ratio", "resolution", "n", "seed",
+                "steps", "guidance_scale", "scheduler", "quality", "output_format", "background")
+MODEL_SETTINGS = ("source", "version", "family", "dtype", "variant", "steps", "guidance_scale", "scheduler",
+                  "workflow", "bindings")
+MAX_FINGERPRINT_FILES = 2_000
+
+
+@lru_cache(maxsize=256)
+def _tree_fingerprint(path: str, stamp: float) -> str:
+    """A folder's or file's names, sizes and modification times (not its bytes: weights are gigabytes)."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())[:MAX_FINGERPRINT_FILES]
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.relative_to(root) if f != root else f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _fingerprint(ref: object) -> str | None:
+    """What a path-like setting or adapter names, as it is on disk now; None for a name that is not a path."""
+    if not isinstance(ref, str):
+        return None
+    path = Path(ref.removeprefix("builtin:")).expanduser()
+    if ref.startswith("builtin:"):
+        path = Path(__file__).resolve().parents[1] / "local_backend" / "models" / ref.removeprefix("builtin:")
+    if not path.exists():
+        return None
+    return _tree_fingerprint(str(path), path.stat().st_mtime)
+
+
+def _adapter_digest(ref: str) -> str | None:
+    path = Path(ref).expanduser()
+    if path.is_file():   # a LoRA file is small enough to hash whole: a retrained one is a miss
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return _fingerprint(ref)
+
+
+def cache_key(request: ImageRequest, offering: Offering, policy: Policy) -> str | None:
+    """The key a request is answered from the cache by, or None when it cannot be: the cache is off, no
+    seed was given, the offering is not deterministic or not one the policy's cache covers."""
+    cfg = policy.cache
+    if not cfg.enabled or request.seed is None or not offering.deterministic:
+        return None
+    if cfg.offerings and not any(fnmatch.fnmatchcase(offering.id, p) for p in cfg.offerings):
+        return None
+    settings = {k: offering.settings.get(k) for k in MODEL_SETTINGS if offering.settings.get(k) is not None}
+    settings.update({k: v for k, v in policy.provider(offering.provider).options.items() if k in MODEL_SETTINGS})
+    files = {k: _fingerprint(v) for k, v in settings.items()}
+    canonical: dict[str, Any] = {
+        "offering": offering.id, "model": settings, "files": files,
+        "request": {f: getattr(request, f) for f in PIXEL_FIELDS},
+        "adapters": [(a.ref, a.scale, _adapter_digest(a.ref)) for a in request.adapters],
+    }
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def lookup(ledger: Ledger, store: ImageStore, key: str, since: float
+           ) -> tuple[str, tuple[GeneratedImage, ...], Cost, int] | None:
+    """The call a key was first served by, since `since`: its request id, its images read back from the
+    store (every one, or None), a $0 `cached` cost naming it, and what it cost (nano-USD)."""
+    found = ledger.cache_entry(key, since)
+    if found is None:
+        return None
+    request_id, hashes, seed, cost_nusd, unit = found
+    images = []
+    for i, sha in enumerate(hashes):
+        data = store.get(sha)
+        if data is None:
+            return None
+        fmt, width, height, c2pa = describe(data)
+        images.append(GeneratedImage(data=data, format=fmt, width=width, height=height,  # type: ignore[arg-type]
+                                     seed=None if seed is None else seed + i, c2pa=c2pa))
+    paid = from_nusd(cost_nusd) if cost_nusd is not None else None
+    detail = (f"answered from the cache: the same request was served by call {request_id}"
+              + (f" for ${paid}" if paid is not None else ""))
+    cost = Cost(usd=Decimal(0), status="cached", unit=unit or "cached", units={"cached_from": request_id},
+                detail=detail)
+    return request_id, tuple(images), cost, cost_nusd or 0
+
+
+def replay(store: ImageStore, served: ServedCall, plan: Plan) -> ImageResult | None:
+    """The images an idempotency key was already served with, read back from the store (same request id,
+    same bytes), or None when the store does not have every one of them."""
+    images = []
+    for i, sha in enumerate(served.image_sha256s):
+        data = store.get(sha)
+        if data is None:
+            return None
+        fmt, width, height, c2pa = describe(data)
+        images.append(GeneratedImage(data=data, format=fmt, width=width, height=height,  # type: ignore[arg-type]
+                                     seed=None if served.seed is None else served.seed + i, c2pa=c2pa))
+    usd = from_nusd(served.cost_nusd) if served.cost_nusd is not None else None
+    status = served.cost_status or ("unpriced" if usd is None else "priced")
+    cost = Cost(usd=usd, status=status, unit=served.cost_unit or "", units={"replayed_from": served.request_id},  # type: ignore[arg-type]
+                detail=f"replayed: the images call {served.request_id} paid for once")
+    return ImageResult(request_id=served.request_id, images=tuple(images), offering=served.offering, cost=cost,
+                       latency_s=served.latency_s or 0.0, plan=plan, attempts=(),
+                       applied={"offering": served.offering, "replayed_from": served.request_id})

@@ -1,0 +1,67 @@
+"""What the broker reads back from the ledger about earlier calls: the call an idempotency key was served
+by (for a replay), the call a cache key was first served by, and recent latencies for the planner."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from .schema import calls
+
+
+@dataclass(frozen=True)
+class ServedCall:
+    """An earlier call that succeeded, as its row has it."""
+
+    request_id: str
+    created_at: float
+    offering: str
+    image_sha256s: list[str]
+    seed: int | None
+    cost_nusd: int | None
+    cost_status: str | None
+    cost_unit: str | None
+    latency_s: float | None
+
+
+class Lookups:
+    engine: Engine
+
+    def served(self, idempotency_key: str, since: float) -> ServedCall | None:
+        """The latest call since `since` that succeeded under this key."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(calls).where(calls.c.idempotency_key == idempotency_key,
+                                                   calls.c.status == "ok", calls.c.created_at >= since)
+                               .order_by(calls.c.created_at.desc()).limit(1)).first()
+        return None if row is None else _served(row)
+
+    def cache_entry(self, cache_key: str, since: float) -> tuple[str, list[str], int | None, int | None,
+                                                                  str | None] | None:
+        """The latest call since `since` that paid for this cache key (not itself a cache hit): request id,
+        image SHA-256s, seed, cost (nano-USD) and cost unit."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(calls.c.request_id, calls.c.image_sha256s, calls.c.seed, calls.c.cost_nusd,
+                                      calls.c.cost_unit)
+                               .where(calls.c.cache_key == cache_key, calls.c.status == "ok", calls.c.cached == 0,
+                                      calls.c.created_at >= since)
+                               .order_by(calls.c.created_at.desc()).limit(1)).first()
+        if row is None:
+            return None
+        return row.request_id, json.loads(row.image_sha256s or "[]"), row.seed, row.cost_nusd, row.cost_unit
+
+    def recent_latencies(self, since: float, limit: int = 20_000) -> list[tuple[str, float]]:
+        with self.engine.connect() as conn:
+            q = (select(calls.c.offering, calls.c.latency_s)
+                 .where(calls.c.status == "ok", calls.c.created_at >= since)
+                 .order_by(calls.c.created_at.desc()).limit(limit))
+            return [(o, float(lat)) for o, lat in conn.execute(q)]
+
+
+def _served(row: Any) -> ServedCall:
+    return ServedCall(request_id=row.request_id, created_at=row.created_at, offering=row.offering,
+                      image_sha256s=json.loads(row.image_sha256s or "[]"), seed=row.seed, cost_nusd=row.cost_nusd,
+                      cost_status=row.cost_status, cost_unit=row.cost_unit, latency_s=row.latency_s)
