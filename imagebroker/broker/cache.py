@@ -12,7 +12,6 @@ import fnmatch
 import hashlib
 import json
 from decimal import Decimal
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,10 @@ MODEL_SETTINGS = ("source", "version", "family", "dtype", "variant", "steps", "g
 MAX_FINGERPRINT_FILES = 2_000
 
 
-@lru_cache(maxsize=256)
-def _tree_fingerprint(path: str, stamp: float) -> str:
-    """A folder's or file's names, sizes and modification times (not its bytes: weights are gigabytes)."""
+def _tree_fingerprint(path: str) -> str:
+    """A folder's or file's names, sizes and modification times (not its bytes: weights are gigabytes).
+    Read on every keyed call, not memoised: weights replaced inside a folder leave the folder's own
+    time as it was."""
     root = Path(path)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())[:MAX_FINGERPRINT_FILES]
     digest = hashlib.sha256()
@@ -53,7 +53,7 @@ def _fingerprint(ref: object) -> str | None:
         path = Path(__file__).resolve().parents[1] / "local_backend" / "models" / ref.removeprefix("builtin:")
     if not path.exists():
         return None
-    return _tree_fingerprint(str(path), path.stat().st_mtime)
+    return _tree_fingerprint(str(path))
 
 
 def _adapter_digest(ref: str) -> str | None:
