@@ -34,7 +34,7 @@ EXPECTED_SCHEMA = {
         "prompt": "TEXT", "image_sha256s": "TEXT", "tags_json": "TEXT", "error_type": "VARCHAR(64)",
         "error": "TEXT", "idempotency_key": "VARCHAR(200)", "adapter_errors": "INTEGER",
         "over_bound": "INTEGER", "cached": "INTEGER", "saved_nusd": "BIGINT", "cache_key": "VARCHAR(64)",
-        "store_url": "TEXT", "c2pa": "INTEGER"},
+        "store_url": "TEXT", "c2pa": "INTEGER", "request_json": "TEXT"},
     "attempts": {
         "id": "INTEGER", "request_id": "VARCHAR(40)", "number": "INTEGER", "offering": "VARCHAR(200)",
         "provider": "VARCHAR(64)", "started_at": "FLOAT", "latency_s": "FLOAT", "status": "VARCHAR(16)",

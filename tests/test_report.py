@@ -128,7 +128,8 @@ def test_a_ledger_from_before_the_rollups_is_backfilled_when_opened(tmp_path, le
             conn.execute(insert(migrations_table).values(name=name, applied_at=0))
         old = [c.name for c in calls.columns
                if c.name not in ("idempotency_key", "adapter_errors", "over_bound",   # added by m004, m005
-                                 "cached", "saved_nusd", "cache_key", "store_url", "c2pa")]   # and m007
+                                 "cached", "saved_nusd", "cache_key", "store_url", "c2pa",   # and m007
+                                 "request_json")]   # and m008
         conn.execute(insert(calls), [{c: r[c] for c in old} for r in rows])
     engine.dispose()
     ledger = Ledger(ledger_url)

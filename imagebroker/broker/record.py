@@ -26,6 +26,19 @@ from ..types import Attempt, Cost, GeneratedImage, ImageRequest, ImageResult, Pl
 from .ledger.schema import to_nusd
 from .ledger.store import Ledger
 
+PLANNED = ("width", "height", "aspect_ratio", "resolution", "n", "steps", "guidance_scale", "scheduler", "quality",
+           "output_format", "background", "model", "max_cost_usd", "max_latency_s")
+
+
+def planning_fields(request: ImageRequest) -> str:
+    """The request as the planner reads it, for a what-if replay: every field it plans by, the prompt's
+    length (per-token prices) and whether there was a negative prompt and a seed, never their text."""
+    fields: dict[str, Any] = {f: getattr(request, f) for f in PLANNED if getattr(request, f) is not None}
+    fields.update(prompt_chars=len(request.prompt), negative_prompt=bool(request.negative_prompt),
+                  seeded=request.seed is not None,
+                  adapters=[{"ref": a.ref, "scale": a.scale} for a in request.adapters])
+    return json.dumps(fields, default=str, sort_keys=True)
+
 
 @dataclass(frozen=True)
 class Served:
@@ -158,6 +171,7 @@ class CallLog:
             "cached": int(self.saved_nusd is not None), "saved_nusd": self.saved_nusd,
             "cache_key": self.cache_key if status == "ok" else None, "store_url": self.store_url,
             "c2pa": sum(i.c2pa for i in images),
+            "request_json": planning_fields(req),
         }
 
     def rows(self, status: str, error: BaseException | None, served: Served | None = None

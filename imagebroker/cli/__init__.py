@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ..logs import enable_cli_logging
+from .analysis import breakeven, report, whatif
 from .costs import costs, ledger_app
 from .generate import generate
 from .output import err_console, print_json, unlimited_when_piped
@@ -50,6 +51,9 @@ app.command()(generate)
 app.command()(route)
 app.command()(providers)
 app.command()(costs)
+app.command()(whatif)
+app.command()(breakeven)
+app.command()(report)
 app.add_typer(policy_app, name="policy")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(store_app, name="store")

@@ -193,6 +193,7 @@ for _column in (Column("cached", Integer, nullable=False, server_default="0"),  
                 Column("store_url", Text),                 # where its images are (the image store), if stored
                 Column("c2pa", Integer, nullable=False, server_default="0")):   # images with content credentials
     TABLES["calls"].append_column(_column)
+TABLES["calls"].append_column(Column("request_json", Text))   # m008: what the planner read (never the prompt)
 TABLES["call_rollups"].append_column(Column("cache_hits", BigInteger, nullable=False, server_default="0"))
 TABLES["call_rollups"].append_column(Column("saved_nusd", BigInteger, nullable=False, server_default="0"))
 calls, attempts, call_tags = TABLES["calls"], TABLES["attempts"], TABLES["call_tags"]
@@ -331,3 +332,10 @@ def m007_image_store_and_cache(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX ix_calls_cache_key ON calls (cache_key)")
     for column in ("cache_hits", "saved_nusd"):
         conn.exec_driver_sql(f"ALTER TABLE call_rollups ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0")
+
+
+@migration
+def m008_planning_fields(conn: Connection) -> None:
+    """Each call keeps the request fields the planner reads (size, n, quality, steps, adapters by reference and
+    hash, the prompt's length but never its text), so that `imagebroker whatif` can plan it again."""
+    conn.exec_driver_sql("ALTER TABLE calls ADD COLUMN request_json TEXT")
