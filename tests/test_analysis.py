@@ -111,6 +111,13 @@ def test_breakeven_from_the_cli_with_a_catalog_price_and_the_ledgers_volume():
     assert Decimal(d["hosted_usd_per_image"]) == hosted.usd and d["monthly_images"] == 7
     assert d["breakeven_images_per_month"] == -(-Decimal("1963.7") // hosted.usd)
     assert "the hosted API is cheaper" in d["verdict"]
+    named = CliRunner().invoke(app, ["breakeven", "--gpu", "h100-runpod", "--price-per-image", "0.025",
+                                     "--seconds-per-image", "7.1", "--utilisation", "1", "--json"])
+    # the research's own figure: one H100 at $2.69/h against $0.025/image breaks even near 78.5k a month
+    assert json.loads(named.stdout)["breakeven_images_per_month"] == 78_548
+    unknown = CliRunner().invoke(app, ["breakeven", "--gpu", "tpu-v9", "--price-per-image", "0.02",
+                                       "--seconds-per-image", "3"])
+    assert unknown.exit_code == 2 and "known: a100-modal" in unknown.output
     bad = CliRunner().invoke(app, ["breakeven", "--gpu-usd-per-hour", "2.69", "--price-per-image", "abc",
                                    "--seconds-per-image", "3"])
     assert bad.exit_code == 2 and "--price-per-image 'abc' is not a number" in bad.output

@@ -106,5 +106,22 @@ class BreakEven:
                 "monthly_images": self.monthly_images, "verdict": self.verdict(), "arithmetic": self.arithmetic()}
 
 
+def gpu_prices() -> dict[str, dict[str, Any]]:
+    """The GPU hours `breakeven --gpu NAME` knows (broker/data/gpus.yaml, from the research)."""
+    from importlib import resources
+
+    import yaml
+
+    text = (resources.files("imagebroker.broker") / "data" / "gpus.yaml").read_text(encoding="utf-8")
+    return dict(yaml.safe_load(text)["gpus"])
+
+
+def gpu_usd_per_hour(name: str) -> Decimal:
+    known = gpu_prices()
+    if name not in known:
+        raise RequestError(f"--gpu {name!r}: not a GPU price imagebroker knows; known: {', '.join(sorted(known))}")
+    return Decimal(str(known[name]["usd_per_hour"]))
+
+
 def _q(usd: Decimal) -> Decimal:
     return usd.quantize(CENT, rounding=ROUND_HALF_EVEN)

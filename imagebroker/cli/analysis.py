@@ -77,7 +77,7 @@ def whatif(
                              "replayed with their size, n and seed only", "dim"))
 
 
-def breakeven_from(price_per_image: str | None, offering: str | None, size: str | None, gpu_usd_per_hour: str,
+def breakeven_from(price_per_image: str | None, offering: str | None, size: str | None, gpu_usd_per_hour: str | None,
                    seconds_per_image: str | None, measured: str | None, utilisation: float,
                    fixed_usd_per_month: str, ledger: str | None) -> Any:
     """A BreakEven from the command's options (shared by `breakeven` and `report`)."""
@@ -114,15 +114,20 @@ def breakeven_from(price_per_image: str | None, offering: str | None, size: str 
             seconds = Decimal(str(round(statistics.median(lat / max(1, n) for lat, n in latencies), 3)))
         monthly = conn.execute(select(func.coalesce(func.sum(calls.c.images), 0)).where(
             calls.c.status == "ok", calls.c.created_at >= time.time() - MONTH_S)).scalar()
-    return BreakEven(hosted_usd_per_image=hosted, gpu_usd_per_hour=_decimal("--gpu-usd-per-hour", gpu_usd_per_hour)
-                     or Decimal(0), seconds_per_image=seconds, utilisation=Decimal(str(utilisation)),
+    if gpu_usd_per_hour is None:
+        fail("give --gpu-usd-per-hour USD or --gpu NAME (see `imagebroker breakeven --help`)")
+    rate = _decimal("--gpu-usd-per-hour", gpu_usd_per_hour) or Decimal(0)
+    return BreakEven(hosted_usd_per_image=hosted, gpu_usd_per_hour=rate, seconds_per_image=seconds,
+                     utilisation=Decimal(str(utilisation)),
                      fixed_usd_per_month=_decimal("--fixed-usd-per-month", fixed_usd_per_month) or Decimal(0),
                      monthly_images=int(monthly or 0))
 
 
 @handle_errors
 def breakeven(
-    gpu_usd_per_hour: Annotated[str, typer.Option(help="What an hour of the GPU costs you.")],
+    gpu_usd_per_hour: Annotated[str | None, typer.Option(help="What an hour of the GPU costs you.")] = None,
+    gpu: Annotated[str | None, typer.Option(help="Or a GPU price from the research: h100-runpod, "
+                                            "a100-modal, l40s-runpod, rtx4090-runpod, ...")] = None,
     price_per_image: Annotated[str | None, typer.Option(help="The hosted price per image, USD.")] = None,
     offering: Annotated[str | None, typer.Option(help="Or a hosted offering: its catalog price.")] = None,
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT for --offering's price.")] = None,
@@ -133,6 +138,10 @@ def breakeven(
     ledger: LedgerOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """At what monthly volume a GPU of your own beats a hosted price, with the arithmetic shown."""
+    from ..broker.economics import gpu_usd_per_hour as known_rate
+
+    if gpu is not None:
+        gpu_usd_per_hour = str(known_rate(gpu))
     result = breakeven_from(price_per_image, offering, size, gpu_usd_per_hour, seconds_per_image, measured,
                             utilisation, fixed_usd_per_month, ledger)
     if json_out:
