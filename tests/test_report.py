@@ -58,7 +58,7 @@ def by_hand(rows: list[dict], by: str, since: float | None, until: float | None)
         g["over_bound"] += r["over_bound"]
         g["cache_hits"] += r["cached"]
         g["saved"] += r["saved_nusd"] or 0
-        if ok:
+        if ok and not r["cached"]:   # a cache hit's milliseconds say nothing of the offering's speed
             g["lat"].append(r["latency_s"])
     return groups
 

@@ -154,6 +154,15 @@ def test_a_key_served_by_another_process_replays_its_stored_images(tmp_path):
     assert again.applied["replayed_from"] == first["request_id"]
 
 
+def test_a_key_served_elsewhere_for_another_request_is_an_error_not_its_images(tmp_path):
+    from imagebroker.errors import RequestError
+
+    with Broker(cached_policy(), store=str(tmp_path / "s")) as b:
+        b.generate("a cat", idempotency_key="k1")
+    with Broker(cached_policy(), store=str(tmp_path / "s")) as b, pytest.raises(RequestError, match="different"):
+        b.generate("a completely different dog", idempotency_key="k1")
+
+
 def test_without_the_images_in_the_store_a_replay_is_refused_not_paid_again(tmp_path):
     from imagebroker.errors import DuplicateRequest
 
@@ -216,3 +225,34 @@ def test_c2pa_is_found_in_a_jpeg_app11_segment():
 
     assert describe(with_c2pa(make_image(64, 64, fmt="jpeg")))[3] is True
     assert describe(make_image(64, 64, fmt="jpeg"))[3] is False
+
+
+def test_storing_an_image_again_restarts_its_retention(tmp_path):
+    store = ImageStore(str(tmp_path))
+    sha = store.put(make_image(64, 64, seed=5))
+    old = time.time() - 100 * 86_400
+    os.utime(store.location(sha), (old, old))
+    store.put(make_image(64, 64, seed=5))   # paid for again (after the cache's TTL, say)
+    assert store.gc(keep_days=90) == [] and store.has(sha)
+
+
+def test_a_store_url_never_shows_its_password():
+    from imagebroker.errors import ConfigError
+
+    try:
+        store = ImageStore("sftp://bob:hunter2@127.0.0.1/images")
+    except ConfigError as exc:   # no sftp driver installed here
+        assert "hunter2" not in str(exc) and "bob:***@" in str(exc)
+    else:
+        assert "hunter2" not in store.shown_url and "hunter2" not in repr(store)
+
+
+def test_a_prompt_a_provider_echoes_stays_out_of_the_provenance():
+    from imagebroker.broker.provenance import record
+
+    with Broker(cached_policy()) as b:
+        result = b.generate("my secret product launch")
+    echoed = result.model_copy(update={"applied": {**result.applied, "prompt": "my secret product launch"}})
+    meta = record(echoed, ImageRequest(prompt="my secret product launch"), 0, store_prompt=False)
+    assert "my secret" not in json.dumps(meta)
+    assert record(echoed, ImageRequest(prompt="my secret product launch"), 0, store_prompt=True)["prompt"]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -44,22 +46,47 @@ def _tree_fingerprint(path: str) -> str:
     return digest.hexdigest()
 
 
+def _hub_revision(repo: str) -> str | None:
+    """The revision of a Hugging Face repo in the local cache (what `refs/main` points at), if downloaded."""
+    home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+    cache = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
+    ref = cache / f"models--{repo.replace('/', '--')}" / "refs" / "main"
+    try:
+        return "rev:" + ref.read_text().strip()
+    except OSError:
+        return None
+
+
 def _fingerprint(ref: object) -> str | None:
-    """What a path-like setting or adapter names, as it is on disk now; None for a name that is not a path."""
+    """What a model source or a workflow names, as it is now: a file or folder by its files' names, sizes
+    and times, a Hub id by its cached revision, a built-in model by its folder."""
     if not isinstance(ref, str):
         return None
-    path = Path(ref.removeprefix("builtin:")).expanduser()
     if ref.startswith("builtin:"):
         path = Path(__file__).resolve().parents[1] / "local_backend" / "models" / ref.removeprefix("builtin:")
-    if not path.exists():
-        return None
-    return _tree_fingerprint(str(path))
+    else:
+        path = Path(ref).expanduser()
+    if path.exists():
+        return _tree_fingerprint(str(path.resolve()))
+    return _hub_revision(ref) if ref.count("/") == 1 else None
+
+
+@lru_cache(maxsize=512)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _adapter_digest(ref: str) -> str | None:
+    """A LoRA file by its contents (a retrained one is a miss; hashed once per size and time), a folder or
+    Hub id as `_fingerprint` has it."""
     path = Path(ref).expanduser()
-    if path.is_file():   # a LoRA file is small enough to hash whole: a retrained one is a miss
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.is_file():
+        st = path.stat()
+        return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
     return _fingerprint(ref)
 
 
@@ -71,12 +98,13 @@ def cache_key(request: ImageRequest, offering: Offering, policy: Policy) -> str 
         return None
     if cfg.offerings and not any(fnmatch.fnmatchcase(offering.id, p) for p in cfg.offerings):
         return None
+    provider = policy.provider(offering.provider)
     settings = {k: offering.settings.get(k) for k in MODEL_SETTINGS if offering.settings.get(k) is not None}
-    settings.update({k: v for k, v in policy.provider(offering.provider).options.items() if k in MODEL_SETTINGS})
-    files = {k: _fingerprint(v) for k, v in settings.items()}
+    settings.update({k: v for k, v in provider.options.items() if k in MODEL_SETTINGS})
     canonical: dict[str, Any] = {
-        "offering": offering.id, "model": settings, "files": files,
-        "request": {f: getattr(request, f) for f in PIXEL_FIELDS},
+        "offering": offering.id, "model": settings, "endpoint": provider.base_url,
+        "files": {k: _fingerprint(settings[k]) for k in ("source", "workflow") if k in settings},
+        "request": {f: getattr(request, f) for f in PIXEL_FIELDS}, "extra": request.extra,
         "adapters": [(a.ref, a.scale, _adapter_digest(a.ref)) for a in request.adapters],
     }
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()

@@ -29,6 +29,7 @@ from .budgets import period_key
 from .cache import replay
 from .execution import CallView, RetryRules, execute
 from .images import STORE_ENV, ImageStore
+from .ledger.lookups import ServedCall
 from .ledger.store import Ledger
 
 LATENCY_MIN_SAMPLES = 20
@@ -52,6 +53,12 @@ def _percentile(values: list[float], q: float) -> float:
     lo = int(k)
     hi = min(lo + 1, len(values) - 1)
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def _differs(served: ServedCall, req: ImageRequest) -> bool:
+    """Whether the call a key was served by stands for another request than `req` (what its row keeps)."""
+    return (served.prompt_sha256 != req.prompt_sha256() or served.n != req.n or served.seed != req.seed
+            or (req.width is not None and (served.width, served.height) != (req.width, req.height)))
 
 
 def _store(store: bool | str | ImageStore | None, policy: Policy) -> ImageStore | None:
@@ -258,6 +265,9 @@ class AsyncBroker:
         if known is None:
             served = self.ledger.served(key, time.time() - IDEMPOTENCY_TTL_S)
             if served is not None:
+                if _differs(served, req):
+                    raise RequestError(f"idempotency_key {key!r} was used for a different request (call "
+                                       f"{served.request_id}); a key stands for one request")
                 replayed = replay(self.store, served, self._plan(req)) if self.store is not None else None
                 if replayed is not None:   # the same request id and bytes, from the image store
                     return replayed

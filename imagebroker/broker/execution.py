@@ -185,10 +185,10 @@ async def _from_cache(view: CallView, log: CallLog) -> ImageResult | None:
         return None
     cand = log.plan.candidates[0]
     offering = view.catalog.offerings[cand.offering]
-    log.cache_key = cache_key(log.request, offering, view.policy)
-    if log.cache_key is None:
-        return None
     try:
+        log.cache_key = cache_key(log.request, offering, view.policy)
+        if log.cache_key is None:
+            return None
         found = lookup(view.ledger, view.store, log.cache_key, time.time() - view.policy.cache.ttl_days * DAY_S)
     except Exception as exc:  # a cache that cannot be read is a miss, never a failed call
         logger.warning("call %s: the cache could not be read (%s): generating", log.request_id, type(exc).__name__)
@@ -196,7 +196,7 @@ async def _from_cache(view: CallView, log: CallLog) -> ImageResult | None:
     if found is None:
         return None
     first, images, cost, saved = found
-    log.saved_nusd, log.store_url = saved, view.store.url
+    log.saved_nusd, log.store_url = saved, view.store.shown_url
     logger.info("call %s answered from the cache (call %s)", log.request_id, first)
     served = Served(offering, images, cost, cand.estimated_cost, cand.bound_usd)
     done = ImageResult(request_id=log.request_id, images=images, offering=offering.id, cost=cost,
@@ -216,11 +216,16 @@ def _keep(view: CallView, log: CallLog, served: Served) -> None:
         for image in served.images:
             view.store.put(image.data)
     except Exception as exc:
-        logger.warning("call %s: images not stored in %s: %s", log.request_id, view.store.url, exc)
+        logger.warning("call %s: images not stored in %s: %s", log.request_id, view.store.shown_url,
+                       log.redact(str(exc)))
         return
-    log.store_url = view.store.url
+    log.store_url = view.store.shown_url
     if log.cache_key is None or served.offering.id != log.plan.candidates[0].offering:
-        log.cache_key = cache_key(log.request, served.offering, view.policy)
+        try:
+            log.cache_key = cache_key(log.request, served.offering, view.policy)
+        except OSError as exc:   # an adapter file gone since: this call is not findable, nothing else
+            logger.warning("call %s: no cache key (%s)", log.request_id, exc)
+            log.cache_key = None
 
 
 async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult:
@@ -274,9 +279,13 @@ async def _candidate(view: CallView, log: CallLog, rules: RetryRules, cand: Cand
     unknown_before = len(log.maybe_billed)
     try:
         outcome = await _attempts(view, log, rules, cand, offering, progress)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError:   # what a cancelled call may have been billed stays counted
         if reservation:
-            _ledger_step(log, "release the budget of", view.ledger.release, reservation)
+            spent = [c.usd for c in log.maybe_billed[unknown_before:] if c.usd is not None]
+            if spent:
+                _ledger_step(log, "settle the budget of", view.ledger.settle, reservation, sum(spent, Decimal(0)))
+            else:
+                _ledger_step(log, "release the budget of", view.ledger.release, reservation)
         raise
     if reservation:  # what was paid, and what unknown outcomes may have cost (at their estimate)
         spent = [c.usd for c in log.maybe_billed[unknown_before:]]
@@ -331,6 +340,7 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
     log.announce(offering)
     started, t0 = datetime.now(UTC), time.perf_counter()
     where = {"provider": offering.provider, "offering": offering.id}
+    result: ProviderResult | None = None
     try:
         async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per attempt
             result = await provider.generate(log.request, offering, ctx)
@@ -340,8 +350,16 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
     except TimeoutError:
         kind = OutcomeUnknown if submitted[0] else ProviderUnavailable  # sent: it may be running, and billed
         error = kind(f"timed out after {timeout:g} s", **where)
-    except asyncio.CancelledError:
-        log.attempt(offering, started, t0, error=asyncio.CancelledError("cancelled by the caller"))
+    except asyncio.CancelledError:  # the caller gave up (Ctrl-C, a timeout of the whole call)
+        paid = None
+        if result is not None:   # the provider answered: it billed, whatever happens to the images now
+            paid = settle_checked(result.usage, offering, log.request, cand.bound_usd)
+        elif submitted[0]:       # sent: it may be running, and billed
+            paid = cand.estimated_cost.model_copy(update={
+                "detail": f"cancelled after it was sent, may have been billed: {cand.estimated_cost.detail}"})
+        log.attempt(offering, started, t0, error=asyncio.CancelledError("cancelled by the caller"), cost=paid)
+        if paid is not None:
+            log.maybe_billed.append(paid)
         raise
     except Exception as exc:  # the adapter did not translate it: a bug, not an outage
         logger.error("the %s adapter raised %s on %s (a bug: report it); falling back", offering.provider,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from ..logs import logger
 
 STORE_ENV = "IMAGEBROKER_STORE_URL"
 HEX = frozenset("0123456789abcdef")
+TIME_KEYS = ("mtime", "created", "LastModified", "last_modified", "updated", "timeCreated")
 
 
 def default_store_url() -> str:
@@ -52,12 +54,17 @@ class ImageStore:
             try:
                 self._fs, self.root = fsspec.core.url_to_fs(self.url)
             except (ValueError, ImportError) as exc:
-                raise ConfigError(f"store URL {self.url!r} is not usable: {exc}") from None
+                raise ConfigError(f"store URL {self.shown_url!r} is not usable: {type(exc).__name__}") from None
         else:
             self.root = self.url.removeprefix("file://")
 
     def __repr__(self) -> str:
-        return f"ImageStore({self.url!r})"
+        return f"ImageStore({self.shown_url!r})"
+
+    @property
+    def shown_url(self) -> str:
+        """The URL as it may be printed or recorded: without a password in it."""
+        return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", self.url)
 
     def location(self, sha: str) -> str:
         return f"{self.root.rstrip('/')}/{_checked(sha)[:2]}/{sha}"
@@ -72,7 +79,9 @@ class ImageStore:
                 self._fs.pipe_file(where, data)
             return sha
         path = Path(where)
-        if not path.exists():
+        if path.exists():   # stored again now: retention counts from this time
+            os.utime(path)
+        else:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")   # whole or absent, never half
             with os.fdopen(fd, "wb") as f:
@@ -102,7 +111,10 @@ class ImageStore:
             for where, info in self._fs.find(self.root, detail=True).items():
                 name = where.rsplit("/", 1)[-1]
                 if len(name) == 64 and HEX.issuperset(name):
-                    stamp = info.get("mtime") or info.get("created") or info.get("LastModified") or 0
+                    stamp = next((info[k] for k in TIME_KEYS if info.get(k)), None)
+                    if stamp is None:   # no time to judge it by: kept, never taken for old
+                        logger.warning("store object %s has no modification time: gc keeps it", where)
+                        continue
                     yield where, stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
             return
         root = Path(self.root)

@@ -22,12 +22,14 @@ def record(result: ImageResult, request: ImageRequest, index: int, *, store_prom
     """What is known of one image: the call, the offering, the prompt (or its hash), seed, what was applied
     and dropped, and the cost of the call it came from."""
     image = result.images[index]
+    applied = {k: v for k, v in result.applied.items()
+               if store_prompt or k not in ("prompt", "negative_prompt", "negative")}   # a provider may echo them
     return {"generator": "imagebroker", "request_id": result.request_id, "index": index,
             "offering": result.offering, "sha256": image.sha256, "format": image.format,
             "width": image.width, "height": image.height, "seed": image.seed,
             "prompt": request.prompt if store_prompt else None, "prompt_sha256": request.prompt_sha256(),
             "negative_prompt": request.negative_prompt if store_prompt else None,
-            "applied": result.applied, "dropped": list(result.dropped), "c2pa": image.c2pa,
+            "applied": applied, "dropped": list(result.dropped), "c2pa": image.c2pa,
             "c2pa_verification": c2pa_verification(image),
             "cost": {"usd": None if result.cost.usd is None else str(result.cost.usd),
                      "status": result.cost.status, "unit": result.cost.unit}}

@@ -152,7 +152,8 @@ def _from_rows(conn: Connection, by: str, tag: str | None, since: float | None, 
     sums = select(key, *call_sums()).select_from(source).where(*where).group_by(key)
     bucket = latency_bucket_sql()
     hist = (select(key, bucket, func.count()).select_from(source)
-            .where(*where, calls.c.status == "ok", calls.c.latency_s.is_not(None)).group_by(key, bucket))
+            .where(*where, calls.c.status == "ok", calls.c.cached == 0, calls.c.latency_s.is_not(None))
+            .group_by(key, bucket))
     return conn.execute(sums), conn.execute(hist)
 
 

@@ -111,7 +111,7 @@ def read_only_broker(policy: str | None, ledger: str | None) -> Any:
     from ..policies.loader import load_policy
 
     loaded = load_policy(policy)
-    return AsyncBroker(loaded, ledger=Ledger(ledger or loaded.ledger.url, read_only=True))
+    return AsyncBroker(loaded, ledger=Ledger(ledger or loaded.ledger.url, read_only=True), store=False)
 
 
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")

@@ -83,8 +83,15 @@ def save_paid(result: ImageResult, request: ImageRequest, out: Path, **how: Any)
         return write_images(result, request, out, **how)
     except OSError as exc:
         rescue = unsaved_dir()
-        rescue.mkdir(parents=True, exist_ok=True)
-        images = write_images(result, request, rescue, **how)
+        try:
+            rescue.mkdir(parents=True, exist_ok=True)
+            images = write_images(result, request, rescue, **how)
+        except OSError as again:
+            kept = "they are in the image store (`imagebroker store get SHA`)" if result.images else "none came"
+            err_console.print(styled(f"could not write the images into {out} ({exc.strerror}) nor {rescue} "
+                                     f"({again.strerror}); {kept}: "
+                                     f"{', '.join(i.sha256 for i in result.images)}", "red"))
+            raise typer.Exit(1) from None
         err_console.print(styled(f"could not write into {out} ({exc.strerror or type(exc).__name__}): the "
                                  f"images are in {rescue} instead", "yellow"))
         return images

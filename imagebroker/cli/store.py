@@ -27,7 +27,7 @@ def _store(policy: str | None) -> ImageStore:
 @handle_errors
 def path(policy: PolicyOpt = None) -> None:
     """Print where the store is (a folder, or an fsspec URL)."""
-    console.print(_store(policy).url, markup=False)
+    console.print(_store(policy).shown_url, markup=False)
 
 
 @app.command("get")
@@ -41,7 +41,10 @@ def get(sha256: Annotated[str, typer.Argument(help="The image's SHA-256 (as the 
         fail(f"no image {sha256} in the store")
     if out.exists():
         fail(f"--out {out}: already exists")
-    out.write_bytes(data)
+    try:
+        out.write_bytes(data)
+    except OSError as exc:
+        fail(f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__})")
     console.print(f"wrote {out} ({len(data)} bytes)", markup=False)
 
 

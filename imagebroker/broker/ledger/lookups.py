@@ -26,6 +26,10 @@ class ServedCall:
     cost_status: str | None
     cost_unit: str | None
     latency_s: float | None
+    prompt_sha256: str | None = None
+    n: int | None = None
+    width: int | None = None
+    height: int | None = None
 
 
 class Lookups:
@@ -56,7 +60,7 @@ class Lookups:
     def recent_latencies(self, since: float, limit: int = 20_000) -> list[tuple[str, float]]:
         with self.engine.connect() as conn:
             q = (select(calls.c.offering, calls.c.latency_s)
-                 .where(calls.c.status == "ok", calls.c.created_at >= since)
+                 .where(calls.c.status == "ok", calls.c.cached == 0, calls.c.created_at >= since)
                  .order_by(calls.c.created_at.desc()).limit(limit))
             return [(o, float(lat)) for o, lat in conn.execute(q)]
 
@@ -64,4 +68,5 @@ class Lookups:
 def _served(row: Any) -> ServedCall:
     return ServedCall(request_id=row.request_id, created_at=row.created_at, offering=row.offering,
                       image_sha256s=json.loads(row.image_sha256s or "[]"), seed=row.seed, cost_nusd=row.cost_nusd,
-                      cost_status=row.cost_status, cost_unit=row.cost_unit, latency_s=row.latency_s)
+                      cost_status=row.cost_status, cost_unit=row.cost_unit, latency_s=row.latency_s,
+                      prompt_sha256=row.prompt_sha256, n=row.n, width=row.width, height=row.height)

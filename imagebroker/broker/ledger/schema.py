@@ -260,7 +260,8 @@ def fill_rollups(conn: Connection) -> None:
     bucket = latency_bucket_sql()
     conn.execute(insert(latency_rollups).from_select(
         [*ROLLUP_KEYS, "bucket", "calls"],
-        select(*keys, bucket, func.count()).where(calls.c.status == "ok", calls.c.latency_s.is_not(None))
+        select(*keys, bucket, func.count()).where(calls.c.status == "ok", calls.c.cached == 0,
+                                                  calls.c.latency_s.is_not(None))
         .group_by(*keys, bucket)))
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import socket
 import threading
@@ -21,13 +20,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from platformdirs import user_data_dir
-from sqlalchemy import create_engine, event, insert, inspect, make_url, select, update
+from sqlalchemy import insert, inspect, make_url, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.pool import StaticPool
 
-from ...errors import BudgetExceeded, ConfigError, LedgerError, LedgerUnavailable, MissingExtra
-from .lookups import Lookups
+from ...errors import BudgetExceeded, LedgerError, LedgerUnavailable
+from .engine import LEDGER_ENV, make_engine
+from .lookups import Lookups, ServedCall
 from .schema import (
     MIGRATIONS,
     budget_counters,
@@ -41,7 +40,6 @@ from .schema import (
 from .upkeep import Checkpointer, renew_held
 from .writer import CallWriter, lost_connection
 
-LEDGER_ENV = "IMAGEBROKER_LEDGER_URL"
 T = TypeVar("T")
 HOST = socket.gethostname()
 
@@ -65,14 +63,6 @@ def shown_url(url: str) -> str:
     if parsed.get_backend_name() == "sqlite":
         return parsed.database or ":memory:"
     return parsed.render_as_string(hide_password=True)
-
-
-def _ln(x: float | None) -> float | None:
-    return math.log(x) if x is not None and x > 0 else None
-
-
-def _floor(x: float | None) -> int | None:
-    return math.floor(x) if x is not None else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -188,49 +178,13 @@ class Ledger(Lookups):
         self._open_step(read)
         pending = [name for name, _ in MIGRATIONS if name not in done]
         if done and pending:
-            raise LedgerError(f"the ledger {shown_url(self.url)} was written by an older imagebroker: run "
-                              "`imagebroker ledger migrate` (or any generate) to bring it up to date")
+            raise LedgerUnavailable(f"the ledger {shown_url(self.url)} was written by an older imagebroker: run "
+                                    "`imagebroker ledger migrate` (or any generate) to bring it up to date")
         return bool(done)
 
     @staticmethod
     def _engine(url: str, *, create: bool) -> Engine:
-        if url.startswith("postgresql"):
-            try:
-                import psycopg  # noqa: F401
-            except ImportError:
-                raise MissingExtra("postgres", "psycopg") from None
-        if url.startswith("sqlite:///") and create:
-            folder = Path(url.removeprefix("sqlite:///")).parent
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise LedgerUnavailable(f"cannot create the ledger's folder {folder}: {exc.strerror} (set "
-                                        f"--ledger or ${LEDGER_ENV} to another)") from None
-        memory = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}} if url == "sqlite://" else {}
-        try:
-            engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"), **memory)
-        except Exception as exc:
-            raise ConfigError(f"ledger URL {url.split('@')[-1]!r} is not usable: {exc}") from None
-        if engine.dialect.name == "sqlite":
-            @event.listens_for(engine, "connect")
-            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-                dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=NORMAL")
-                cur.execute("PRAGMA busy_timeout=30000")
-                cur.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run off the request path (below)
-                try:
-                    cur.execute("SELECT ln(1.0), floor(1.5)")  # the rollups' latency buckets use them
-                except Exception:  # an SQLite built without its math functions
-                    dbapi_conn.create_function("ln", 1, _ln, deterministic=True)
-                    dbapi_conn.create_function("floor", 1, _floor, deterministic=True)
-                cur.close()
-
-            @event.listens_for(engine, "begin")
-            def _begin(conn: Connection) -> None:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-        return engine
+        return make_engine(url, create=create)
 
     # -- schema -----------------------------------------------------------------------------
     def migrate(self) -> list[str]:
@@ -405,6 +359,20 @@ class Ledger(Lookups):
         """Recompute the report's per-day rollups from the call rows (after editing rows by hand)."""
         with self.engine.begin() as conn:
             fill_rollups(conn)
+
+    # what the broker reads back (ledger/lookups.py), retried like every other step on a lost connection
+    @_retried
+    def served(self, idempotency_key: str, since: float) -> ServedCall | None:
+        return super().served(idempotency_key, since)
+
+    @_retried
+    def cache_entry(self, cache_key: str, since: float) -> tuple[str, list[str], int | None, int | None,
+                                                                  str | None] | None:
+        return super().cache_entry(cache_key, since)
+
+    @_retried
+    def recent_latencies(self, since: float, limit: int = 20_000) -> list[tuple[str, float]]:
+        return super().recent_latencies(since, limit)
 
     def close(self) -> None:
         self.writer.close()

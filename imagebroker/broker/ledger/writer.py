@@ -98,7 +98,7 @@ class CallSQL:
                                                     1 if ok and cost is None else 0,
                                                     row.get("adapter_errors") or 0, row.get("over_bound") or 0,
                                                     row.get("cached") or 0, row.get("saved_nusd") or 0]])]
-        if ok and row["latency_s"] is not None:
+        if ok and row["latency_s"] is not None and not row.get("cached"):   # a cache hit says nothing of speed
             out.append((self.add_latency_rollup, [[*keys, latency_bucket(row["latency_s"]), 1]]))
         return out
 
