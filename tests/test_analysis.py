@@ -153,3 +153,21 @@ def test_the_report_in_a_real_browser_shows_the_ledgers_figures(tmp_path):
     assert figure("offering-0-0") == "mock/a" and figure("budget-0-1") == "$0.280000"
     assert figure("whatif-actual") == "$0.280000"
     assert dom.count("<svg") >= 5   # cost per day, by offering, budgets, what-if, break-even
+
+
+def test_planning_fields_keep_adapters_by_reference_and_hash_never_the_prompt(tmp_path):
+    import hashlib
+
+    lora = tmp_path / "brand.safetensors"
+    lora.write_bytes(b"lora weights")
+    caps = {"adapters": True, "max_adapters": 2}
+    policy = Policy.model_validate({"name": "p", "deny": builtin_providers(),
+                                    "offerings": [mock_offering("lora", capabilities=caps)]})
+    with Broker(policy) as b:
+        b.generate("a secret prompt", adapters=[{"ref": str(lora), "scale": 0.7}], steps=9)
+    with Ledger().engine.connect() as conn:
+        saved = json.loads(conn.exec_driver_sql("SELECT request_json FROM calls").scalar())
+    digest = hashlib.sha256(b"lora weights").hexdigest()
+    assert saved["adapters"] == [{"ref": str(lora), "scale": 0.7, "sha256": digest}]
+    assert saved["steps"] == 9 and saved["prompt_chars"] == len("a secret prompt")
+    assert "secret" not in json.dumps(saved)

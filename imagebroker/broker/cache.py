@@ -80,7 +80,7 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def _adapter_digest(ref: str) -> str | None:
+def adapter_digest(ref: str) -> str | None:
     """A LoRA file by its contents (a retrained one is a miss; hashed once per size and time), a folder or
     Hub id as `_fingerprint` has it."""
     path = Path(ref).expanduser()
@@ -105,7 +105,7 @@ def cache_key(request: ImageRequest, offering: Offering, policy: Policy) -> str 
         "offering": offering.id, "model": settings, "endpoint": provider.base_url,
         "files": {k: _fingerprint(settings[k]) for k in ("source", "workflow") if k in settings},
         "request": {f: getattr(request, f) for f in PIXEL_FIELDS}, "extra": request.extra,
-        "adapters": [(a.ref, a.scale, _adapter_digest(a.ref)) for a in request.adapters],
+        "adapters": [(a.ref, a.scale, adapter_digest(a.ref)) for a in request.adapters],
     }
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -23,6 +23,7 @@ from ..policies.schema import Policy
 from ..providers.base import AttemptCallback
 from ..providers.offering import Offering
 from ..types import Attempt, Cost, GeneratedImage, ImageRequest, ImageResult, Plan, Skip, SkipReason
+from .cache import adapter_digest
 from .ledger.schema import to_nusd
 from .ledger.store import Ledger
 
@@ -36,8 +37,17 @@ def planning_fields(request: ImageRequest) -> str:
     fields: dict[str, Any] = {f: getattr(request, f) for f in PLANNED if getattr(request, f) is not None}
     fields.update(prompt_chars=len(request.prompt), negative_prompt=bool(request.negative_prompt),
                   seeded=request.seed is not None,
-                  adapters=[{"ref": a.ref, "scale": a.scale} for a in request.adapters])
+                  adapters=[{"ref": a.ref, "scale": a.scale, "sha256": _adapter_sha256(a.ref)}
+                            for a in request.adapters])
     return json.dumps(fields, default=str, sort_keys=True)
+
+
+def _adapter_sha256(ref: str) -> str | None:
+    """A LoRA file's contents by hash (memoised per size and time), a folder's or Hub id's fingerprint."""
+    try:
+        return adapter_digest(ref)
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)

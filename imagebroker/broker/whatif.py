@@ -82,7 +82,7 @@ def replayed_request(row: Any) -> tuple[ImageRequest, bool]:
     saved = json.loads(row.request_json)
     chars = int(saved.pop("prompt_chars", 1))
     negative, seeded = saved.pop("negative_prompt", False), saved.pop("seeded", False)
-    adapters = tuple(Adapter(**a) for a in saved.pop("adapters", []))
+    adapters = tuple(Adapter(ref=a["ref"], scale=a["scale"]) for a in saved.pop("adapters", []))
     return ImageRequest(prompt="x" * max(1, chars), negative_prompt="x" if negative else None,
                         seed=0 if seeded else None, adapters=adapters, tags=tags, **saved), True
 
