@@ -256,3 +256,13 @@ def test_a_prompt_a_provider_echoes_stays_out_of_the_provenance():
     meta = record(echoed, ImageRequest(prompt="my secret product launch"), 0, store_prompt=False)
     assert "my secret" not in json.dumps(meta)
     assert record(echoed, ImageRequest(prompt="my secret product launch"), 0, store_prompt=True)["prompt"]
+
+
+def test_the_cache_answers_from_a_remote_store_too():
+    pytest.importorskip("fsspec")
+    url = f"memory://imagebroker-cache-{time.time_ns()}"
+    with Broker(cached_policy(), store=url) as b:
+        first = b.generate("a red circle", seed=3)
+        again = b.generate("a red circle", seed=3)
+    assert again.cost.status == "cached" and again.images[0].data == first.images[0].data
+    assert ImageStore(url).has(first.images[0].sha256)

@@ -110,14 +110,8 @@ def cache_key(request: ImageRequest, offering: Offering, policy: Policy) -> str 
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def lookup(ledger: Ledger, store: ImageStore, key: str, since: float
-           ) -> tuple[str, tuple[GeneratedImage, ...], Cost, int] | None:
-    """The call a key was first served by, since `since`: its request id, its images read back from the
-    store (every one, or None), a $0 `cached` cost naming it, and what it cost (nano-USD)."""
-    found = ledger.cache_entry(key, since)
-    if found is None:
-        return None
-    request_id, hashes, seed, cost_nusd, unit = found
+def read_back(store: ImageStore, hashes: list[str], seed: int | None) -> tuple[GeneratedImage, ...] | None:
+    """A call's images from the store, seeds counting up from its own, or None unless every one is there."""
     images = []
     for i, sha in enumerate(hashes):
         data = store.get(sha)
@@ -126,29 +120,38 @@ def lookup(ledger: Ledger, store: ImageStore, key: str, since: float
         fmt, width, height, c2pa = describe(data)
         images.append(GeneratedImage(data=data, format=fmt, width=width, height=height,  # type: ignore[arg-type]
                                      seed=None if seed is None else seed + i, c2pa=c2pa))
+    return tuple(images)
+
+
+def lookup(ledger: Ledger, store: ImageStore, key: str, since: float
+           ) -> tuple[str, tuple[GeneratedImage, ...], Cost, int] | None:
+    """The call a key was first served by, since `since`: its request id, its images read back from the
+    store (every one, or None), a $0 `cached` cost naming it, and what it cost (nano-USD)."""
+    found = ledger.cache_entry(key, since)
+    if found is None:
+        return None
+    request_id, hashes, seed, cost_nusd, unit = found
+    images = read_back(store, hashes, seed)
+    if images is None:
+        return None
     paid = from_nusd(cost_nusd) if cost_nusd is not None else None
     detail = (f"answered from the cache: the same request was served by call {request_id}"
               + (f" for ${paid}" if paid is not None else ""))
     cost = Cost(usd=Decimal(0), status="cached", unit=unit or "cached", units={"cached_from": request_id},
                 detail=detail)
-    return request_id, tuple(images), cost, cost_nusd or 0
+    return request_id, images, cost, cost_nusd or 0
 
 
 def replay(store: ImageStore, served: ServedCall, plan: Plan) -> ImageResult | None:
     """The images an idempotency key was already served with, read back from the store (same request id,
     same bytes), or None when the store does not have every one of them."""
-    images = []
-    for i, sha in enumerate(served.image_sha256s):
-        data = store.get(sha)
-        if data is None:
-            return None
-        fmt, width, height, c2pa = describe(data)
-        images.append(GeneratedImage(data=data, format=fmt, width=width, height=height,  # type: ignore[arg-type]
-                                     seed=None if served.seed is None else served.seed + i, c2pa=c2pa))
+    images = read_back(store, served.image_sha256s, served.seed)
+    if images is None:
+        return None
     usd = from_nusd(served.cost_nusd) if served.cost_nusd is not None else None
     status = served.cost_status or ("unpriced" if usd is None else "priced")
     cost = Cost(usd=usd, status=status, unit=served.cost_unit or "", units={"replayed_from": served.request_id},  # type: ignore[arg-type]
                 detail=f"replayed: the images call {served.request_id} paid for once")
-    return ImageResult(request_id=served.request_id, images=tuple(images), offering=served.offering, cost=cost,
+    return ImageResult(request_id=served.request_id, images=images, offering=served.offering, cost=cost,
                        latency_s=served.latency_s or 0.0, plan=plan, attempts=(),
                        applied={"offering": served.offering, "replayed_from": served.request_id})

@@ -189,7 +189,9 @@ async def _from_cache(view: CallView, log: CallLog) -> ImageResult | None:
         log.cache_key = cache_key(log.request, offering, view.policy)
         if log.cache_key is None:
             return None
-        found = lookup(view.ledger, view.store, log.cache_key, time.time() - view.policy.cache.ttl_days * DAY_S)
+        since = time.time() - view.policy.cache.ttl_days * DAY_S
+        found = (await asyncio.to_thread(lookup, view.ledger, view.store, log.cache_key, since)
+                 if view.store.remote else lookup(view.ledger, view.store, log.cache_key, since))
     except Exception as exc:  # a cache that cannot be read is a miss, never a failed call
         logger.warning("call %s: the cache could not be read (%s): generating", log.request_id, type(exc).__name__)
         return None
@@ -207,19 +209,23 @@ async def _from_cache(view: CallView, log: CallLog) -> ImageResult | None:
     return done
 
 
-def _keep(view: CallView, log: CallLog, served: Served) -> None:
-    """The images into the store (when there is one); a store that fails loses nothing: the caller has
-    the images, and the call is recorded as not stored."""
-    if view.store is None:
+async def _keep(view: CallView, log: CallLog, served: Served) -> None:
+    """The images into the store (when there is one; a remote one off the event loop); a store that fails
+    loses nothing: the caller has the images, and the call is recorded as not stored."""
+    store = view.store
+    if store is None:
         return
     try:
         for image in served.images:
-            view.store.put(image.data)
+            if store.remote:
+                await asyncio.to_thread(store.put, image.data)
+            else:
+                store.put(image.data)
     except Exception as exc:
-        logger.warning("call %s: images not stored in %s: %s", log.request_id, view.store.shown_url,
+        logger.warning("call %s: images not stored in %s: %s", log.request_id, store.shown_url,
                        log.redact(str(exc)))
         return
-    log.store_url = view.store.shown_url
+    log.store_url = store.shown_url
     if log.cache_key is None or served.offering.id != log.plan.candidates[0].offering:
         try:
             log.cache_key = cache_key(log.request, served.offering, view.policy)
@@ -230,7 +236,7 @@ def _keep(view: CallView, log: CallLog, served: Served) -> None:
 
 async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult:
     served, result = outcome.served, outcome.result
-    _keep(view, log, served)
+    await _keep(view, log, served)
     applied = dict(result.applied, offering=served.offering.id)
     if len(result.images) > log.request.n:  # billed as the provider reports; the first n are kept
         applied["images_received"] = len(result.images)

@@ -66,6 +66,11 @@ class ImageStore:
         """The URL as it may be printed or recorded: without a password in it."""
         return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", self.url)
 
+    @property
+    def remote(self) -> bool:
+        """Its reads and writes go over a network (an fsspec URL): off the event loop, then."""
+        return self._fs is not None
+
     def location(self, sha: str) -> str:
         return f"{self.root.rstrip('/')}/{_checked(sha)[:2]}/{sha}"
 
