@@ -130,8 +130,8 @@ def lookup(ledger: Ledger, store: ImageStore, key: str, since: float
     found = ledger.cache_entry(key, since)
     if found is None:
         return None
-    request_id, hashes, seed, cost_nusd, unit = found
-    images = read_back(store, hashes, seed)
+    request_id, cost_nusd, unit = found.request_id, found.cost_nusd, found.cost_unit
+    images = read_back(store, found.image_sha256s, found.seed)
     if images is None:
         return None
     paid = from_nusd(cost_nusd) if cost_nusd is not None else None

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any, TypeVar
 
 from tenacity import RetryCallState, stop_after_attempt, wait_random_exponential
 
@@ -44,17 +45,17 @@ from ..policies.schema import Budget, ImageChecks, Policy, RetrySettings
 from ..providers.base import AttemptCallback, CallContext, ProgressCallback, Provider, ProviderResult, track_submission
 from ..providers.catalog import Catalog
 from ..providers.offering import Offering, offering_warnings
-from ..types import Candidate, GeneratedImage, ImageRequest, ImageResult, Plan, SkipReason
+from ..types import Candidate, Cost, GeneratedImage, ImageRequest, ImageResult, Plan, SkipReason
 from .breaker import CircuitBreaker
 from .budgets import applicable
 from .cache import cache_key, lookup
 from .images import ImageStore
 from .ledger.store import Ledger
 from .record import CallLog, Served
+from .report import DAY_S
 from .validate import validate_images
 
-DAY_S = 86_400
-
+T = TypeVar("T")
 OFFLOAD_BYTES = 256 * 1024  # images larger than this in all are decoded (and hashed) on a worker thread
 
 
@@ -190,8 +191,7 @@ async def _from_cache(view: CallView, log: CallLog) -> ImageResult | None:
         if log.cache_key is None:
             return None
         since = time.time() - view.policy.cache.ttl_days * DAY_S
-        found = (await asyncio.to_thread(lookup, view.ledger, view.store, log.cache_key, since)
-                 if view.store.remote else lookup(view.ledger, view.store, log.cache_key, since))
+        found = await _on(view.store, lookup, view.ledger, view.store, log.cache_key, since)
     except Exception as exc:  # a cache that cannot be read is a miss, never a failed call
         logger.warning("call %s: the cache could not be read (%s): generating", log.request_id, type(exc).__name__)
         return None
@@ -209,6 +209,11 @@ async def _from_cache(view: CallView, log: CallLog) -> ImageResult | None:
     return done
 
 
+async def _on(store: ImageStore, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, on a worker thread when `store` is remote (its I/O would hold up every other call)."""
+    return await asyncio.to_thread(fn, *args) if store.remote else fn(*args)
+
+
 async def _keep(view: CallView, log: CallLog, served: Served) -> None:
     """The images into the store (when there is one; a remote one off the event loop); a store that fails
     loses nothing: the caller has the images, and the call is recorded as not stored."""
@@ -217,10 +222,7 @@ async def _keep(view: CallView, log: CallLog, served: Served) -> None:
         return
     try:
         for image in served.images:
-            if store.remote:
-                await asyncio.to_thread(store.put, image.data)
-            else:
-                store.put(image.data)
+            await _on(store, store.put, image.data)
     except Exception as exc:
         logger.warning("call %s: images not stored in %s: %s", log.request_id, store.shown_url,
                        log.redact(str(exc)))
@@ -287,22 +289,24 @@ async def _candidate(view: CallView, log: CallLog, rules: RetryRules, cand: Cand
         outcome = await _attempts(view, log, rules, cand, offering, progress)
     except asyncio.CancelledError:   # what a cancelled call may have been billed stays counted
         if reservation:
-            spent = [c.usd for c in log.maybe_billed[unknown_before:] if c.usd is not None]
-            if spent:
-                _ledger_step(log, "settle the budget of", view.ledger.settle, reservation, sum(spent, Decimal(0)))
-            else:
-                _ledger_step(log, "release the budget of", view.ledger.release, reservation)
+            _close(view, log, reservation, log.maybe_billed[unknown_before:], None)
         raise
-    if reservation:  # what was paid, and what unknown outcomes may have cost (at their estimate)
-        spent = [c.usd for c in log.maybe_billed[unknown_before:]]
-        if isinstance(outcome, Success):
-            spent.append(outcome.served.cost.usd)
-        if spent:
-            total = sum((usd for usd in spent if usd is not None), Decimal(0))
-            _ledger_step(log, "settle the budget of", view.ledger.settle, reservation, total)
-        else:
-            _ledger_step(log, "release the budget of", view.ledger.release, reservation)
+    if reservation:
+        _close(view, log, reservation, log.maybe_billed[unknown_before:], outcome)
     return outcome
+
+
+def _close(view: CallView, log: CallLog, reservation: str, maybe: list[Cost], outcome: Outcome | None) -> None:
+    """Settle a reservation at what was paid plus what unknown outcomes may have cost (at their estimate),
+    or release it when nothing may have been."""
+    spent = [c.usd for c in maybe]
+    if isinstance(outcome, Success):
+        spent.append(outcome.served.cost.usd)
+    if spent:
+        total = sum((usd for usd in spent if usd is not None), Decimal(0))
+        _ledger_step(log, "settle the budget of", view.ledger.settle, reservation, total)
+    else:
+        _ledger_step(log, "release the budget of", view.ledger.release, reservation)
 
 
 def _ledger_step(log: CallLog, what: str, step: Callable[..., None], *args: object) -> None:

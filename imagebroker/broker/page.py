@@ -74,9 +74,8 @@ def _daily(ledger: Ledger, since: float | None) -> dict[str, dict[str, Decimal]]
     return dict(sorted(out.items()))
 
 
-def _cost_per_day(daily: dict[str, dict[str, Decimal]]) -> str:
+def _cost_per_day(daily: dict[str, dict[str, Decimal]], providers: list[str]) -> str:
     plt = _plt()
-    providers = sorted({p for d in daily.values() for p in d})
     fig, ax = plt.subplots(figsize=(9, 3.2))
     bottom = [0.0] * len(daily)
     for p in providers:
@@ -161,6 +160,7 @@ def render(ledger: Ledger, policy: Policy, *, since: float | None = None, whatif
     """The whole page, as a string."""
     by_offering, total = cost_report(ledger, since=since, by="offering")
     daily = _daily(ledger, since)
+    providers = sorted({p for d in daily.values() for p in d})
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     span = "all time" if since is None else f"since {datetime.fromtimestamp(since, UTC).date()}"
     parts = [f"<!doctype html><html lang=en><meta charset=utf-8><title>imagebroker costs</title><style>{STYLE}</style>",
@@ -171,10 +171,9 @@ def render(ledger: Ledger, policy: Policy, *, since: float | None = None, whatif
              f'<div class=kpi>images<b data-figure="total-images">{total.images}</b></div>',
              f'<div class=kpi>failed<b data-figure="total-failures">{total.failures}</b></div>',
              f'<div class=kpi>cache saved<b data-figure="cache-saved">{_usd(total.saved_usd)}</b></div></div>',
-             f"<h2>Cost per day</h2><div class=chart>{_cost_per_day(daily)}</div>",
-             _table(["day", *sorted({p for d in daily.values() for p in d})],
-                    [[day, *(_usd(d.get(p, Decimal(0))) for p in sorted({p for d in daily.values() for p in d}))]
-                     for day, d in daily.items()], "daily"),
+             f"<h2>Cost per day</h2><div class=chart>{_cost_per_day(daily, providers)}</div>",
+             _table(["day", *providers], [[day, *(_usd(d.get(p, Decimal(0))) for p in providers)]
+                                           for day, d in daily.items()], "daily"),
              f"<h2>By offering</h2><div class=chart>{_by_offering(by_offering)}</div>",
              _table(["offering", "calls", "images", "failed", "cost", "$/image", "p50", "p95"],
                     [[g.key, str(g.calls), str(g.images), str(g.failures), _usd(g.cost_usd),

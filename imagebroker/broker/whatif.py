@@ -117,7 +117,8 @@ def whatif(ledger: Ledger, policy: Policy, catalog: Catalog, *, since: float | N
         actual = from_nusd(row.cost_nusd) or Decimal(0)
         out.calls += 1
         out.actual_usd += actual
-        group = out.groups.setdefault(_group_key(row, by, request.tags), WhatIfGroup(_group_key(row, by, request.tags)))
+        key = _group_key(row, by, request.tags)
+        group = out.groups.setdefault(key, WhatIfGroup(key))
         group.calls += 1
         group.actual_usd += actual
         try:

@@ -6,12 +6,15 @@ import statistics
 import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .common import JsonOpt, LedgerOpt, PolicyOpt, WideOpt, fail, handle_errors
 from .output import Col, console, print_json, print_table, styled, usd
+
+if TYPE_CHECKING:
+    from ..broker.ledger.store import Ledger
 
 SinceOpt = Annotated[str | None, typer.Option(help="7d, 12h, 30m or a date (from its midnight UTC).")]
 UntilOpt = Annotated[str | None, typer.Option(help="A date or time, not included.")]
@@ -30,8 +33,13 @@ def _decimal(name: str, value: str | None) -> Decimal | None:
     return number
 
 
-def _whatif(policy: str, ledger: str | None, since: str | None, until: str | None, by: str) -> Any:
+def _ledger(ledger: str | None) -> Ledger:
     from ..broker.ledger.store import Ledger
+
+    return Ledger(ledger, read_only=True)
+
+
+def _whatif(policy: str, led: Ledger, since: str | None, until: str | None, by: str) -> Any:
     from ..broker.report import parse_when
     from ..broker.whatif import whatif as replay
     from ..policies.effective import effective_catalog
@@ -39,8 +47,8 @@ def _whatif(policy: str, ledger: str | None, since: str | None, until: str | Non
     from ..providers.catalog import builtin_catalog
 
     target = load_policy(policy)
-    return replay(Ledger(ledger, read_only=True), target, effective_catalog(target, builtin_catalog()),
-                  since=parse_when(since), until=parse_when(until), by=by)
+    return replay(led, target, effective_catalog(target, builtin_catalog()), since=parse_when(since),
+                  until=parse_when(until), by=by)
 
 
 @handle_errors
@@ -51,7 +59,7 @@ def whatif(
     ledger: LedgerOpt = None, wide: WideOpt = False, json_out: JsonOpt = False,
 ) -> None:
     """What the recorded calls would have cost under another policy, with today's catalog."""
-    result = _whatif(policy, ledger, since, until, by)
+    result = _whatif(policy, _ledger(ledger), since, until, by)
     if json_out:
         print_json(result.as_dict())
         return
@@ -79,11 +87,10 @@ def whatif(
 
 def breakeven_from(price_per_image: str | None, offering: str | None, size: str | None, gpu_usd_per_hour: str | None,
                    seconds_per_image: str | None, measured: str | None, utilisation: float,
-                   fixed_usd_per_month: str, ledger: str | None) -> Any:
+                   fixed_usd_per_month: str, led: Ledger) -> Any:
     """A BreakEven from the command's options (shared by `breakeven` and `report`)."""
     from ..broker.economics import BreakEven
     from ..broker.ledger.schema import calls
-    from ..broker.ledger.store import Ledger
     from ..policies.pricing import estimate
     from ..providers.catalog import builtin_catalog
     from ..types import ImageRequest
@@ -99,7 +106,6 @@ def breakeven_from(price_per_image: str | None, offering: str | None, size: str 
         if cost.usd is None:
             fail(f"--offering {offering}: {cost.detail}")
         hosted = cost.usd
-    led = Ledger(ledger, read_only=True)
     seconds = _decimal("--seconds-per-image", seconds_per_image)
     from sqlalchemy import func, select
 
@@ -143,7 +149,7 @@ def breakeven(
     if gpu is not None:
         gpu_usd_per_hour = str(known_rate(gpu))
     result = breakeven_from(price_per_image, offering, size, gpu_usd_per_hour, seconds_per_image, measured,
-                            utilisation, fixed_usd_per_month, ledger)
+                            utilisation, fixed_usd_per_month, _ledger(ledger))
     if json_out:
         print_json(result.as_dict())
         return
@@ -166,16 +172,15 @@ def report(
     ledger: LedgerOpt = None,
 ) -> None:
     """One self-contained HTML page of where the money went: charts and their figures, offline."""
-    from ..broker.ledger.store import Ledger
     from ..broker.page import render
     from ..broker.report import parse_when
     from ..policies.loader import load_policy
 
     loaded = load_policy(policy)
-    led = Ledger(ledger or loaded.ledger.url, read_only=True)
-    compared = _whatif(whatif_policy, ledger, since, None, "provider") if whatif_policy else None
+    led = _ledger(ledger or loaded.ledger.url)   # one ledger for every section of the page
+    compared = _whatif(whatif_policy, led, since, None, "provider") if whatif_policy else None
     line = breakeven_from(price_per_image, offering, None, gpu_usd_per_hour, seconds_per_image, measured, 0.6,
-                          "0", ledger) if gpu_usd_per_hour is not None else None
+                          "0", led) if gpu_usd_per_hour is not None else None
     page = render(led, loaded, since=parse_when(since), whatif=compared, breakeven=line)
     try:
         out.write_text(page, encoding="utf-8")

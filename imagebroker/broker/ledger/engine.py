@@ -24,7 +24,6 @@ def _floor(x: float | None) -> int | None:
     return math.floor(x) if x is not None else None
 
 
-
 def make_engine(url: str, *, create: bool) -> Engine:
     """An engine for `url`; `create`: make the folder of a new SQLite file (read-only commands do not)."""
     if url.startswith("postgresql"):

@@ -4,6 +4,7 @@ by (for a replay), the call a cache key was first served by, and recent latencie
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from .schema import calls
+from .writer import retried
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,12 @@ class ServedCall:
 
 
 class Lookups:
-    engine: Engine
+    """Mixed into `Ledger`: each read is retried once on a lost connection, like every other step."""
 
+    engine: Engine
+    check_file: Callable[[], None]
+
+    @retried
     def served(self, idempotency_key: str, since: float) -> ServedCall | None:
         """The latest call since `since` that succeeded under this key."""
         with self.engine.connect() as conn:
@@ -43,20 +49,16 @@ class Lookups:
                                .order_by(calls.c.created_at.desc()).limit(1)).first()
         return None if row is None else _served(row)
 
-    def cache_entry(self, cache_key: str, since: float) -> tuple[str, list[str], int | None, int | None,
-                                                                  str | None] | None:
-        """The latest call since `since` that paid for this cache key (not itself a cache hit): request id,
-        image SHA-256s, seed, cost (nano-USD) and cost unit."""
+    @retried
+    def cache_entry(self, cache_key: str, since: float) -> ServedCall | None:
+        """The latest call since `since` that paid for this cache key (not itself a cache hit)."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(calls.c.request_id, calls.c.image_sha256s, calls.c.seed, calls.c.cost_nusd,
-                                      calls.c.cost_unit)
-                               .where(calls.c.cache_key == cache_key, calls.c.status == "ok", calls.c.cached == 0,
-                                      calls.c.created_at >= since)
+            row = conn.execute(select(calls).where(calls.c.cache_key == cache_key, calls.c.status == "ok",
+                                                   calls.c.cached == 0, calls.c.created_at >= since)
                                .order_by(calls.c.created_at.desc()).limit(1)).first()
-        if row is None:
-            return None
-        return row.request_id, json.loads(row.image_sha256s or "[]"), row.seed, row.cost_nusd, row.cost_unit
+        return None if row is None else _served(row)
 
+    @retried
     def recent_latencies(self, since: float, limit: int = 20_000) -> list[tuple[str, float]]:
         with self.engine.connect() as conn:
             q = (select(calls.c.offering, calls.c.latency_s)

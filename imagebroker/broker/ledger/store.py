@@ -6,7 +6,6 @@ inside one transaction (SQLite `BEGIN IMMEDIATE`, PostgreSQL `SELECT ... FOR UPD
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
@@ -17,16 +16,16 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from platformdirs import user_data_dir
 from sqlalchemy import insert, inspect, make_url, select, update
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 from ...errors import BudgetExceeded, LedgerError, LedgerUnavailable
 from .engine import LEDGER_ENV, make_engine
-from .lookups import Lookups, ServedCall
+from .lookups import Lookups
 from .schema import (
     MIGRATIONS,
     budget_counters,
@@ -38,9 +37,8 @@ from .schema import (
     to_nusd,
 )
 from .upkeep import Checkpointer, renew_held
-from .writer import CallWriter, lost_connection
+from .writer import CallWriter, retried
 
-T = TypeVar("T")
 HOST = socket.gethostname()
 
 
@@ -75,23 +73,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _retried(fn: Callable[..., T]) -> Callable[..., T]:
-    """A ledger step run again, once, on a fresh connection when the connection (not the statement)
-    failed: a PostgreSQL backend terminated, a socket reset. Each step is idempotent by its ids."""
-
-    @functools.wraps(fn)
-    def wrapper(self: Ledger, *args: Any, **kwargs: Any) -> T:
-        self.check_file()
-        try:
-            return fn(self, *args, **kwargs)
-        except DBAPIError as exc:
-            if not lost_connection(exc, self.engine):
-                raise
-            return fn(self, *args, **kwargs)
-
-    return wrapper
-
-
 class Ledger(Lookups):
     """Durable record of calls, attempts, costs and budget reservations."""
 
@@ -100,9 +81,9 @@ class Ledger(Lookups):
         ledger that does not exist yet reads as an empty one."""
         self.url = ledger_url(url)
         self.read_only = read_only
-        self.engine = self._engine(self.url, create=not read_only)
+        self.engine = make_engine(self.url, create=not read_only)
         if read_only and not self._written_before():
-            self.engine = self._engine("sqlite://", create=False)   # empty, in memory, gone at exit
+            self.engine = make_engine("sqlite://", create=False)   # empty, in memory, gone at exit
         self.sqlite = self.engine.dialect.name == "sqlite"
         self.writer = CallWriter(self.engine, self.sqlite, self.check_file)
         self._held: dict[str, float] = {}   # reservations this process holds -> their TTL
@@ -182,10 +163,6 @@ class Ledger(Lookups):
                                     "`imagebroker ledger migrate` (or any generate) to bring it up to date")
         return bool(done)
 
-    @staticmethod
-    def _engine(url: str, *, create: bool) -> Engine:
-        return make_engine(url, create=create)
-
     # -- schema -----------------------------------------------------------------------------
     def migrate(self) -> list[str]:
         applied: list[str] = []
@@ -200,7 +177,7 @@ class Ledger(Lookups):
         return applied
 
     # -- budgets ----------------------------------------------------------------------------
-    @_retried
+    @retried
     def counters(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[Decimal, Decimal]]:
         out = {}
         with self.engine.connect() as conn:
@@ -229,7 +206,7 @@ class Ledger(Lookups):
         spent, reserved = conn.execute(q).one()
         return int(spent), int(reserved)
 
-    @_retried
+    @retried
     def reserve(self, request_id: str, limits: Sequence[tuple[str, str, Decimal]], amount: Decimal,
                 ttl_s: float, rid: str | None = None) -> str:
         """Hold `amount` against every (budget, period, limit), all or none. Raises BudgetExceeded.
@@ -302,13 +279,13 @@ class Ledger(Lookups):
         conn.execute(update(reservations).where(reservations.c.id == rid).values(
             status=status if held else "late-settled"))
 
-    @_retried
+    @retried
     def settle(self, rid: str, actual: Decimal | None) -> None:
         with self.engine.begin() as conn:
             self._finish(conn, rid, actual, "settled")
         self._unhold(rid)
 
-    @_retried
+    @retried
     def release(self, rid: str) -> None:
         with self.engine.begin() as conn:
             self._finish(conn, rid, None, "released")
@@ -359,20 +336,6 @@ class Ledger(Lookups):
         """Recompute the report's per-day rollups from the call rows (after editing rows by hand)."""
         with self.engine.begin() as conn:
             fill_rollups(conn)
-
-    # what the broker reads back (ledger/lookups.py), retried like every other step on a lost connection
-    @_retried
-    def served(self, idempotency_key: str, since: float) -> ServedCall | None:
-        return super().served(idempotency_key, since)
-
-    @_retried
-    def cache_entry(self, cache_key: str, since: float) -> tuple[str, list[str], int | None, int | None,
-                                                                  str | None] | None:
-        return super().cache_entry(cache_key, since)
-
-    @_retried
-    def recent_latencies(self, since: float, limit: int = 20_000) -> list[tuple[str, float]]:
-        return super().recent_latencies(since, limit)
 
     def close(self) -> None:
         self.writer.close()

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from ...logs import logger
 from .schema import ROLLUP_KEYS, ROLLUP_MEASURES, attempts, call_tags, calls, latency_bucket, skips
+
+T = TypeVar("T")
 
 CALL_COLUMNS = tuple(c.name for c in calls.columns)
 ATTEMPT_COLUMNS = tuple(c.name for c in attempts.columns if c.name != "id")
@@ -43,6 +46,23 @@ def lost_connection(exc: BaseException, engine: Engine) -> bool:
     dbapi = engine.dialect.dbapi
     kinds = tuple(getattr(dbapi, name) for name in ("OperationalError", "InterfaceError") if hasattr(dbapi, name))
     return isinstance(exc, kinds)
+
+
+def retried(fn: Callable[..., T]) -> Callable[..., T]:
+    """A ledger step run again, once, on a fresh connection when the connection (not the statement)
+    failed: a PostgreSQL backend terminated, a socket reset. Each step is idempotent by its ids."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
+        self.check_file()
+        try:
+            return fn(self, *args, **kwargs)
+        except DBAPIError as exc:
+            if not lost_connection(exc, self.engine):
+                raise
+            return fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 class CallSQL:
