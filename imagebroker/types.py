@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RequestError
+from .inputs import MAX_INPUT_IMAGES, InputImage, read_input
 
 MIN_SIDE, MAX_SIDE = 64, 4096
 MAX_N = 10
@@ -33,7 +34,7 @@ def _request_error(exc: ValidationError) -> RequestError:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "request"
         msg = str(err["msg"]).removeprefix("Value error, ")
-        parts.append(msg if msg.startswith(("size ", "aspect_ratio ")) else f"{field}: {msg}")
+        parts.append(msg if msg.startswith(("size ", "aspect_ratio ", "images[", "mask")) else f"{field}: {msg}")
     return RequestError("; ".join(parts))
 
 
@@ -62,7 +63,9 @@ class Adapter(_Frozen):
 
 
 class ImageRequest(_Frozen):
-    """One text-to-image request. Field names follow the OpenAI images API and Diffusers."""
+    """One request: text-to-image, or an edit when `images` are given (the first is the init image, the
+    rest references; `mask` is white where the init image is to change; see `imagebroker.inputs`).
+    Field names follow the OpenAI images API and Diffusers."""
 
     prompt: str = Field(min_length=1, max_length=32_000)
     negative_prompt: str | None = None
@@ -86,6 +89,10 @@ class ImageRequest(_Frozen):
     max_latency_s: float | None = Field(default=None, gt=0)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     extra: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    images: tuple[InputImage, ...] = Field(default=(), max_length=MAX_INPUT_IMAGES)
+    mask: InputImage | None = None
+    strength: float | None = Field(default=None, gt=0.0, le=1.0,
+                                   description="how far img2img may move from the init image")
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -120,10 +127,37 @@ class ImageRequest(_Frozen):
             data["height"] = max(MIN_SIDE, round(h * scale / 16) * 16)
         return data
 
+    @field_validator("images", mode="before")
+    @classmethod
+    def _read_images(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, (str, bytes, bytearray, memoryview, InputImage, dict)) or hasattr(value, "mode") \
+                or not hasattr(value, "__iter__"):
+            value = [value]   # one image given on its own (a path, bytes, a PIL image)
+        items = list(value)
+        if len(items) > MAX_INPUT_IMAGES:
+            raise ValueError(f"{len(items)} input images, at most {MAX_INPUT_IMAGES}")
+        return tuple(read_input(v, f"images[{i}]") for i, v in enumerate(items))
+
+    @field_validator("mask", mode="before")
+    @classmethod
+    def _read_mask(cls, value: Any) -> Any:
+        return None if value is None else read_input(value, "mask")
+
     @model_validator(mode="after")
     def _pairs(self) -> ImageRequest:
         if (self.width is None) != (self.height is None):
             raise ValueError("width and height go together: give both or neither")
+        if self.mask is not None:
+            if not self.images:
+                raise ValueError("mask needs an image to apply to: give images too")
+            init = self.images[0]
+            if (self.mask.width, self.mask.height) != (init.width, init.height):
+                raise ValueError(f"mask is {self.mask.size}, the init image {init.size}: they must be the "
+                                 "same size")
+        if self.strength is not None and not self.images:
+            raise ValueError("strength applies to an edit: give images too")
         if self.background == "transparent" and self.output_format == "jpeg":
             raise ValueError("background transparent needs output_format png or webp, not jpeg")
         return self
@@ -150,6 +184,22 @@ class ImageRequest(_Frozen):
     @property
     def size(self) -> str | None:
         return f"{self.width}x{self.height}" if self.width else None
+
+    @property
+    def is_edit(self) -> bool:
+        return bool(self.images)
+
+    @property
+    def init_image(self) -> InputImage | None:
+        return self.images[0] if self.images else None
+
+    @property
+    def edit_strength(self) -> float:
+        """The strength asked, else the usual default where a backend takes one (Diffusers, ComfyUI):
+        1.0 with a mask (the masked area is repainted), 0.8 without (img2img keeps the layout)."""
+        if self.strength is not None:
+            return self.strength
+        return 1.0 if self.mask is not None else 0.8
 
     def prompt_sha256(self) -> str:
         return hashlib.sha256(self.prompt.encode()).hexdigest()

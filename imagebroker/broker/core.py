@@ -57,8 +57,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _differs(served: ServedCall, req: ImageRequest) -> bool:
     """Whether the call a key was served by stands for another request than `req` (what its row keeps)."""
+    inputs = tuple(i.sha256 for i in (*req.images, *([req.mask] if req.mask else [])))
     return (served.prompt_sha256 != req.prompt_sha256() or served.n != req.n or served.seed != req.seed
-            or (req.width is not None and (served.width, served.height) != (req.width, req.height)))
+            or (req.width is not None and (served.width, served.height) != (req.width, req.height))
+            or served.input_sha256s != inputs)
 
 
 def _store(store: bool | str | ImageStore | None, policy: Policy) -> ImageStore | None:

@@ -30,6 +30,8 @@ def record(result: ImageResult, request: ImageRequest, index: int, *, store_prom
             "prompt": request.prompt if store_prompt else None, "prompt_sha256": request.prompt_sha256(),
             "negative_prompt": request.negative_prompt if store_prompt else None,
             "applied": applied, "dropped": list(result.dropped), "c2pa": image.c2pa,
+            "inputs": {"images": [i.describe() for i in request.images], "strength": request.strength,
+                       "mask": request.mask.describe() if request.mask else None} if request.is_edit else None,
             "c2pa_verification": c2pa_verification(image),
             "cost": {"usd": None if result.cost.usd is None else str(result.cost.usd),
                      "status": result.cost.status, "unit": result.cost.unit}}

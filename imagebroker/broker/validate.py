@@ -14,8 +14,9 @@ The checks, cheapest first, so a hostile answer costs little:
 5. pixels: at most `max_pixel_ratio` times the pixels asked, and `max_pixels` in any case, from the
    header alone, so a 13000x13000 bomb is refused before PIL allocates its 676 MB;
 6. size: the size asked (the request's, else the offering's default), or one of the offering's
-   declared fixed `capabilities.sizes`; a canvas offering (ComfyUI) asked no size may return any
-   size its size rule allows, since its graph decides;
+   declared fixed `capabilities.sizes`; a canvas offering (ComfyUI) asked no size may return any size
+   its size rule allows (its graph decides), and an edit offering that picks its own size from the init
+   image (`edit.output_size: any`, FLUX Kontext) any size at all, within the pixel bound of 5;
 7. integrity: a PNG's chunk checksums are verified during the walk in 4 (what PIL's `verify()` checks).
    The pixels themselves are decoded (by PIL, which must then agree with the header read in 4) only to
    convert to another `output_format`, or when
@@ -148,6 +149,9 @@ def _size_problem(w: int, h: int, request: ImageRequest, offering: Offering,
         return None
     if offering.kind == "canvas" and not request.width and caps.size_problem(w, h) is None:
         return None  # asked no size: the node graph decides, within what the offering declares
+    edit = caps.edit
+    if request.is_edit and edit is not None and edit.output_size == "any":
+        return None  # it picks the size from the init image's aspect ratio (the pixel bound still holds)
     offered = f" nor one of the offered sizes ({', '.join(caps.sizes)})" if caps.sizes else ""
     return f"is {w}x{h}, not the {asked[0]}x{asked[1]} asked{offered}"
 

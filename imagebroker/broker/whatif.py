@@ -7,6 +7,8 @@ seed its row has, and is counted as `partial`."""
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import re
 from collections import Counter
@@ -15,9 +17,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from PIL import Image
 from sqlalchemy import select
 
 from ..errors import ImageBrokerError
+from ..inputs import InputImage, read_input
 from ..policies.planner import PlannerState, plan
 from ..policies.schema import Policy
 from ..providers.catalog import Catalog
@@ -83,8 +87,20 @@ def replayed_request(row: Any) -> tuple[ImageRequest, bool]:
     chars = int(saved.pop("prompt_chars", 1))
     negative, seeded = saved.pop("negative_prompt", False), saved.pop("seeded", False)
     adapters = tuple(Adapter(ref=a["ref"], scale=a["scale"]) for a in saved.pop("adapters", []))
+    edit = saved.pop("edit", None) or {}
+    if edit:   # stand-ins of the same sizes: the planner and the prices read sizes, never pixels
+        saved["images"] = tuple(_stand_in(i["width"], i["height"]) for i in edit["images"])
+        saved["mask"] = _stand_in(edit["mask"]["width"], edit["mask"]["height"]) if edit.get("mask") else None
+        saved["strength"] = edit.get("strength")
     return ImageRequest(prompt="x" * max(1, chars), negative_prompt="x" if negative else None,
                         seed=0 if seeded else None, adapters=adapters, tags=tags, **saved), True
+
+
+@functools.lru_cache(maxsize=64)
+def _stand_in(width: int, height: int) -> InputImage:
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG")
+    return read_input(buf.getvalue())
 
 
 def _kind(reason: str) -> str:

@@ -13,6 +13,7 @@ import typer
 from ..logs import enable_cli_logging
 from .analysis import breakeven, report, whatif
 from .costs import costs, ledger_app
+from .edit import edit
 from .generate import generate
 from .output import err_console, print_json, unlimited_when_piped
 from .policy import app as policy_app
@@ -48,6 +49,7 @@ def _options(verbose: Annotated[int, typer.Option(
 
 
 app.command()(generate)
+app.command()(edit)
 app.command()(route)
 app.command()(providers)
 app.command()(costs)

@@ -32,6 +32,13 @@ LedgerOpt = Annotated[str | None, typer.Option("--ledger", help="Ledger URL or S
                                                 "the policy's ledger.url, $IMAGEBROKER_LEDGER_URL, then "
                                                 "the user data dir).")]
 TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="key=value, repeatable.")]
+ImageOpt = Annotated[list[Path] | None, typer.Option("--image", "-i", help="An input image (PNG, JPEG or WebP): "
+                                                     "the first is the init image, the rest references; "
+                                                     "repeat for several.")]
+MaskOpt = Annotated[Path | None, typer.Option("--mask", help="Where to change the init image: white = change, "
+                                              "black = keep; the init image's size.")]
+StrengthOpt = Annotated[float | None, typer.Option("--strength", help="How far the result may move from the "
+                                                   "init image, 0 < S <= 1 (img2img).")]
 
 
 class Mistake(ImageBrokerError):
@@ -100,6 +107,29 @@ def request_fields(size: str | None, n: int, seed: int | None, adapter: list[str
         fields["adapters"] = tuple(Adapter.parse(a) for a in adapter)
     if model:
         fields["model"] = model
+    return fields
+
+
+def edit_fields(image: list[Path] | None, mask: Path | None, strength: float | None) -> dict[str, Any]:
+    """The input images, mask and strength of an edit, each file checked before anything is paid for."""
+    from ..inputs import read_input
+
+    fields: dict[str, Any] = {}
+    for option, paths in (("--image", image or []), ("--mask", [mask] if mask else [])):
+        read = []
+        for path in paths:
+            if not path.expanduser().is_file():
+                fail(f"{option} {path}: file not found")
+            try:
+                read.append(read_input(path, option))
+            except ValueError as exc:
+                fail(str(exc))
+        if read:
+            fields["images" if option == "--image" else "mask"] = tuple(read) if option == "--image" else read[0]
+    if (mask or strength is not None) and not image:
+        fail(f"{'--mask' if mask else '--strength'} needs --image: the image to edit")
+    if strength is not None:
+        fields["strength"] = strength
     return fields
 
 

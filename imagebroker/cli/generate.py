@@ -129,41 +129,47 @@ def _result_json(result: ImageResult, images: list[dict[str, Any]]) -> dict[str,
         "applied": result.applied, "dropped": list(result.dropped), "warnings": list(result.warnings)}
 
 
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for the images (created if missing).")]
+NegativeOpt = Annotated[str | None, typer.Option("--negative", help="Negative prompt.")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Denoising steps.")]
+GuidanceOpt = Annotated[float | None, typer.Option("--guidance", help="Guidance scale.")]
+SchedulerOpt = Annotated[str | None, typer.Option("--scheduler", help="Local scheduler name (euler, dpmpp_2m, ...).")]
+QualityOpt = Annotated[str | None, typer.Option("--quality", help="low, medium, high, ...")]
+FormatOpt = Annotated[str | None, typer.Option("--output-format", help="png, jpeg or webp.")]
+TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help="Seconds for the whole call, fallbacks "
+                                                  "included; past it the call is cancelled (exit 124).")]
+EmbedOpt = Annotated[bool, typer.Option("--embed-provenance", help="Also put the provenance into each PNG (an "
+                                        "iTXt chunk; the pixels untouched), unless it carries C2PA content "
+                                        "credentials.")]
+NoStoreOpt = Annotated[bool, typer.Option("--no-store", help="Keep no copy in the image store (on by default "
+                                          "here; the policy's store.enabled: false turns it off too).")]
+
+
 @handle_errors
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
-    model: ModelOpt = None, tag: TagOpt = None, policy: PolicyOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the images (created if missing).")]
-    = Path("."),
-    negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps.")] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="Guidance scale.")] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", help="Local scheduler name "
-                                                  "(euler, dpmpp_2m, ...).")] = None,
-    quality: Annotated[str | None, typer.Option("--quality", help="low, medium, high, ...")] = None,
-    output_format: Annotated[str | None, typer.Option("--output-format", help="png, jpeg or webp.")]
-    = None,
-    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds for the whole call, fallbacks "
-                                                  "included; past it the call is cancelled (exit 124).")]
-    = None,
-    embed_provenance: Annotated[bool, typer.Option("--embed-provenance", help="Also put the provenance "
-                                                   "into each PNG (an iTXt chunk; the pixels untouched), unless "
-                                                   "it carries C2PA content credentials.")] = False,
-    no_store: Annotated[bool, typer.Option("--no-store", help="Keep no copy in the image store (on by "
-                                           "default here; the policy's store.enabled: false turns it off too).")]
-    = False,
-    ledger: LedgerOpt = None,
-    json_out: JsonOpt = False,
+    model: ModelOpt = None, tag: TagOpt = None, policy: PolicyOpt = None, out: OutOpt = Path("."),
+    negative: NegativeOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
+    scheduler: SchedulerOpt = None, quality: QualityOpt = None, output_format: FormatOpt = None,
+    timeout: TimeoutOpt = None, embed_provenance: EmbedOpt = False, no_store: NoStoreOpt = False,
+    ledger: LedgerOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Generate images for PROMPT, write them into --out exactly as the provider sent them (provenance in a
     NAME.json beside each), and print offering, cost and latency."""
-    from ..broker.sync import Broker
-
     fields = request_fields(size, n, seed, adapter, model, tag)
     extra = {"negative_prompt": negative, "steps": steps, "guidance_scale": guidance,
              "scheduler": scheduler, "quality": quality, "output_format": output_format}
     request = ImageRequest(prompt=prompt, **fields, **{k: v for k, v in extra.items() if v is not None})
+    make_images(request, policy=policy, ledger=ledger, out=out, timeout=timeout, embed=embed_provenance,
+                no_store=no_store, json_out=json_out)
+
+
+def make_images(request: ImageRequest, *, policy: str | None, ledger: str | None, out: Path,
+                timeout: float | None, embed: bool, no_store: bool, json_out: bool) -> None:
+    """What `generate` and `edit` share: check --out, run the call, write the images, print the result."""
+    from ..broker.sync import Broker
+
     if timeout is not None and not timeout > 0:
         fail(f"--timeout {timeout:g}: must be a positive number of seconds")
     check_out(out)
@@ -176,7 +182,7 @@ def generate(
             if exc.result is None:
                 raise
             result, unrecorded = exc.result, exc  # paid for: write the images, then say so and fail
-    images = save_paid(result, request, out, embed=embed_provenance,
+    images = save_paid(result, request, out, embed=embed,
                        store_prompt=broker.policy.ledger.store_prompts)
     if unrecorded is not None:
         err_console.print(styled(f"error: {unrecorded}", "red"))

@@ -10,15 +10,19 @@ from ..errors import NoRouteError
 from ..types import ImageRequest, Plan
 from .common import (
     AdapterOpt,
+    ImageOpt,
     JsonOpt,
     LedgerOpt,
+    MaskOpt,
     ModelOpt,
     NOpt,
     PolicyOpt,
     SeedOpt,
     SizeOpt,
+    StrengthOpt,
     TagOpt,
     WideOpt,
+    edit_fields,
     handle_errors,
     read_only_broker,
     request_fields,
@@ -62,12 +66,14 @@ def print_plan(plan: Plan, *, wide: bool = False, limit: int | None = None) -> N
 def route(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
-    model: ModelOpt = None, tag: TagOpt = None, policy: PolicyOpt = None, ledger: LedgerOpt = None,
+    model: ModelOpt = None, tag: TagOpt = None, image: ImageOpt = None, mask: MaskOpt = None,
+    strength: StrengthOpt = None, policy: PolicyOpt = None, ledger: LedgerOpt = None,
     wide: WideOpt = False, json_out: JsonOpt = False,
 ) -> None:
-    """Show which offerings would serve PROMPT, in order, and why the others would not. Calls no provider;
-    exits 2 when no offering can serve it."""
-    request = ImageRequest(prompt=prompt, **request_fields(size, n, seed, adapter, model, tag))
+    """Show which offerings would serve PROMPT (an edit, with --image), in order, and why the others would
+    not. Calls no provider; exits 2 when no offering can serve it."""
+    fields = request_fields(size, n, seed, adapter, model, tag) | edit_fields(image, mask, strength)
+    request = ImageRequest(prompt=prompt, **fields)
     plan = read_only_broker(policy, ledger).plan(request)
     if json_out:
         print_json(plan_json(plan))

@@ -26,8 +26,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import diffusers
 import torch
 from diffusers.utils import logging as diffusers_logging
+from PIL import Image as PILImage
 
 from ..errors import ModelNotFound, ProviderError, ProviderUnavailable, RequestError
+from ..inputs import white_mask
 from ..providers.base import CallContext, ProviderResult, RawImage
 from ..providers.offering import Offering, request_size
 from ..providers.settings import LocalSettings
@@ -49,6 +51,19 @@ class Loaded:
     bytes: int
     multiple: int
     adapters: set[str] = field(default_factory=set)
+    variants: dict[str, Any] = field(default_factory=dict)   # img2img / inpaint, sharing pipe's components
+
+    def for_task(self, task: str) -> Any:
+        """The pipeline for `text2img`, `img2img` or `inpaint`: the loaded one, or one built from its
+        components (`from_pipe`: no second load, no second copy of the weights)."""
+        if task == "text2img":
+            return self.pipe
+        if task not in self.variants:
+            auto = diffusers.AutoPipelineForInpainting if task == "inpaint" else diffusers.AutoPipelineForImage2Image
+            variant = auto.from_pipe(self.pipe)
+            variant.set_progress_bar_config(disable=True)
+            self.variants[task] = variant
+        return self.variants[task]
 
 
 @dataclass
@@ -61,9 +76,11 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def key(self) -> tuple[Any, ...]:
+        """Jobs with equal keys run as one batch: the same model, settings and input images."""
         r = self.request
+        inputs = (tuple(i.sha256 for i in r.images), r.mask.sha256 if r.mask else None, r.strength)
         return (self.offering.id, request_size(r, self.offering), r.steps, r.guidance_scale,
-                r.scheduler, r.adapters)
+                r.scheduler, r.adapters, inputs)
 
     def resolve(self, result: ProviderResult | None, error: BaseException | None = None) -> None:
         def done() -> None:
@@ -220,7 +237,8 @@ class LocalRunner:
         first = batch[0]
         offering, req = first.offering, first.request
         loaded, load_s = self._load(offering)
-        pipe, family = loaded.pipe, loaded.family
+        task = "inpaint" if req.mask is not None else "img2img" if req.is_edit else "text2img"
+        pipe, family = loaded.for_task(task), loaded.family
         w, h = request_size(req, offering)
         if w % loaded.multiple or h % loaded.multiple:
             raise RequestError(f"size {w}x{h}: {offering.id} needs both sides to be multiples of "
@@ -261,6 +279,10 @@ class LocalRunner:
         kwargs: dict[str, Any] = dict(prompt=prompts, height=h, width=w, num_inference_steps=steps,
                                       generator=generators, output_type="pil",
                                       callback_on_step_end=on_step)
+        if task != "text2img":
+            kwargs |= _edit_inputs(req, task, (w, h), len(prompts))
+            if task == "img2img":   # it makes the init image's size, resized above to the size asked
+                del kwargs["height"], kwargs["width"]
         if guidance is not None:
             kwargs["guidance_scale"] = float(guidance)  # type: ignore[arg-type]
         if family != "flux" and any(negatives):
@@ -279,6 +301,11 @@ class LocalRunner:
             raise ProviderUnavailable("cancelled: the pipeline was interrupted", provider="local")
         results = self._results(batch, out.images, seeds, busy, load_s, steps, guidance, sched_name,
                                 calls[0], (w, h))
+        if task != "text2img":
+            for r in results:
+                r.applied |= {"task": task, "strength": req.edit_strength,
+                              "images": [i.describe() for i in req.images],
+                              "mask": req.mask.describe() if req.mask else None}
         if joules is not None:
             for r in results:
                 r.usage["energy_j"] = round(joules * r.usage["images"] / r.usage["batch_images"], 3)
@@ -311,6 +338,20 @@ class LocalRunner:
                        "device": self.device, "batch_images": total}
             results.append(ProviderResult(raws, usage, None, applied))
         return results
+
+
+def _edit_inputs(request: ImageRequest, task: str, size: tuple[int, int], count: int) -> dict[str, Any]:
+    """The init image (and mask) as the pipeline takes them, at the size asked, one per image made."""
+    init = request.images[0].pil().convert("RGB")
+    if init.size != size:
+        init = init.resize(size, PILImage.Resampling.LANCZOS)
+    out: dict[str, Any] = {"image": [init] * count, "strength": request.edit_strength}
+    if task == "inpaint" and request.mask is not None:
+        mask = PILImage.open(io.BytesIO(white_mask(request.mask))).convert("L")
+        if mask.size != size:
+            mask = mask.resize(size, PILImage.Resampling.NEAREST)
+        out["mask_image"] = [mask] * count
+    return out
 
 
 class _EnergyMeter:

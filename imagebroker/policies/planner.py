@@ -73,6 +73,8 @@ def _rule_applies(rule: Rule, request: ImageRequest) -> bool:
         w.adapters is None or bool(request.adapters) == w.adapters,
         w.model is None or request.model == w.model,
         w.negative_prompt is None or bool(request.negative_prompt) == w.negative_prompt,
+        w.edit is None or request.is_edit == w.edit,
+        w.mask is None or (request.mask is not None) == w.mask,
     ])
 
 
@@ -103,6 +105,8 @@ def latency_estimate(o: Offering, state: PlannerState, request: ImageRequest | N
         dw, dh = parse_size(o.capabilities.default_size)
         steps = float(o.settings.get("steps", 0) or 0)  # type: ignore[arg-type]
         p50 *= ((w * h) / (dw * dh)) ** 1.25 * (request.steps / steps if request.steps and steps else 1.0)
+        if request.is_edit:  # img2img and inpainting run the last `strength` of the steps
+            p50 *= request.edit_strength
     if o.id in state.cold:
         p50 += float(o.settings.get("load_s", DEFAULT_LOAD_S))  # type: ignore[arg-type]
     return p50
@@ -111,8 +115,15 @@ def latency_estimate(o: Offering, state: PlannerState, request: ImageRequest | N
 def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints) -> tuple[list[str], list[str]]:
     """(hard reasons the offering cannot serve the request, soft fields it would drop)."""
     caps, hard, soft = o.capabilities, [], []
-    if r.width and r.height and (problem := caps.size_problem(r.width, r.height)):
+    edit = caps.edit if r.is_edit else None
+    if edit is not None and edit.output_size != "asked":  # it returns the init image's size, or its own
+        if r.width and (edit.output_size == "any" or (r.width, r.height) != request_size(r, o)):
+            soft.append("size")
+        if edit.output_size == "input" and (problem := caps.size_problem(*request_size(r, o))):
+            hard.append(f"init image: {problem}")
+    elif r.width and r.height and (problem := caps.size_problem(r.width, r.height)):
         hard.append(problem)
+    hard += _edit_reasons(o, r, soft)
     if r.n > caps.max_n:
         hard.append(f"n={r.n} above its max of {caps.max_n}")
     if r.adapters and not caps.adapters:
@@ -146,6 +157,30 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints) -> tuple[l
     if r.output_format and r.output_format not in caps.output_formats:
         soft.append("output_format")  # converted locally after the call
     return hard, soft
+
+
+def _edit_reasons(o: Offering, r: ImageRequest, soft: list[str]) -> list[str]:
+    """Why the offering cannot serve this edit (or this text-to-image request); soft fields go to `soft`."""
+    edit = o.capabilities.edit
+    if not r.is_edit:
+        return [] if o.capabilities.text_to_image else ["edit only: needs an input image"]
+    if edit is None:
+        return ["no image editing (takes no input images)"]
+    hard = []
+    if len(r.images) > edit.max_images:
+        hard.append(f"takes at most {edit.max_images} input image{'s' if edit.max_images > 1 else ''}, "
+                    f"{len(r.images)} given")
+    if r.mask is not None and not edit.mask:
+        hard.append("no mask support")
+    elif r.mask is None and edit.mask_required:
+        hard.append("needs a mask (an inpainting endpoint)")
+    if r.strength is not None and not edit.strength:
+        soft.append("strength")
+    if o.kind == "local":  # Diffusers denoises int(steps x strength) steps: none is an error, found here
+        steps = r.steps or int(o.settings.get("steps") or 25)  # type: ignore[call-overload]
+        if int(steps * r.edit_strength) < 1:
+            hard.append(f"strength {r.edit_strength:g} x {steps} steps leaves no denoising step")
+    return hard
 
 
 def _limits(r: ImageRequest, c: Constraints, state: PlannerState) -> tuple[float, list[tuple[Decimal, str]]]:
@@ -206,7 +241,8 @@ def request_key(r: ImageRequest) -> tuple[object, ...]:
     return (-(-len(r.prompt) // CHARS_PER_TOKEN), r.negative_prompt is None, bool(r.negative_prompt),
             r.width, r.height, r.n, r.seed is None, r.steps, r.guidance_scale is None, r.scheduler,
             r.quality, r.output_format, r.background, r.adapters, r.model, tuple(sorted(r.tags.items())),
-            r.max_cost_usd, r.max_latency_s)
+            r.max_cost_usd, r.max_latency_s, tuple((i.width, i.height) for i in r.images), r.mask is None,
+            r.strength)
 
 
 def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: PlannerState) -> Plan:

@@ -68,6 +68,23 @@ def estimated_output_tokens(price: PerTokenPrice, width: int, height: int, quali
     return math.ceil(base * (width * height) / (rw * rh))
 
 
+def input_megapixels(price: PerMegapixelPrice, sizes: list[tuple[int, int]]) -> Decimal:
+    """The megapixels of the input images an edit is billed for (FLUX.2: each at `input_usd_per_mp`)."""
+    total = Decimal(0)
+    for w, h in sizes:
+        mp = Decimal(w * h) / Decimal(1_000_000)
+        total += Decimal(math.ceil(mp)) if price.rounding == "ceil" else mp
+    return total
+
+
+def _input_usd(price: PerMegapixelPrice, sizes: list[tuple[int, int]]) -> Decimal:
+    return input_megapixels(price, sizes) * price.input_usd_per_mp if price.input_usd_per_mp else Decimal(0)
+
+
+def _input_sizes(request: ImageRequest) -> list[tuple[int, int]]:
+    return [(i.width, i.height) for i in request.images]
+
+
 def token_usd(price: PerTokenPrice, units: Mapping[str, Any]) -> Decimal:
     def rate(name: str, fallback: Decimal) -> Decimal:
         value = getattr(price, name)
@@ -105,11 +122,20 @@ def estimate(request: ImageRequest, offering: Offering, *, device: str = "cuda")
     elif isinstance(price, PerMegapixelPrice):
         each = megapixel_usd(price, w, h)
         usd, detail = each * n, f"{n} x {w}x{h} at {megapixel_rate(price)}"
+        inputs = _input_sizes(request)
+        if price.input_usd_per_mp and inputs:
+            usd += _input_usd(price, inputs)
+            detail += (f" + {len(inputs)} input image(s), {input_megapixels(price, inputs)} MP at "
+                       f"${price.input_usd_per_mp}/MP")
     elif isinstance(price, PerTokenPrice):
         out = estimated_output_tokens(price, w, h, request.quality)
         prompt = math.ceil(len(request.prompt) / CHARS_PER_TOKEN)
         units.update(input_text_tokens=prompt * n, output_image_tokens=out * n)
-        usd, detail = token_usd(price, units), f"~{prompt} prompt + {out} image tokens per image"
+        detail = f"~{prompt} prompt + {out} image tokens per image"
+        if request.is_edit:   # the input images are sent once, whatever n is
+            units["input_image_tokens"] = price.input_image_tokens * len(request.images)
+            detail += f" + ~{units['input_image_tokens']} input-image tokens"
+        usd = token_usd(price, units)
     elif isinstance(price, PerSecondPrice):
         secs = price.typical_seconds * n
         units["predict_time_s"] = secs
@@ -123,6 +149,8 @@ def estimate(request: ImageRequest, offering: Offering, *, device: str = "cuda")
         default_steps = offering.settings.get("steps")
         if request.steps and isinstance(default_steps, int) and default_steps:
             secs *= request.steps / default_steps
+        if request.is_edit and offering.kind == "local":  # Diffusers runs int(steps x strength) of the
+            secs *= request.edit_strength                  # steps (ComfyUI's KSampler runs them all)
         units.update(gpu_seconds=round(secs, 3), device=device)
         if rate is None:
             return Cost.unpriced("gpu_seconds", "set local.gpu_usd_per_hour in the policy", units)
@@ -154,13 +182,16 @@ def bound(request: ImageRequest, offering: Offering, *, device: str = "cuda") ->
     if isinstance(price, PerImagePrice):
         usd = _per_image_bound(price, f"{w}x{h}", request.quality) * n
     elif isinstance(price, PerMegapixelPrice):
-        usd = megapixel_usd(price, w, h) * n
+        usd = megapixel_usd(price, w, h) * n + _input_usd(price, _input_sizes(request))
     elif isinstance(price, PerTokenPrice):
         worst = request.quality if request.quality in price.output_tokens else None
         table = price.output_tokens if worst is None else {worst: price.output_tokens[worst]}
         rw, rh = parse_size(price.output_tokens_size)
         out = math.ceil(max(table.values(), default=0) * (w * h) / (rw * rh))
-        units = {"input_text_tokens": len(request.prompt.encode()) * n, "output_image_tokens": out * n}
+        per_input = price.input_image_tokens_max
+        per_input = price.input_image_tokens * 2 if per_input is None else per_input
+        units = {"input_text_tokens": len(request.prompt.encode()) * n, "output_image_tokens": out * n,
+                 "input_image_tokens": per_input * len(request.images)}
         usd = token_usd(price, units)
     elif isinstance(price, PerSecondPrice):
         secs = max(price.max_seconds or offering.latency.p95_s, price.typical_seconds) * n
@@ -194,6 +225,11 @@ def settle(usage: Mapping[str, Any], offering: Offering, request: ImageRequest) 
         sizes = units.get("sizes") or [[w, h]] * images
         usd = sum((megapixel_usd(price, int(a), int(b)) for a, b in sizes), Decimal(0))
         detail = f"{len(sizes)} image(s) at {megapixel_rate(price)}"
+        inputs = [(int(a), int(b)) for a, b in units.get("input_sizes") or _input_sizes(request)]
+        if price.input_usd_per_mp and inputs:
+            usd += _input_usd(price, inputs)
+            detail += f" + {len(inputs)} input image(s), {input_megapixels(price, inputs)} MP at " \
+                      f"${price.input_usd_per_mp}/MP"
     elif isinstance(price, PerTokenPrice):
         if not any(k.endswith("_tokens") for k in units):
             est = estimate(request, offering)
@@ -246,7 +282,7 @@ def usage_problem(usage: Mapping[str, Any]) -> str | None:
         if key in _COUNTED or key.endswith("_tokens"):
             if value is not None and _not_a_count(value):
                 return f"{key}={str(value)[:40]!r}"
-        elif key == "sizes" and (not isinstance(value, list) or any(
+        elif key in ("sizes", "input_sizes") and (not isinstance(value, list) or any(
                 not isinstance(pair, (list, tuple)) or len(pair) != 2 or any(map(_not_a_count, pair))
                 for pair in value)):
             return f"sizes={str(value)[:40]!r}"

@@ -43,6 +43,8 @@ class When(_Strict):
     adapters: bool | None = None
     model: str | None = None
     negative_prompt: bool | None = None
+    edit: bool | None = None      # the request has input images
+    mask: bool | None = None      # the request has a mask (inpainting)
 
 
 class RuleSet(_Strict):

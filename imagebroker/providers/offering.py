@@ -39,6 +39,20 @@ class SizeRule(_Data):
         return None
 
 
+class EditCaps(_Data):
+    """What an offering can do with input images (an edit request)."""
+
+    max_images: int = Field(default=1, ge=1)   # input images it takes; the first is the init image
+    mask: bool = False            # inpainting: a mask says where to change
+    mask_required: bool = False   # an inpainting endpoint: no edit without a mask
+    strength: bool = False        # img2img: how far it may move from the init image
+    # the size of what it returns: the size asked (`asked`), the init image's (`input`: a size asked
+    # is dropped), or one it picks itself from the init image's aspect ratio (`any`, within size_rule)
+    output_size: Literal["asked", "input", "any"] = "asked"
+    endpoint: str | None = None   # the provider's path or model for edits, when not the offering's own
+    note: str = ""
+
+
 class Capabilities(_Data):
     default_size: str = "1024x1024"
     sizes: tuple[str, ...] = ()          # fixed list; empty means size_rule decides
@@ -54,7 +68,8 @@ class Capabilities(_Data):
     transparent_background: bool = False
     qualities: tuple[str, ...] = ()
     output_formats: tuple[str, ...] = ("png",)
-    edit: bool = False
+    edit: EditCaps | None = None     # None: text-to-image only
+    text_to_image: bool = True       # False: an edit-only endpoint (FLUX Fill, Stability inpaint)
 
     @model_validator(mode="after")
     def _sizes(self) -> Capabilities:
@@ -99,6 +114,7 @@ class PerMegapixelPrice(_PriceBase):
     # BFL FLUX.2: the first MP costs this, each further MP usd_per_mp
     first_mp_usd: Decimal | None = Field(default=None, ge=0)
     rounding: Literal["exact", "ceil"] = "exact"   # fal rounds each image up to whole MP
+    input_usd_per_mp: Decimal | None = Field(default=None, ge=0)   # each input image's MP (FLUX.2 edits)
 
 
 class PerTokenPrice(_PriceBase):
@@ -112,6 +128,10 @@ class PerTokenPrice(_PriceBase):
     # image-output tokens per image at a reference size, by quality (estimate before the call)
     output_tokens: dict[str, int] = Field(default_factory=dict)
     output_tokens_size: str = "1024x1024"
+    # image-input tokens per input image (an edit), to estimate before the call; usage settles, and the
+    # bound reserves `input_image_tokens_max` (default twice the estimate: high input fidelity)
+    input_image_tokens: int = Field(default=0, ge=0)
+    input_image_tokens_max: int | None = Field(default=None, ge=0)
 
 
 class PerSecondPrice(_PriceBase):
@@ -208,10 +228,17 @@ def offering_warnings(request: ImageRequest, offering: Offering) -> tuple[str, .
 
 
 def request_size(request: ImageRequest, offering: Offering) -> tuple[int, int]:
-    """The size the request asks of this offering: its own, else the offering's default."""
+    """The size the request asks of this offering: for an edit where the offering returns the init image's
+    size, that size; else the request's own; else, for an edit, the init image's when the offering takes
+    it; else the offering's default."""
+    caps, init = offering.capabilities, request.init_image
+    if init is not None and caps.edit is not None and caps.edit.output_size == "input":
+        return init.width, init.height
     if request.width and request.height:
         return request.width, request.height
-    return parse_size(offering.capabilities.default_size)
+    if init is not None and caps.size_problem(init.width, init.height) is None:
+        return init.width, init.height
+    return parse_size(caps.default_size)
 
 
 PerImagePrice.model_rebuild()

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from ..errors import BadProviderResponse, MissingExtra, OutcomeUnknown, ProviderUnavailable
+from ..inputs import alpha_mask
 from ..types import ImageRequest
 from .base import CallContext, Provider, ProviderResult, RawImage, mark_submitted
 from .http import NOT_SENT, status_error
@@ -56,7 +57,10 @@ class OpenAIProvider(Provider):
         params.update(request.extra.get(self.name, {}))  # moderation, output_compression, user, ...
         client = self._client(self.base_url_for(offering) or "", ctx.api_key or "")
         try:
-            resp = await client.images.generate(**params, timeout=ctx.timeout_s)
+            if request.is_edit:
+                resp = await client.images.edit(**_edit_params(request, params), timeout=ctx.timeout_s)
+            else:
+                resp = await client.images.generate(**params, timeout=ctx.timeout_s)
         except openai.APIStatusError as exc:
             headers = httpx.Headers(list(exc.response.headers.items()))
             raise status_error(exc.status_code, exc.response.text, headers, **where) from None
@@ -80,9 +84,26 @@ class OpenAIProvider(Provider):
                       "output_image_tokens": out.image_tokens if out else u.output_tokens,
                       "output_text_tokens": getattr(out, "text_tokens", 0) or 0}
         applied = {k: v for k, v in params.items() if k != "prompt"}
+        if request.is_edit:
+            applied.pop("moderation", None)
+            applied |= {"images": len(request.images), "mask": request.mask is not None}
         return ProviderResult(images, usage, getattr(resp, "_request_id", None), applied)
 
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
+
+
+def _edit_params(request: ImageRequest, params: dict[str, Any]) -> dict[str, Any]:
+    """`images.edit`'s arguments: every input image as a named, typed file (the SDK sends a list as repeated
+    `image[]` parts; bare bytes would go as application/octet-stream, which the API refuses), the mask made
+    OpenAI's way (transparent = change) and no `moderation` (a generate-only field)."""
+    files = [(f"image-{i}.{_EXT[img.format]}", img.data, img.mime) for i, img in enumerate(request.images)]
+    out = {k: v for k, v in params.items() if k != "moderation"} | {"image": files}
+    if request.mask is not None:
+        out["mask"] = ("mask.png", alpha_mask(request.mask), "image/png")
+    return out
+
+
+_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}

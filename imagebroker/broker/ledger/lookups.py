@@ -32,6 +32,7 @@ class ServedCall:
     n: int | None = None
     width: int | None = None
     height: int | None = None
+    input_sha256s: tuple[str, ...] = ()   # an edit's input images and mask, in order (m008 request_json)
 
 
 class Lookups:
@@ -71,4 +72,15 @@ def _served(row: Any) -> ServedCall:
     return ServedCall(request_id=row.request_id, created_at=row.created_at, offering=row.offering,
                       image_sha256s=json.loads(row.image_sha256s or "[]"), seed=row.seed, cost_nusd=row.cost_nusd,
                       cost_status=row.cost_status, cost_unit=row.cost_unit, latency_s=row.latency_s,
-                      prompt_sha256=row.prompt_sha256, n=row.n, width=row.width, height=row.height)
+                      prompt_sha256=row.prompt_sha256, n=row.n, width=row.width, height=row.height,
+                      input_sha256s=_inputs(row.request_json))
+
+
+def _inputs(request_json: str | None) -> tuple[str, ...]:
+    """The sha256 of each input image and of the mask the row's request had (none: text-to-image)."""
+    try:
+        edit = json.loads(request_json or "{}").get("edit") or {}
+    except ValueError:
+        return ()
+    images = [i.get("sha256") for i in edit.get("images", [])]
+    return tuple(str(s) for s in [*images, (edit.get("mask") or {}).get("sha256")] if s)

@@ -3,12 +3,20 @@ steps are listed in `imagebroker.testing.fakes`)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import threading
 import time
+from dataclasses import dataclass
+from email.parser import BytesParser
+from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlparse
+
+from PIL import Image
 
 from ..images import make_huge_png, make_image
 
@@ -19,6 +27,65 @@ JUNK = b"\xde\xad\xbe\xef" * (1 << 14)  # what the `junk` step appends to each i
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 512  # socketserver's default backlog of 5 resets connections under load
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a multipart/form-data body."""
+
+    name: str
+    filename: str | None
+    content_type: str | None
+    data: bytes
+
+    @property
+    def text(self) -> str:
+        return self.data.decode()
+
+
+def multipart(req: dict[str, Any]) -> list[Part]:
+    """The parts of a multipart/form-data request, in order (a real form parser, not a regex)."""
+    head = f"Content-Type: {req['headers'].get('content-type', '')}\r\n\r\n".encode()
+    message = BytesParser(policy=HTTP).parsebytes(head + req["body"])
+    if not message.is_multipart():
+        raise ValueError("not a multipart/form-data body")
+    parts = []
+    for part in message.iter_parts():
+        raw_type = part.get("content-type")
+        parts.append(Part(str(part.get_param("name", header="content-disposition")),
+                          part.get_filename(), str(raw_type) if raw_type else None,
+                          part.get_payload(decode=True) or b""))
+    return parts
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a fake read of an input image it was sent."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    sha256: str
+
+
+def seen_image(data: bytes | str) -> Seen | None:
+    """An input image as a fake reads it (bytes, base64 or a data: URI); None when it is not an image."""
+    import hashlib
+
+    if isinstance(data, str):
+        payload = data.partition(",")[2] if data.startswith("data:") else data
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return Seen(str(image.format).lower(), image.width, image.height, image.mode,
+                        hashlib.sha256(data).hexdigest())
+    except Exception:
+        return None
 
 
 class Reply:

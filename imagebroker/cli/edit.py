@@ -1,0 +1,66 @@
+"""`imagebroker edit`: `generate` with input images: an init image (img2img), a mask (inpainting) and
+reference images, routed, priced and recorded like any call; the same options and the same JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..types import ImageRequest
+from .common import (
+    AdapterOpt,
+    ImageOpt,
+    JsonOpt,
+    LedgerOpt,
+    MaskOpt,
+    ModelOpt,
+    NOpt,
+    PolicyOpt,
+    SeedOpt,
+    SizeOpt,
+    StrengthOpt,
+    TagOpt,
+    edit_fields,
+    fail,
+    handle_errors,
+    request_fields,
+)
+from .generate import (
+    EmbedOpt,
+    FormatOpt,
+    GuidanceOpt,
+    NegativeOpt,
+    NoStoreOpt,
+    OutOpt,
+    QualityOpt,
+    SchedulerOpt,
+    StepsOpt,
+    TimeoutOpt,
+    make_images,
+)
+
+
+@handle_errors
+def edit(
+    prompt: Annotated[str, typer.Argument(help="What to make of the input images.")],
+    image: ImageOpt = None, mask: MaskOpt = None, strength: StrengthOpt = None,
+    size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
+    model: ModelOpt = None, tag: TagOpt = None, policy: PolicyOpt = None, out: OutOpt = Path("."),
+    negative: NegativeOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
+    scheduler: SchedulerOpt = None, quality: QualityOpt = None, output_format: FormatOpt = None,
+    timeout: TimeoutOpt = None, embed_provenance: EmbedOpt = False, no_store: NoStoreOpt = False,
+    ledger: LedgerOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Edit --image by PROMPT (with --mask: only where the mask is white), write the results into --out
+    exactly as the provider sent them, and print offering, cost and latency. Without --size the result
+    has the init image's size where the offering can make it."""
+    if not image:
+        fail("edit needs --image: the image to edit (repeat --image for reference images)")
+    fields = request_fields(size, n, seed, adapter, model, tag) | edit_fields(image, mask, strength)
+    extra = {"negative_prompt": negative, "steps": steps, "guidance_scale": guidance,
+             "scheduler": scheduler, "quality": quality, "output_format": output_format}
+    request = ImageRequest(prompt=prompt, **fields, **{k: v for k, v in extra.items() if v is not None})
+    make_images(request, policy=policy, ledger=ledger, out=out, timeout=timeout, embed=embed_provenance,
+                no_store=no_store, json_out=json_out)
