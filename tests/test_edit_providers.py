@@ -4,12 +4,9 @@ provider's convention, and the settled cost equal to the published formula inclu
 
 from __future__ import annotations
 
-import base64
 import io
-import json
 from decimal import Decimal
 
-import pytest
 from PIL import Image
 
 from imagebroker import Broker

@@ -87,7 +87,8 @@ class FakeOpenAI(FakeServer):
                 return self.invalid("image", f"Invalid file 'image': unsupported mimetype ('{part.content_type}'). "
                                     "Supported file formats are 'image/jpeg', 'image/png', and 'image/webp'."), []
             if (seen := seen_image(part.data)) is None:
-                return self.invalid("image", "Invalid image file or mode for image 1, please check your image file."), []
+                return self.invalid("image", "Invalid image file or mode for image 1, please check your "
+                                    "image file."), []
             inputs.append(seen)
         if len(inputs) > 16:
             return self.invalid("image", "Too many images: at most 16."), []
