@@ -24,7 +24,7 @@ OFFERING = {
     "bfl": ("bfl/flux-2-klein-4b", "0.014048576"),                             # $0.014 + 0.048576 MP x $0.001
     "fal": ("fal/fal-ai/flux/schnell", "0.003"),                               # 0.79 MP -> 1 MP x $0.003
     "openai": ("openai/gpt-image-2", "0.125055"),     # 3 prompt tokens x $5/M + 4168 image tokens (auto) x $30/M
-    "google": ("google/gemini-3.1-flash-image", "0.0774045"),  # 9 x $0.5/M + 1290 image tokens x $60/M
+    "google": ("google/gemini-3.1-flash-image", "0.0672045"),  # 9 x $0.5/M + 1120 image tokens x $60/M
     "replicate": ("replicate/black-forest-labs/flux-schnell", "0.003"),  # 1 output x $0.003
     "comfyui": ("comfyui/sdxl", None),  # GPU-seconds from the history timestamps x $3.60/h
 }

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from ..errors import BadProviderResponse, ContentRejected, ModelNotFound, ProviderUnavailable
+from ..inputs import white_mask
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage
 from .http import HttpProvider
@@ -30,6 +32,10 @@ class BFLProvider(HttpProvider):
         w, h = request_size(request, offering)
         body: dict[str, Any] = {"prompt": request.prompt, "width": w, "height": h,
                                 "output_format": "png" if request.output_format == "png" else "jpeg"}
+        body |= edit_fields(request)
+        edit = offering.capabilities.edit
+        if request.is_edit and edit is not None and edit.output_size != "asked":
+            del body["width"], body["height"]   # Kontext and Fill take the size from the input
         if request.seed is not None:
             body["seed"] = request.seed
         if offering.capabilities.steps and request.steps:
@@ -68,8 +74,19 @@ class BFLProvider(HttpProvider):
             raise BadProviderResponse("Ready without result.sample", **where)
         image = await self.download(sample, where, base_url=base)
         usage: dict[str, Any] = {"images": 1, "width": w, "height": h}
+        if request.is_edit:
+            usage["input_sizes"] = [[i.width, i.height] for i in request.images]
         if task.get("cost") is not None:  # newer responses may report credits (not verified)
             usage["credits"] = task["cost"]
         seed = (result.get("result") or {}).get("seed", request.seed)
-        return ProviderResult([RawImage(image, seed)], usage, task.get("id"),
-                              {"endpoint": path, **{k: v for k, v in body.items() if k != "prompt"}})
+        applied = {k: (f"<{len(v)} base64 chars>" if k.startswith(("input_image", "image", "mask")) else v)
+                   for k, v in body.items() if k != "prompt"}
+        return ProviderResult([RawImage(image, seed)], usage, task.get("id"), {"endpoint": path, **applied})
+
+
+def edit_fields(request: ImageRequest) -> dict[str, Any]:
+    """An edit's fields, base64 in the body: FLUX Fill's `image` and `mask` (white = fill), else the
+    images as `input_image`, `input_image_2`, ... (FLUX.2, Kontext)."""
+    if request.mask is not None:
+        return {"image": request.images[0].b64(), "mask": base64.b64encode(white_mask(request.mask)).decode()}
+    return {("input_image" if i == 0 else f"input_image_{i + 1}"): img.b64() for i, img in enumerate(request.images)}

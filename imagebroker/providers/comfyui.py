@@ -1,12 +1,16 @@
 """ComfyUI (the canvas rung): an API-format workflow template with bindings for prompt, negative,
-seed, size, steps and guidance; progress over the websocket (aiohttp, the [comfyui] extra) with a
-polling fallback; GPU-seconds from the history timestamps; interrupt and dequeue on timeout."""
+seed, size, steps and guidance, and for edits the init image, references and mask (uploaded with
+`/upload/image` under names made from their hashes, bound to the graph's LoadImage and LoadImageMask
+nodes) and the strength (the sampler's `denoise`); progress over the websocket (aiohttp, the [comfyui]
+extra) with a polling fallback; GPU-seconds from the history timestamps; interrupt and dequeue on
+timeout."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import copy
+import hashlib
 import json
 import secrets
 import uuid
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadProviderResponse, ProviderError, ProviderUnavailable
+from ..inputs import white_mask
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage
 from .http import HttpProvider
@@ -35,9 +40,22 @@ def infer_bindings(graph: dict[str, Any]) -> dict[str, str]:
             out[key] = f"{inputs[link][0]}.inputs.text"
     if isinstance(inputs.get("latent_image"), list):
         node = inputs["latent_image"][0]
-        out |= {"width": f"{node}.inputs.width", "height": f"{node}.inputs.height",
-                "batch": f"{node}.inputs.batch_size"}
+        if graph.get(node, {}).get("class_type") == "EmptyLatentImage":
+            out |= {"width": f"{node}.inputs.width", "height": f"{node}.inputs.height",
+                    "batch": f"{node}.inputs.batch_size"}
+    if "denoise" in inputs:
+        out["strength"] = f"{sampler_id}.inputs.denoise"
+    loads = sorted((k for k, n in graph.items() if n.get("class_type") == "LoadImage"), key=_node_order)
+    for i, node in enumerate(loads):
+        out["image" if i == 0 else f"image_{i + 1}"] = f"{node}.inputs.image"
+    mask = next((k for k, n in graph.items() if n.get("class_type") == "LoadImageMask"), None)
+    if mask is not None:
+        out |= {"mask": f"{mask}.inputs.image", "mask_channel": f"{mask}.inputs.channel"}
     return out
+
+
+def _node_order(node_id: str) -> tuple[int, str]:
+    return (int(node_id), "") if node_id.isdigit() else (1 << 30, node_id)
 
 
 def build_graph(template: dict[str, Any], bindings: dict[str, str], values: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +107,8 @@ class ComfyUIProvider(HttpProvider):
         seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
         values = {"prompt": request.prompt, "negative": request.negative_prompt, "seed": seed, "width": w,
                   "height": h, "steps": request.steps, "guidance": request.guidance_scale, "batch": request.n}
+        if request.is_edit:
+            values |= await self._upload_inputs(base, request, bindings, where)
         graph = build_graph(template, bindings, values)
         client_id, prompt_id = uuid.uuid4().hex, str(uuid.uuid4())
         where["request_id"] = prompt_id
@@ -101,6 +121,33 @@ class ComfyUIProvider(HttpProvider):
             raise
         record = self.json(await self.send("GET", f"{base}/history/{prompt_id}", where=where), where)
         return await self._collect(base, record.get(prompt_id) or {}, seed, w, h, where)
+
+    async def _upload_inputs(self, base: str, request: ImageRequest, bindings: dict[str, str],
+                             where: dict[str, Any]) -> dict[str, Any]:
+        """Each input image (and the mask, white = change, read from its red channel) uploaded into the
+        server's input folder, named by its hash (a repeat is the same file), as the values to bind."""
+        names = ["image", *(f"image_{i + 1}" for i in range(1, len(request.images)))]
+        missing = [n for n in names + (["mask"] if request.mask else []) if n not in bindings]
+        if missing:
+            raise ProviderError(f"the workflow has no node for {', '.join(missing)} (LoadImage for images, "
+                                "LoadImageMask for the mask): add one, or bind it in "
+                                "providers.comfyui.options.bindings", **where)
+        files = [(n, img.sha256[:32] + "." + ("jpg" if img.format == "jpeg" else img.format), img.data, img.mime)
+                 for n, img in zip(names, request.images, strict=True)]
+        if request.mask is not None:
+            data = white_mask(request.mask)
+            files.append(("mask", f"mask-{hashlib.sha256(data).hexdigest()[:32]}.png", data, "image/png"))
+        values: dict[str, Any] = {"strength": request.strength, "mask_channel": "red" if request.mask else None}
+        for binding, filename, data, mime in files:
+            resp = await self.send("POST", f"{base}/upload/image", where=where, submit=False,
+                                   files={"image": (filename, data, mime)},
+                                   data={"type": "input", "overwrite": "true"})
+            answer = self.json(resp, where)
+            name = answer.get("name") if isinstance(answer, dict) else None
+            if not isinstance(name, str) or not name:
+                raise BadProviderResponse("/upload/image answered without a name", **where)
+            values[binding] = f"{answer['subfolder']}/{name}" if answer.get("subfolder") else name
+        return values
 
     async def _run(self, base: str, graph: dict[str, Any], client_id: str, prompt_id: str, ctx: CallContext,
                    where: dict[str, Any]) -> None:

@@ -5,10 +5,12 @@ Billed per megapixel, each image rounded up: the units are the sizes fal reports
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from typing import Any
 
 from ..errors import BadProviderResponse, ContentRejected, ProviderUnavailable
+from ..inputs import white_mask
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage, sampling_fields
 from .http import HttpProvider
@@ -31,6 +33,9 @@ class FalProvider(HttpProvider):
                                 "output_format": "png" if request.output_format == "png" else "jpeg"}
         body |= sampling_fields(request, offering, steps="num_inference_steps", guidance="guidance_scale",
                                 negative_prompt=None)
+        if request.is_edit:   # the edit endpoints take the init image (and mask) by URL, and its size
+            del body["image_size"]
+            body |= _edit_fields(request, offering)
         if request.adapters:
             body["loras"] = [{"path": a.ref, "scale": a.scale} for a in request.adapters]
         body.update(request.extra.get(self.name, {}))
@@ -76,4 +81,18 @@ class FalProvider(HttpProvider):
             raise BadProviderResponse(f"unexpected result shape: {exc!r}", **where) from None
         return ProviderResult(images, {"images": len(images), "sizes": sizes, "width": w, "height": h},
                               handle.get("request_id"),
-                              {k: v for k, v in body.items() if k != "prompt"})
+                              {k: f"<data: URI, {len(v)} chars>" if k.endswith("_url") else v
+                               for k, v in body.items() if k != "prompt"})
+
+
+def _edit_fields(request: ImageRequest, offering: Offering) -> dict[str, Any]:
+    """`image_url` (and Fill's `mask_url`, white = fill) as data: URIs, and `strength` where the endpoint
+    takes it. fal documents data URIs as taken by some models and URLs by all: an upload to fal's CDN
+    first is not built."""
+    edit = offering.capabilities.edit
+    out: dict[str, Any] = {"image_url": request.images[0].data_url()}
+    if request.mask is not None:
+        out["mask_url"] = "data:image/png;base64," + base64.b64encode(white_mask(request.mask)).decode()
+    if edit is not None and edit.strength and request.strength is not None:
+        out["strength"] = request.strength
+    return out

@@ -26,6 +26,17 @@ BLOCKED = {"SAFETY", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "PROHIBITED_CON
            "RECITATION", "BLOCKLIST", "SPII", "IMAGE_OTHER", "NO_IMAGE"}
 
 
+def _input_tokens(meta: dict[str, Any]) -> dict[str, int]:
+    """Prompt tokens by modality (`promptTokensDetails`): an edit's input images are billed as image input;
+    without the split, every prompt token is counted as text."""
+    details = meta.get("promptTokensDetails") or []
+    by = {d.get("modality"): int(d.get("tokenCount", 0)) for d in details if isinstance(d, dict)}
+    if not by:
+        return {"input_text_tokens": meta.get("promptTokenCount", 0)}
+    return {"input_text_tokens": sum(v for k, v in by.items() if k != "IMAGE"),
+            "input_image_tokens": by.get("IMAGE", 0)}
+
+
 class GoogleProvider(HttpProvider):
     name = "google"
     api_key_env = "GEMINI_API_KEY"
@@ -48,8 +59,10 @@ class GoogleProvider(HttpProvider):
         where: dict[str, Any] = {"provider": self.name, "offering": offering.id}
         w, h = request_size(request, offering)
         ratio, image_size = SIZES[f"{w}x{h}"]
+        # an edit's images go inline before the prompt, as the SDK sends them (no mask: the prompt says it)
+        images = [{"inlineData": {"mimeType": i.mime, "data": i.b64()}} for i in request.images]
         body: dict[str, Any] = {
-            "contents": [{"parts": [{"text": request.prompt}]}],
+            "contents": [{"role": "user", "parts": [*images, {"text": request.prompt}]}],
             "generationConfig": {"responseModalities": ["IMAGE"],
                                  "imageConfig": {"aspectRatio": ratio, "imageSize": image_size}}}
         body["generationConfig"].update(request.extra.get(self.name, {}))
@@ -77,7 +90,7 @@ class GoogleProvider(HttpProvider):
         meta = data.get("usageMetadata") or {}
         image_tokens = sum(d.get("tokenCount", 0) for d in meta.get("candidatesTokensDetails", [])
                            if d.get("modality") == "IMAGE") or meta.get("candidatesTokenCount", 0)
-        usage = {"images": len(images), "width": w, "height": h,
-                 "input_text_tokens": meta.get("promptTokenCount", 0), "output_image_tokens": image_tokens}
+        usage = {"images": len(images), "width": w, "height": h, "output_image_tokens": image_tokens,
+                 **_input_tokens(meta)}
         return ProviderResult(images, usage, data.get("responseId"),
-                              {"aspectRatio": ratio, "imageSize": image_size})
+                              {"aspectRatio": ratio, "imageSize": image_size, "input_images": len(request.images)})

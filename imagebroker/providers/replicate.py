@@ -8,6 +8,7 @@ broker, which honours Retry-After."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..errors import (
     OutcomeUnknown,
     ProviderUnavailable,
 )
+from ..inputs import white_mask
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage, mark_submitted, sampling_fields
 from .http import POLL_RETRIES, HttpProvider, status_error
@@ -40,9 +42,10 @@ class ReplicateProvider(HttpProvider):
         w, h = request_size(request, offering)
         caps = offering.capabilities
         inp: dict[str, Any] = {"prompt": request.prompt}
-        if caps.size_rule is not None:
+        sized_by_input = request.is_edit and caps.edit is not None and caps.edit.output_size != "asked"
+        if caps.size_rule is not None and not sized_by_input:
             inp |= {"width": w, "height": h}
-        else:
+        elif not sized_by_input:
             inp["aspect_ratio"] = RATIOS[f"{w}x{h}"]
         if caps.max_n > 1:
             inp["num_outputs"] = request.n
@@ -54,6 +57,8 @@ class ReplicateProvider(HttpProvider):
             prefix = "" if i == 0 else "extra_"
             inp[f"{prefix}lora{'_weights' if i == 0 else ''}"] = a.ref
             inp[f"{prefix}lora_scale"] = a.scale
+        if request.is_edit:
+            inp |= _edit_input(request, offering)
         return inp | request.extra.get(self.name, {})
 
     async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
@@ -124,4 +129,21 @@ class ReplicateProvider(HttpProvider):
                                  "height": inp.get("height")}
         if pred.metrics and pred.metrics.get("predict_time") is not None:
             usage["predict_time_s"] = pred.metrics["predict_time"]
-        return ProviderResult(images, usage, pred.id, {k: v for k, v in inp.items() if k != "prompt"})
+        return ProviderResult(images, usage, pred.id, {k: "<data: URI>" if str(v).startswith("data:") else v
+                                                       for k, v in inp.items() if k != "prompt"})
+
+
+def _edit_input(request: ImageRequest, offering: Offering) -> dict[str, Any]:
+    """The init image under the model's own name for it (`image`, or Kontext's `input_image` with the
+    input's aspect ratio), the mask as `mask` (white = change), img2img's `prompt_strength`; files as data:
+    URIs (Replicate recommends them under 1 MB, its Files API above: not built yet)."""
+    field = str(offering.settings.get("edit_input", "image"))
+    out: dict[str, Any] = {field: request.images[0].data_url()}
+    if field == "input_image":
+        out["aspect_ratio"] = "match_input_image"
+    if request.mask is not None:
+        out["mask"] = "data:image/png;base64," + base64.b64encode(white_mask(request.mask)).decode()
+    edit = offering.capabilities.edit
+    if edit is not None and edit.strength and request.strength is not None:
+        out["prompt_strength"] = request.strength
+    return out

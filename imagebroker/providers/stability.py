@@ -1,11 +1,15 @@
-"""Stability AI REST v2beta: multipart POST to /v2beta/stable-image/generate/{ultra,core,sd3}.
-A `finish_reason` of CONTENT_FILTERED is a refusal even on HTTP 200. Billed in credits per image."""
+"""Stability AI REST v2beta: multipart POST to /v2beta/stable-image/generate/{ultra,core,sd3}, and for edits
+sd3's `mode=image-to-image` (image + strength, no aspect_ratio) and /v2beta/stable-image/edit/inpaint (image +
+mask, white = change). A `finish_reason` of CONTENT_FILTERED is a refusal even on HTTP 200. Billed in
+credits per image."""
 
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 from ..errors import BadProviderResponse, ContentRejected
+from ..inputs import white_mask
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage
 from .http import HttpProvider
@@ -24,8 +28,17 @@ class StabilityProvider(HttpProvider):
         where = {"provider": self.name, "offering": offering.id}
         w, h = request_size(request, offering)
         endpoint = str(offering.settings.get("endpoint", "core"))
-        fields: dict[str, str] = {"prompt": request.prompt, "aspect_ratio": RATIOS[f"{w}x{h}"],
-                                  "output_format": request.output_format or "png"}
+        fields: dict[str, str] = {"prompt": request.prompt, "output_format": request.output_format or "png"}
+        files: dict[str, tuple[str, bytes, str]] = {}
+        if request.is_edit:   # the output takes the input's size: no aspect_ratio
+            init = request.images[0]
+            files["image"] = (f"image.{init.format}", init.data, init.mime)
+            if request.mask is not None:
+                files["mask"] = ("mask.png", white_mask(request.mask), "image/png")
+            elif endpoint == "sd3":
+                fields |= {"mode": "image-to-image", "strength": str(request.edit_strength)}
+        else:
+            fields["aspect_ratio"] = RATIOS[f"{w}x{h}"]
         if endpoint == "sd3":
             fields["model"] = offering.model
             if request.guidance_scale is not None:
@@ -36,10 +49,10 @@ class StabilityProvider(HttpProvider):
             fields["negative_prompt"] = request.negative_prompt
         fields.update({k: str(v) for k, v in request.extra.get(self.name, {}).items()})
         headers = {**self.headers(ctx.api_key), "Accept": "application/json"}
-        url = f"{self.base_url_for(offering)}/v2beta/stable-image/generate/{endpoint}"
-        resp = await self.send("POST", url,
-                               where=where, files={k: (None, v) for k, v in fields.items()},
-                               headers=headers, timeout=ctx.timeout_s)
+        path = endpoint if "/" in endpoint else f"generate/{endpoint}"   # edit/inpaint, or generate/sd3
+        url = f"{self.base_url_for(offering)}/v2beta/stable-image/{path}"
+        parts: dict[str, Any] = {k: (None, v) for k, v in fields.items()} | files
+        resp = await self.send("POST", url, where=where, files=parts, headers=headers, timeout=ctx.timeout_s)
         data = self.json(resp, where)
         if data.get("finish_reason") == "CONTENT_FILTERED":
             raise ContentRejected("Stability filtered the output (finish_reason CONTENT_FILTERED)",
@@ -49,6 +62,6 @@ class StabilityProvider(HttpProvider):
         except (KeyError, TypeError, ValueError) as exc:
             raise BadProviderResponse(f"no image in response: {exc!r}", **where) from None
         seed = data.get("seed", request.seed)
-        applied = {k: v for k, v in fields.items()}
+        applied: dict[str, Any] = dict(fields) | {k: f"<{len(v[1])} bytes>" for k, v in files.items()}
         return ProviderResult([RawImage(image, seed)], {"images": 1, "width": w, "height": h},
                               resp.headers.get("x-request-id"), applied)

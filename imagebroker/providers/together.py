@@ -1,4 +1,5 @@
-"""Together AI: POST /v1/images/generations (FLUX), base64 results, LoRAs through `image_loras`.
+"""Together AI: POST /v1/images/generations (FLUX), base64 results, LoRAs through `image_loras`, Kontext
+edits through `image_url`.
 Billed per megapixel; the response carries no usage, so the units are the images returned."""
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class TogetherProvider(HttpProvider):
         body |= sampling_fields(request, offering, steps="steps", guidance="guidance_scale")
         if request.adapters:
             body["image_loras"] = [{"path": a.ref, "scale": a.scale} for a in request.adapters]
+        if request.is_edit:   # FLUX Kontext: `image_url` (a data: URI here; Together documents URLs)
+            body["image_url"] = request.images[0].data_url()
         body.update(request.extra.get(self.name, {}))
         base = self.base_url_for(offering)
         resp = await self.send("POST", f"{base}/images/generations", where=where, json=body,
@@ -39,6 +42,6 @@ class TogetherProvider(HttpProvider):
                       for i, d in enumerate(items)]
         except (KeyError, TypeError, ValueError) as exc:
             raise BadProviderResponse(f"unexpected response shape: {exc!r}", **where) from None
-        sent = {k: v for k, v in body.items() if k != "prompt"}
+        sent = {k: "<data: URI>" if k == "image_url" else v for k, v in body.items() if k != "prompt"}
         return ProviderResult(images, {"images": len(images), "width": w, "height": h},
                               data.get("id"), {"prompt": request.prompt, **sent})

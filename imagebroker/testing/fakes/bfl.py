@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .base import Reply
+from .base import Reply, seen_image
 from .hostile import HostileURLs
+
+REFERENCES = ["input_image", *(f"input_image_{i}" for i in range(2, 9))]
 
 
 class FakeBFL(HostileURLs):
@@ -27,6 +29,8 @@ class FakeBFL(HostileURLs):
 
     def generate(self, req: dict[str, Any], step: str) -> Reply:
         body = json.loads(req["body"])
+        if (bad := self.edit_inputs(req["path"], body)) is not None:
+            return bad
         task = f"task-{self.generations}"
         self.state[task] = {"step": step, "polls": 0, "body": body}
         polling_url = self.poll_url(step, f"{self.url}/v1/get_result?id={task}")
@@ -56,6 +60,29 @@ class FakeBFL(HostileURLs):
             if task["step"] == "download_flaky" and task["downloads"] == 1:
                 return Reply(503, b"busy", content_type="text/plain")
             b = task["body"]
-            img = self.images(task["step"], 1, b["width"], b["height"], b.get("seed"), "jpeg")[0]
+            w, h = b.get("_size") or (b["width"], b["height"])
+            img = self.images(task["step"], 1, w, h, b.get("seed"), "jpeg")[0]
             return Reply(200, img, content_type="image/jpeg")
         return super().other(req)
+
+    def edit_inputs(self, path: str, body: dict[str, Any]) -> Reply | None:
+        """Reads an edit's base64 images as BFL does: Fill's `image` + `mask` (the same size), the others'
+        `input_image`, `input_image_2`..`_8`; a size the output takes from the input is noted in `_size`.
+        A 422 names a field that is not an image, as FastAPI-style validation does."""
+        fill = path.endswith("-fill")
+        names = ["image", "mask"] if fill else [k for k in REFERENCES if k in body]
+        seen = {}
+        for name in names:
+            if (got := seen_image(str(body.get(name, "")))) is None:
+                return Reply(422, {"detail": [{"loc": ["body", name], "msg": "invalid image",
+                                               "type": "value_error"}]})
+            seen[name] = got
+        if fill and (seen["mask"].width, seen["mask"].height) != (seen["image"].width, seen["image"].height):
+            return Reply(422, {"detail": [{"loc": ["body", "mask"], "msg": "mask size must match the image",
+                                           "type": "value_error"}]})
+        if seen:
+            self.state.setdefault("edits", []).append({"path": path, "inputs": seen, "body": dict(body)})
+            first = seen.get("image") or seen["input_image"]
+            if "width" not in body:   # Kontext and Fill: the input's size
+                body["_size"] = (first.width, first.height)
+        return None

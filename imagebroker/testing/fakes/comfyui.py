@@ -20,7 +20,7 @@ from aiohttp import WSMsgType, web
 from PIL import Image, PngImagePlugin
 
 KNOWN = {"CheckpointLoaderSimple", "CLIPTextEncode", "KSampler", "KSamplerAdvanced", "EmptyLatentImage",
-         "VAEDecode", "SaveImage", "LoadImage"}
+         "VAEDecode", "SaveImage", "LoadImage", "LoadImageMask", "VAEEncode", "SetLatentNoiseMask"}
 
 WORKFLOW = {  # a minimal SD text-to-image graph in API format
     "3": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
@@ -33,6 +33,21 @@ WORKFLOW = {  # a minimal SD text-to-image graph in API format
     "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "negative", "clip": ["4", 1]}},
     "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
     "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+}
+
+
+# img2img: the uploaded image encoded as the latent, denoised by `denoise`; inpainting adds a mask
+# (LoadImageMask, channel red: white = change) on the latent
+WORKFLOW_IMG2IMG = {k: v for k, v in WORKFLOW.items() if k != "5"} | {
+    "3": {"class_type": "KSampler", "inputs": {**WORKFLOW["3"]["inputs"], "denoise": 0.75, "latent_image": ["11", 0]}},
+    "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+    "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}},
+}
+WORKFLOW_INPAINT = WORKFLOW_IMG2IMG | {
+    "3": {"class_type": "KSampler", "inputs": {**WORKFLOW_IMG2IMG["3"]["inputs"], "denoise": 1.0,
+                                              "latent_image": ["13", 0]}},
+    "12": {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}},
+    "13": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0], "mask": ["12", 0]}},
 }
 
 
@@ -49,6 +64,7 @@ class FakeComfyUI:
         self.timeout_s = 30.0
         self.history: dict[str, Any] = {}
         self.files: dict[str, bytes] = {}
+        self.inputs: dict[str, bytes] = {}   # uploaded with /upload/image, by name
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.interrupted: set[str] = set()
         self.deleted: list[str] = []
@@ -69,6 +85,7 @@ class FakeComfyUI:
             app.router.add_post(f"{prefix}/queue", self.queue_post)
             app.router.add_get(f"{prefix}/queue", self.queue_get)
             app.router.add_get(f"{prefix}/ws", self.ws)
+            app.router.add_post(f"{prefix}/upload/image", self.upload)
         self._runner = web.AppRunner(app)
         self._loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", self._port)
@@ -123,6 +140,17 @@ class FakeComfyUI:
         if unknown:
             return web.json_response({"error": {"type": "invalid_prompt", "message": "invalid prompt",
                                                 "details": f"Node ID '#{unknown}'"}, "node_errors": {}}, status=400)
+        missing = next(((k, n) for k, n in graph.items() if n["class_type"] in ("LoadImage", "LoadImageMask")
+                        and n["inputs"].get("image") not in self.inputs), None)
+        if missing:  # LoadImage's VALIDATE_INPUTS: the file must be in the input folder
+            node, n = missing
+            error = {"type": "custom_validation_failed", "message": "Custom validation failed for node",
+                     "details": f"image - Invalid image file: {n['inputs'].get('image')}", "extra_info": {}}
+            return web.json_response({
+                "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                          "details": "", "extra_info": {}},
+                "node_errors": {node: {"errors": [error], "dependent_outputs": ["9"], "class_type": n["class_type"]}}},
+                status=400)
         if step == "nodeerror":  # the real shape (ComfyUI v0.3.64 execution.validate_prompt)
             details = "ckpt_name: 'x.safetensors' not in (list of length 37)"
             error = {"type": "value_not_in_list", "message": "Value not in list", "details": details,
@@ -147,7 +175,7 @@ class FakeComfyUI:
         await self._send(cid, "execution_start", messages[0][1])
         await self._send("other-client", "executing", {"node": "3", "prompt_id": "someone-else"})
         sampler = next(n for n in graph.values() if n["class_type"].startswith("KSampler"))
-        latent = next(n for n in graph.values() if n["class_type"] == "EmptyLatentImage")["inputs"]
+        latent = self._latent(graph)
         steps = int(sampler["inputs"].get("steps", 20))
         for i in range(1, steps + 1):
             if pid in self.interrupted:
@@ -186,6 +214,37 @@ class FakeComfyUI:
                              "status": {"status_str": "success", "completed": True, "messages": messages}}
         await self._send(cid, "execution_success", {"prompt_id": pid})
         await self._send(cid, "executing", {"node": None, "prompt_id": pid})
+
+    def _latent(self, graph: dict[str, Any]) -> dict[str, Any]:
+        """The size and batch the graph makes: its EmptyLatentImage's, or the uploaded image's it encodes."""
+        empty = next((n for n in graph.values() if n["class_type"] == "EmptyLatentImage"), None)
+        if empty is not None:
+            return empty["inputs"]
+        load = next(n for n in graph.values() if n["class_type"] == "LoadImage")
+        w, h = Image.open(io.BytesIO(self.inputs[load["inputs"]["image"]])).size
+        return {"width": w, "height": h, "batch_size": 1}
+
+    async def upload(self, request: web.Request) -> web.Response:
+        """POST /upload/image: multipart `image` (a file with a filename), `type`, `subfolder`, `overwrite`;
+        answers {name, subfolder, type}. A name already taken is renamed `stem (1).ext` unless the file
+        there has the same bytes (then its name is reused), as the real server does."""
+        form = await request.post()
+        image = form.get("image")
+        if image is None or not getattr(image, "filename", None):
+            return web.Response(status=400)
+        data = image.file.read()
+        name = str(image.filename)
+        overwrite = str(form.get("overwrite", "")).lower() in ("true", "1")
+        if name in self.inputs and not overwrite and self.inputs[name] != data:
+            stem, _, ext = name.rpartition(".")
+            i = 1
+            while f"{stem} ({i}).{ext}" in self.inputs:
+                i += 1
+            name = f"{stem} ({i}).{ext}"
+        self.inputs[name] = data
+        self.requests.append({"path": request.path, "upload": name, "bytes": len(data)})
+        return web.json_response({"name": name, "subfolder": str(form.get("subfolder", "")),
+                                  "type": str(form.get("type", "input"))})
 
     async def get_history(self, request: web.Request) -> web.Response:
         pid = request.match_info["pid"]

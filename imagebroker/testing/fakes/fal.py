@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .base import Reply
+from .base import Reply, seen_image
 from .hostile import HostileURLs
+
+EDIT_ENDPOINTS = {"/fal-ai/flux-pro/kontext": ("image_url",), "/fal-ai/flux/dev/image-to-image": ("image_url",),
+                  "/fal-ai/flux-pro/v1/fill": ("image_url", "mask_url")}
 
 
 class FakeFal(HostileURLs):
@@ -29,6 +32,16 @@ class FakeFal(HostileURLs):
 
     def generate(self, req: dict[str, Any], step: str) -> Reply:
         body = json.loads(req["body"])
+        if req["path"] in EDIT_ENDPOINTS:   # the output has the input image's size
+            seen = {k: seen_image(str(body.get(k, ""))) for k in EDIT_ENDPOINTS[req["path"]]}
+            if None in seen.values() or "image_size" in body:
+                bad = next((k for k, v in seen.items() if v is None), "image_size")
+                return Reply(422, {"detail": [{"loc": ["body", bad], "msg": "field required or not an image",
+                                               "type": "value_error"}]})
+            if not 0.01 <= float(body.get("strength", 0.95)) <= 1:
+                return Reply(422, {"detail": [{"loc": ["body", "strength"], "msg": "must be in 0.01..1"}]})
+            self.state.setdefault("edits", []).append({"path": req["path"], "inputs": seen, "body": dict(body)})
+            body["image_size"] = {"width": seen["image_url"].width, "height": seen["image_url"].height}
         rid = f"req-{self.generations}"
         self.state[rid] = {"step": step, "polls": 0, "body": body}
         base = f"{self.url}{req['path']}/requests/{rid}"

@@ -6,7 +6,10 @@ import base64
 import json
 from typing import Any
 
-from .base import FakeServer, Reply
+from .base import FakeServer, Reply, seen_image
+
+IMAGE_INPUT_TOKENS = 560   # per input image (Vertex's gemini-3-pro-image page)
+OUTPUT_TOKENS = 1120       # per 1K image of the 3.x models (Vertex's model pages)
 
 SIZES = {("1:1", "1K"): (1024, 1024), ("2:3", "1K"): (832, 1248), ("3:2", "1K"): (1248, 832),
          ("3:4", "1K"): (864, 1184), ("4:3", "1K"): (1184, 864), ("9:16", "1K"): (768, 1344),
@@ -35,6 +38,19 @@ class FakeGoogle(FakeServer):
         if step == "refuse":
             return Reply(200, {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {
                 "promptTokenCount": 9, "totalTokenCount": 9}})
+        inputs = []
+        for part in body["contents"][0]["parts"]:
+            if "inlineData" in part or "inline_data" in part:
+                inline = part.get("inlineData") or part["inline_data"]
+                seen = seen_image(inline.get("data", ""))
+                if seen is None or (inline.get("mimeType") or inline.get("mime_type")) != f"image/{seen.format}":
+                    message = "Unable to process input image. Please retry or report in the troubleshooting guide."
+                    return Reply(400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
+                inputs.append(seen)
+        if len(inputs) > 14:
+            return Reply(400, {"error": {"code": 400, "message": "Too many images in the request: at most 14.",
+                                         "status": "INVALID_ARGUMENT"}})
+        self.state.setdefault("inputs", []).append(inputs)
         cfg = body["generationConfig"]["imageConfig"]
         w, h = SIZES[(cfg["aspectRatio"], cfg["imageSize"])]
         imgs = self.images(step, 1, w, h, 3)
@@ -42,7 +58,11 @@ class FakeGoogle(FakeServer):
                  for b in imgs]
         return Reply(200, {
             "candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": "STOP"}],
-            "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 1290 * len(imgs),
+            "usageMetadata": {"promptTokenCount": 9 + IMAGE_INPUT_TOKENS * len(inputs),
+                              "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 9}] + (
+                                  [{"modality": "IMAGE", "tokenCount": IMAGE_INPUT_TOKENS * len(inputs)}]
+                                  if inputs else []),
+                              "candidatesTokenCount": OUTPUT_TOKENS * len(imgs),
                               "candidatesTokensDetails": [{"modality": "IMAGE",
-                                                           "tokenCount": 1290 * len(imgs)}]},
+                                                           "tokenCount": OUTPUT_TOKENS * len(imgs)}]},
             "responseId": f"resp-{self.generations}"})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .base import Reply
+from .base import Reply, seen_image
 from .hostile import HostileURLs
 
 SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "9:16": (768, 1344), "4:3": (1152, 896),
@@ -46,6 +46,8 @@ class FakeReplicate(HostileURLs):
         body = json.loads(req["body"])
         pid = f"pred{self.generations:04d}"
         inp = body["input"]
+        if (bad := self.edit_inputs(inp)) is not None:
+            return bad
         n = 0 if step == "empty" else inp.get("num_outputs", 1)
         self.state[pid] = {"model": req["path"], "input": inp, "status": "starting", "step": step, "n": n,
                            "polls": 0}
@@ -70,8 +72,30 @@ class FakeReplicate(HostileURLs):
             pid, i = path.rsplit("/", 1)[1].removesuffix(".png").rsplit("-", 1)
             task = self.state[pid]
             inp = task["input"]
-            w, h = (inp["width"], inp["height"]) if "width" in inp else SIZES[inp["aspect_ratio"]]
+            w, h = inp.get("_size") or ((inp["width"], inp["height"]) if "width" in inp else SIZES[inp["aspect_ratio"]])
             seed = inp.get("seed")
             return Reply(200, self.images(task["step"], 1, w, h, None if seed is None else seed + int(i))[0],
                          content_type="image/png")
         return super().other(req)
+
+    def edit_inputs(self, inp: dict[str, Any]) -> Reply | None:
+        """File inputs as Replicate takes them (here data: URIs): `image` or `input_image`, and `mask` of
+        the same size; an output sized by its input (Kontext's `match_input_image`, Fill) notes it in
+        `_size`. A file input that is not an image is a 422 naming it."""
+        seen = {}
+        for name in ("image", "input_image", "mask"):
+            if name in inp:
+                if (got := seen_image(str(inp[name]))) is None:
+                    return Reply(422, {"title": "Input validation failed", "status": 422,
+                                       "detail": f"- input.{name}: Does not match format 'uri'"})
+                seen[name] = got
+        if not seen:
+            return None
+        first = seen.get("image") or seen["input_image"]
+        if "mask" in seen and (seen["mask"].width, seen["mask"].height) != (first.width, first.height):
+            return Reply(422, {"title": "Input validation failed", "status": 422,
+                               "detail": "mask and image must have the same dimensions"})
+        self.state.setdefault("edits", []).append({"input": dict(inp), "inputs": seen})
+        if "width" not in inp and inp.get("aspect_ratio") in (None, "match_input_image"):
+            inp["_size"] = (first.width, first.height)
+        return None

@@ -6,7 +6,7 @@ import base64
 import json
 from typing import Any
 
-from .base import FakeServer, Reply
+from .base import FakeServer, Reply, seen_image
 
 
 class FakeTogether(FakeServer):
@@ -17,6 +17,11 @@ class FakeTogether(FakeServer):
         if req["path"] != "/v1/images/generations":
             return self.other(req)
         body = json.loads(req["body"])
+        if "image_url" in body:
+            if (seen := seen_image(str(body["image_url"]))) is None:
+                return Reply(400, {"error": {"message": "image_url: could not load the image",
+                                             "type": "invalid_request_error"}})
+            self.state.setdefault("edits", []).append({"body": body, "input": seen})
         if step == "refuse":
             return Reply(422, {"error": {"message": "Prompt flagged by content moderation (nsfw)",
                                          "type": "invalid_request_error"}})
