@@ -248,6 +248,7 @@ def test_comfyui_inpaint_binds_the_mask_to_load_image_mask_red_channel(tmp_path,
     assert graph["12"]["inputs"]["channel"] == "red" and name.startswith("mask-")
     uploaded = Image.open(io.BytesIO(fake.inputs[name]))
     assert uploaded.mode == "L" and uploaded.getpixel((5, 5)) == 255 and uploaded.getpixel((500, 5)) == 0
+    assert result.applied["seed"] is not None and (result.images[0].width, result.images[0].height) == (512, 512)
 
 
 def test_comfyui_edit_on_a_text_to_image_workflow_says_which_node_is_missing(tmp_path, monkeypatch):
