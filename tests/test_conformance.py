@@ -3,6 +3,7 @@ being registered and shipping a fake. No network beyond 127.0.0.1."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import sqlite3
@@ -113,3 +114,74 @@ def test_a_timeout_after_sending_is_an_unknown_outcome_counted_at_its_estimate(p
     assert sum(r.get("method", "POST") == "POST" and "upload" not in r["path"] for r in fake.requests) <= 1
     assert attempt.cost is not None and attempt.cost.status in ("estimated", "unpriced")
     assert "may have been billed" in attempt.cost.detail
+
+
+# -- edits: every provider takes an init image (and a mask where its edit offering needs one) -------------
+EDIT_OFFERING = {"together": "together/black-forest-labs/FLUX.1-kontext-pro", "stability": "stability/inpaint",
+                 "bfl": "bfl/flux-2-pro", "fal": "fal/fal-ai/flux/dev/image-to-image",
+                 "openai": "openai/gpt-image-2", "google": "google/gemini-3.1-flash-image",
+                 "replicate": "replicate/black-forest-labs/flux-fill-pro", "comfyui": "comfyui/sdxl"}
+
+
+def run_edit(provider: str, script: list[str], tmp_path, monkeypatch):
+    """One edit of a 1024x1024 init image against the provider's fake: (result or error, fake, init bytes)."""
+    if set(script) & FAKES[provider].unsupported:
+        pytest.skip(f"{provider} has no way to express {sorted(set(script) & FAKES[provider].unsupported)}")
+    if provider_class(provider).api_key_env:
+        monkeypatch.setenv(provider_class(provider).api_key_env, FAKES[provider].key)
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 1024), (180, 20, 20)).save(buf, format="PNG")
+    init = buf.getvalue()
+    mask = Image.new("L", (1024, 1024), 0)
+    mask.paste(255, (0, 0, 512, 1024))
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    setup, offerings = provider_setup(provider, tmp_path), []
+    local = setup.pop("_local", {})
+    if provider == "comfyui":
+        from imagebroker.testing.fakes.comfyui import WORKFLOW_INPAINT
+
+        (tmp_path / "workflow.json").write_text(json.dumps(WORKFLOW_INPAINT))
+        offerings = [{"id": "comfyui/sdxl", "capabilities": {"edit": {"max_images": 1, "mask": True}}}]
+    fake = FAKES[provider](script)
+    with fake:
+        policy = Policy.model_validate({
+            "name": "conformance", "deny": [p for p in builtin_catalog().providers() if p != provider],
+            "local": local, "offerings": offerings,
+            "providers": {provider: {"base_url": fake.base_url, "poll_interval_s": 0.05, **setup}},
+            "retry": {"max_attempts": 2, "initial_delay_s": 0.01}, "fallback": {"max_offerings": 1}})
+        with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}", store=False) as b:
+            offering = b.catalog.resolve(EDIT_OFFERING[provider])
+            fields = {"mask": buf.getvalue()} if offering.capabilities.edit.mask else {}
+            try:
+                return b.generate("make the background green", model=EDIT_OFFERING[provider], images=[init],
+                                  seed=9, **fields), fake, init
+            except (AllAttemptsFailed, ContentRejected) as exc:
+                return exc, fake, init
+
+
+def carried(request: dict, init: bytes) -> bool:
+    """Whether one request to a fake carried the init image: its bytes (multipart, an upload) or base64."""
+    body = request.get("body") or b""
+    return init in body or base64.b64encode(init) in body or request.get("bytes") == len(init)
+
+
+def test_edit_happy_path(provider, tmp_path, monkeypatch):
+    result, fake, init = run_edit(provider, ["ok"], tmp_path, monkeypatch)
+    assert not isinstance(result, Exception), result
+    assert result.offering == EDIT_OFFERING[provider] and result.images
+    assert result.cost.status == "priced" and result.cost.usd > Decimal(0)
+    assert any(carried(r, init) for r in fake.requests)
+
+
+def test_an_edit_retried_sends_the_same_input_image_again(provider, tmp_path, monkeypatch):
+    result, fake, init = run_edit(provider, ["500", "ok"], tmp_path, monkeypatch)
+    assert not isinstance(result, Exception), result
+    assert [a.error_type for a in result.attempts] == ["ProviderUnavailable", None]
+    assert sum(carried(r, init) for r in fake.requests) >= 2
+
+
+@pytest.mark.parametrize("step, error", [("refuse", ContentRejected), ("broken", AllAttemptsFailed)])
+def test_an_edit_fails_as_a_generation_does(provider, tmp_path, monkeypatch, step, error):
+    result, _, _ = run_edit(provider, [step], tmp_path, monkeypatch)
+    assert isinstance(result, error)
