@@ -41,13 +41,13 @@ def test_providers_at_80_columns_keeps_price_and_availability_and_says_what_it_h
     short = [price_summary(o) for o in builtin_catalog() if len(price_summary(o)) <= 16]
     assert short and all(p in screen.text for p in short)   # whole, never cut to `$0.0…`
     assert "…" not in screen.text
-    assert "hidden to fit 80 columns: license, regions, kind (--wide shows every column)" in screen.text
+    assert "hidden to fit 80 columns: license, regions, kind, edits (--wide shows all)" in screen.text
 
 
 def test_providers_wide_shows_every_column_and_each_reason():
     screen = in_terminal(["providers", "--wide"], cols=80)
     header = next(line for line in screen.lines if "offering" in line)
-    assert all(col in header for col in ("license", "kind", "regions"))
+    assert all(col in header for col in ("license", "edits", "kind", "regions"))
     assert "no API key: set BFL_API_KEY" in screen.text
 
 

@@ -35,11 +35,20 @@ def test_bindings_follow_the_sampler_links():
     b = infer_bindings(WORKFLOW)
     assert b == {"seed": "3.inputs.seed", "steps": "3.inputs.steps", "guidance": "3.inputs.cfg",
                  "prompt": "6.inputs.text", "negative": "7.inputs.text", "width": "5.inputs.width",
-                 "height": "5.inputs.height", "batch": "5.inputs.batch_size"}
+                 "height": "5.inputs.height", "batch": "5.inputs.batch_size", "strength": "3.inputs.denoise"}
     g = build_graph(WORKFLOW, b, {"prompt": "a cat", "seed": 9, "width": 512, "steps": None})
     assert g["6"]["inputs"]["text"] == "a cat" and g["3"]["inputs"]["seed"] == 9
     assert g["5"]["inputs"]["width"] == 512 and g["3"]["inputs"]["steps"] == 20  # None leaves the template
     assert WORKFLOW["6"]["inputs"]["text"] == "positive"                          # the template is untouched
+
+
+def test_edit_bindings_find_the_load_image_nodes_and_the_encoded_latent():
+    from imagebroker.testing.fakes.comfyui import WORKFLOW_INPAINT
+
+    b = infer_bindings(WORKFLOW_INPAINT)
+    assert b["image"] == "10.inputs.image" and b["mask"] == "12.inputs.image"
+    assert b["mask_channel"] == "12.inputs.channel" and b["strength"] == "3.inputs.denoise"
+    assert "width" not in b   # the latent is the encoded init image: its size is the image's
 
 
 def test_websocket_progress_seed_and_the_executed_graph(tmp_path):
@@ -103,7 +112,7 @@ def test_the_example_policy_and_workflow_in_the_readme_generate(tmp_path):
     example = yaml.safe_load((root / "examples/comfyui/policy.yaml").read_text())
     workflow = root / example["providers"]["comfyui"]["options"]["workflow"]
     assert infer_bindings(json.loads(workflow.read_text())).keys() == {
-        "seed", "steps", "guidance", "prompt", "negative", "width", "height", "batch"}
+        "seed", "steps", "guidance", "prompt", "negative", "width", "height", "batch", "strength"}
     with FakeComfyUI(["ok"]) as fake:
         example["providers"]["comfyui"].update(base_url=fake.url, poll_interval_s=0.05)
         example["providers"]["comfyui"]["options"]["workflow"] = str(workflow)

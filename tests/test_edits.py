@@ -20,7 +20,6 @@ from imagebroker import Broker
 from imagebroker.cli import app
 from imagebroker.errors import RequestError
 from imagebroker.inputs import alpha_mask, mask_fraction, read_input, white_mask
-from imagebroker.policies.loader import load_policy
 from imagebroker.policies.planner import PlannerState, plan, request_key
 from imagebroker.policies.pricing import bound, estimate
 from imagebroker.policies.schema import Policy

@@ -168,8 +168,9 @@ def test_property_no_candidate_breaks_a_hard_constraint(policy, request, catalog
 # The broker memoises plans by `request_key`. Fields the key leaves out (or reads only in part) must
 # not change a plan; a new ImageRequest field must be placed on one side or the other.
 KEYED = {"width", "height", "n", "steps", "scheduler", "quality", "output_format", "background", "adapters",
-         "model", "tags", "max_cost_usd", "max_latency_s"}
-PARTLY = {"prompt", "negative_prompt", "seed", "guidance_scale"}  # length, presence, truthiness
+         "model", "tags", "max_cost_usd", "max_latency_s", "strength"}
+# length, presence, truthiness; input images by their sizes, the mask by its presence
+PARTLY = {"prompt", "negative_prompt", "seed", "guidance_scale", "images", "mask"}
 IGNORED = {"aspect_ratio", "resolution", "idempotency_key", "extra"}  # sizes arrive as width/height
 
 

@@ -120,5 +120,5 @@ def print_table(title: str, cols: Sequence[Col], rows: Sequence[Sequence[Cell]],
     else:
         console.print(table)
     if hidden:
-        console.print(styled(f"hidden to fit {console.width} columns: {', '.join(hidden)} (--wide shows "
-                             "every column)", "dim"))
+        console.print(styled(f"hidden to fit {console.width} columns: {', '.join(hidden)} (--wide shows all)",
+                             "dim"), soft_wrap=False)

@@ -20,7 +20,9 @@ def price_summary(o: Offering) -> str:
         return f"${p.usd}/image"
     if unit == "per_megapixel":
         first = f"${p.first_mp_usd} first MP + " if p.first_mp_usd is not None else ""
-        return f"{first}${p.usd_per_mp}/MP" + (", each image rounded up" if p.rounding == "ceil" else "")
+        inputs = "" if not p.input_usd_per_mp else ", input MP too" if p.input_usd_per_mp == p.usd_per_mp else (
+            f", input ${p.input_usd_per_mp}/MP")
+        return f"{first}${p.usd_per_mp}/MP" + (", each image rounded up" if p.rounding == "ceil" else "") + inputs
     if unit == "per_token":
         return f"${p.image_output * 1_000_000:g}/M image tokens"
     if unit == "per_second":
@@ -43,9 +45,20 @@ def offering_json(o: Offering, available: str | None, today: Any) -> dict[str, A
     }
 
 
+def edit_summary(o: Offering) -> str:
+    """What it does with input images: `16 images, mask`, `1 image, strength`, `inpaint only`, or `-`."""
+    e, caps = o.capabilities.edit, o.capabilities
+    if e is None:
+        return "-"
+    what = [f"{e.max_images} image{'s' if e.max_images > 1 else ''}"] + [
+        name for name, has in (("mask", e.mask), ("strength", e.strength)) if has]
+    only = "inpaint only" if e.mask_required else "edit only"
+    return ", ".join(what) + ("" if caps.text_to_image else f" ({only})")
+
+
 LICENSE = {"yes": ("commercial", None), "no": ("non-commercial", "red"), "conditional": ("conditional", "yellow")}
 COLUMNS = (Col("offering"), Col("price", wrap=True), Col("available"), Col("license", hide=1),
-           Col("kind", hide=3), Col("regions", hide=2))
+           Col("edits", hide=4), Col("kind", hide=3), Col("regions", hide=2))
 
 
 @handle_errors
@@ -70,8 +83,8 @@ def providers(policy: PolicyOpt = None, ledger: LedgerOpt = None, wide: WideOpt 
         if stale(o, today):
             price.append(" (stale)", style="yellow")
         available = styled("yes", "green") if why is None else styled(why if full else "no", "dim")
-        cells.append([o.id, price, available, styled(*LICENSE[o.license.commercial_use]), o.kind,
-                      ",".join(o.regions)])
+        cells.append([o.id, price, available, styled(*LICENSE[o.license.commercial_use]), edit_summary(o),
+                      o.kind, ",".join(o.regions)])
     print_table(f"catalog {broker.catalog.version}", COLUMNS, cells, wide=wide)
     unavailable = sum(why is not None for _, why in rows)
     if unavailable and not full:

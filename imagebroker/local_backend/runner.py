@@ -299,7 +299,11 @@ class LocalRunner:
         joules = energy.joules()
         if all(j.cancelled.is_set() for j in batch):
             raise ProviderUnavailable("cancelled: the pipeline was interrupted", provider="local")
-        results = self._results(batch, out.images, seeds, busy, load_s, steps, guidance, sched_name,
+        images = out.images
+        if task == "inpaint":   # outside the mask, the init image's own pixels (Diffusers' apply_overlay)
+            init, mask = kwargs["image"][0], kwargs["mask_image"][0]
+            images = [PILImage.composite(image, init, mask) for image in images]
+        results = self._results(batch, images, seeds, busy, load_s, steps, guidance, sched_name,
                                 calls[0], (w, h))
         if task != "text2img":
             for r in results:
