@@ -234,7 +234,9 @@ def test_comfyui_img2img_uploads_the_image_and_binds_load_image_and_denoise(tmp_
     graph = json.loads(next(r["body"] for r in fake.requests if r["path"] == "/prompt"))["prompt"]
     assert graph["10"]["inputs"]["image"] == uploads[0]["upload"] and graph["3"]["inputs"]["denoise"] == 0.35
     assert (result.images[0].width, result.images[0].height) == (768, 512)
-    assert result.cost.status == "priced" and result.cost.units["gpu_seconds"] > 0
+    seconds = Decimal(str(result.cost.units["gpu_seconds"]))   # from the history's timestamps
+    assert result.cost.status == "priced" and seconds > 0
+    assert result.cost.usd == (seconds * Decimal("2.50") / 3600).quantize(Decimal("1e-9")).normalize()
 
 
 def test_comfyui_inpaint_binds_the_mask_to_load_image_mask_red_channel(tmp_path, monkeypatch):
