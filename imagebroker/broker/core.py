@@ -27,10 +27,11 @@ from ..types import ImageRequest, ImageResult, Plan
 from .breaker import CircuitBreaker
 from .budgets import period_key
 from .cache import replay
-from .execution import CallView, RetryRules, execute
+from .execution import CallView, execute
 from .images import STORE_ENV, ImageStore
 from .ledger.lookups import ServedCall
 from .ledger.store import Ledger
+from .retries import RetryRules
 
 LATENCY_MIN_SAMPLES = 20
 LATENCY_REFRESH_S = 30.0

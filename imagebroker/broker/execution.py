@@ -25,8 +25,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from tenacity import RetryCallState, stop_after_attempt, wait_random_exponential
-
 from ..errors import (
     AdapterError,
     AllAttemptsFailed,
@@ -37,12 +35,19 @@ from ..errors import (
     OutcomeUnknown,
     ProviderError,
     ProviderUnavailable,
-    RateLimited,
 )
 from ..logs import logger
 from ..policies.pricing import settle_checked
-from ..policies.schema import Budget, ImageChecks, Policy, RetrySettings
-from ..providers.base import AttemptCallback, CallContext, ProgressCallback, Provider, ProviderResult, track_submission
+from ..policies.schema import Budget, ImageChecks, Policy
+from ..providers.base import (
+    AttemptCallback,
+    CallContext,
+    ProgressCallback,
+    Provider,
+    ProviderResult,
+    Submission,
+    track_submission,
+)
 from ..providers.catalog import Catalog
 from ..providers.offering import Offering, offering_warnings
 from ..types import Candidate, Cost, GeneratedImage, ImageRequest, ImageResult, Plan, SkipReason
@@ -53,6 +58,7 @@ from .images import ImageStore
 from .ledger.store import Ledger
 from .record import CallLog, Served
 from .report import DAY_S
+from .retries import RetryRules
 from .validate import validate_images
 
 T = TypeVar("T")
@@ -100,35 +106,6 @@ class Refused:
 
 
 Outcome = Success | Failure | Skipped | Refused
-
-
-# -- retries ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RetryRules:
-    """The policy's retry settings as tenacity's stop and wait rules, asked by attempt number."""
-
-    stop: stop_after_attempt
-    wait: wait_random_exponential
-    max_retry_after_s: float
-    retry_unknown: bool
-
-    @classmethod
-    def of(cls, r: RetrySettings) -> RetryRules:
-        return cls(stop_after_attempt(r.max_attempts),
-                   wait_random_exponential(multiplier=r.initial_delay_s, max=r.max_delay_s),
-                   r.max_retry_after_s, r.on_unknown_outcome == "retry")
-
-    def delay(self, error: ProviderError, attempt: int) -> float | None:
-        """Seconds to wait before trying again after failed attempt number `attempt`; None: stop."""
-        if not (error.retryable or (self.retry_unknown and isinstance(error, OutcomeUnknown))):
-            return None
-        state = RetryCallState(None, None, (), {})
-        state.attempt_number = attempt
-        if self.stop(state):
-            return None
-        if isinstance(error, RateLimited) and error.retry_after is not None:
-            return error.retry_after if error.retry_after <= self.max_retry_after_s else None
-        return self.wait(state)
 
 
 # -- the call -----------------------------------------------------------------------------------
@@ -344,7 +321,7 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
     """One request to one offering: its images checked, its cost settled, its attempt written down."""
     provider = view.provider(offering.provider)
     timeout = provider.settings.timeout_s or view.policy.timeout_s
-    submitted = track_submission()
+    sub = track_submission()
     ctx = CallContext(timeout_s=timeout, api_key=provider.api_key(), progress=progress,
                       attempt=len(log.attempts) + 1)
     log.announce(offering)
@@ -358,16 +335,13 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
     except ProviderError as exc:
         error: ProviderError = exc
     except TimeoutError:
-        kind = OutcomeUnknown if submitted[0] else ProviderUnavailable  # sent: it may be running, and billed
-        error = kind(f"timed out after {timeout:g} s", **where)
+        kind = OutcomeUnknown if sub.sent else ProviderUnavailable  # sent: it may be running, and billed
+        error = kind(f"timed out after {timeout:g} s", request_id=sub.request_id, **where)
     except asyncio.CancelledError:  # the caller gave up (Ctrl-C, a timeout of the whole call)
-        paid = None
-        if result is not None:   # the provider answered: it billed, whatever happens to the images now
-            paid = settle_checked(result.usage, offering, log.request, cand.bound_usd)
-        elif submitted[0]:       # sent: it may be running, and billed
-            paid = cand.estimated_cost.model_copy(update={
-                "detail": f"cancelled after it was sent, may have been billed: {cand.estimated_cost.detail}"})
-        log.attempt(offering, started, t0, error=asyncio.CancelledError("cancelled by the caller"), cost=paid)
+        paid = (settle_checked(result.usage, offering, log.request, cand.bound_usd) if result is not None  # billed
+                else _failed_cost(sub, cand, offering, log.request, sub.sent, "cancelled after it was sent"))
+        log.attempt(offering, started, t0, error=asyncio.CancelledError("cancelled by the caller"), cost=paid,
+                    request_id=sub.request_id)
         if paid is not None:
             log.maybe_billed.append(paid)
         raise
@@ -387,16 +361,27 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
             logger.warning("call %s on %s settled at %s, above the bound $%s its budget reserved",
                            log.request_id, offering.id, cost, cand.bound_usd)
         return Success(served, cand, result)
-    if error.retryable or isinstance(error, OutcomeUnknown):
+    unknown = isinstance(error, OutcomeUnknown)
+    if error.retryable or unknown:
         view.breaker.failure(offering.provider)
-    if isinstance(error, OutcomeUnknown):
-        maybe = cand.estimated_cost.model_copy(update={
-            "detail": f"outcome unknown, may have been billed: {cand.estimated_cost.detail}"})
-        log.attempt(offering, started, t0, error=error, cost=maybe)
-        log.maybe_billed.append(maybe)
-        return Failure(error)
-    log.attempt(offering, started, t0, error=error)
+    cost = _failed_cost(sub, cand, offering, log.request, unknown, "outcome unknown" if unknown else "failed")
+    log.attempt(offering, started, t0, error=error, cost=cost)
+    if cost is not None:
+        log.maybe_billed.append(cost)
     return Failure(error)
+
+
+def _failed_cost(sub: Submission, cand: Candidate, offering: Offering, request: ImageRequest, maybe: bool,
+                 why: str) -> Cost | None:
+    """What an attempt without a result cost: what the provider said it used (a canvas server's seconds on
+    a failed or cancelled run), else, when it may have been billed, its estimate; None when nothing was."""
+    if sub.usage is not None:
+        used = settle_checked(sub.usage, offering, request, cand.bound_usd)
+        return used.model_copy(update={"detail": f"{why}, used: {used.detail}"})
+    if maybe:
+        return cand.estimated_cost.model_copy(update={
+            "detail": f"{why}, may have been billed: {cand.estimated_cost.detail}"})
+    return None
 
 
 async def _checked_images(result: ProviderResult, request: ImageRequest, offering: Offering,

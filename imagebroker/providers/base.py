@@ -21,24 +21,41 @@ from .settings import ProviderSettings
 ProgressCallback = Callable[[int, int], None]          # (step, total steps) while an image is made
 AttemptCallback = Callable[[str, int], None]           # (offering id, attempt number) before each try
 
-# Set per attempt by the call loop; a provider marks it once its request may have reached the
-# provider (a submit sent, a job id received), after which a failure is an unknown outcome, not a
-# clean one that could be retried for free.
-_submitted: ContextVar[list[bool] | None] = ContextVar("imagebroker_submitted", default=None)
+@dataclass
+class Submission:
+    """What the call loop learns of one attempt besides its result: whether its request may have reached the
+    provider (a submit sent, a job id received; after that a failure is an unknown outcome, maybe billed, not
+    a clean one to retry for free), the provider's id for it, and what an attempt that returns no result used
+    (a canvas server's seconds on a failed or cancelled run), which is recorded as its cost."""
+
+    sent: bool = False
+    request_id: str | None = None
+    usage: dict[str, Any] | None = None
 
 
-def track_submission() -> list[bool]:
-    """For the call loop: a fresh marker for the attempt about to run in this task."""
-    marker = [False]
-    _submitted.set(marker)
-    return marker
+_submission: ContextVar[Submission | None] = ContextVar("imagebroker_submission", default=None)
 
 
-def mark_submitted() -> None:
-    """For providers: the request may have reached the provider (it may be billed)."""
-    marker = _submitted.get()
-    if marker is not None:
-        marker[0] = True
+def track_submission() -> Submission:
+    """For the call loop: a fresh record for the attempt about to run in this task."""
+    record = Submission()
+    _submission.set(record)
+    return record
+
+
+def mark_submitted(request_id: str | None = None) -> None:
+    """For providers: the request may have reached the provider (it may be billed), under this id."""
+    record = _submission.get()
+    if record is not None:
+        record.sent = True
+        record.request_id = request_id or record.request_id
+
+
+def report_usage(usage: dict[str, Any]) -> None:
+    """For providers: what an attempt that will not return a result used (raised or cancelled after it)."""
+    record = _submission.get()
+    if record is not None:
+        record.usage = dict(usage)
 
 
 def sampling_fields(request: ImageRequest, offering: Offering, *, steps: str, guidance: str,

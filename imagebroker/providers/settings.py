@@ -22,6 +22,7 @@ class ProviderSettings(_Strict):
     enabled: bool = True
     api_key_env: str | None = None
     base_url: str | None = None
+    base_urls: tuple[str, ...] = ()    # several servers of one provider, used as a pool (ComfyUI)
     region: str | None = None          # a region option of the provider's offerings (eu, us)
     timeout_s: float | None = Field(default=None, gt=0)
     poll_interval_s: float | None = Field(default=None, gt=0)
