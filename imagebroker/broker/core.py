@@ -118,6 +118,7 @@ class AsyncBroker:
         if name not in self._providers:
             cls = self._classes.get(name) or provider_class(name)
             provider = self._providers[name] = cls(self.policy.provider(name))
+            provider.connect(self.provider, self.catalog)
             if type(provider).state_epoch is not Provider.state_epoch:  # its state can change at any time
                 self._stateful.append(provider)
         return self._providers[name]

@@ -12,6 +12,7 @@ import typer
 
 from ..logs import enable_cli_logging
 from .analysis import breakeven, report, whatif
+from .comfyui import app as comfyui_app
 from .costs import costs, ledger_app
 from .edit import edit
 from .generate import generate
@@ -59,6 +60,7 @@ app.command()(report)
 app.add_typer(policy_app, name="policy")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(store_app, name="store")
+app.add_typer(comfyui_app, name="comfyui")
 
 
 def hoist_verbosity(argv: list[str]) -> list[str]:

@@ -118,7 +118,7 @@ def _run_with_progress(broker: Any, request: ImageRequest, quiet: bool, timeout:
         return broker.generate(request, progress=on_step, on_attempt=on_attempt, timeout=timeout)
 
 
-def _result_json(result: ImageResult, images: list[dict[str, Any]]) -> dict[str, Any]:
+def result_json(result: ImageResult, images: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "request_id": result.request_id, "offering": result.offering, "images": images,
         "cost": {"usd": result.cost.usd, "status": result.cost.status, "unit": result.cost.unit,
@@ -187,7 +187,7 @@ def make_images(request: ImageRequest, *, policy: str | None, ledger: str | None
     if unrecorded is not None:
         err_console.print(styled(f"error: {unrecorded}", "red"))
     if json_out:
-        print_json(_result_json(result, images))
+        print_json(result_json(result, images))
         if unrecorded is not None:
             raise typer.Exit(unrecorded.exit_code)
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..providers.schedulers import FAMILY_KIND, all_names, problem, table
+from ..providers.schedulers import FAMILY_KIND, all_names, problem, resolve
 
 __all__ = ["all_names", "build", "problem"]
 
@@ -13,7 +13,10 @@ __all__ = ["all_names", "build", "problem"]
 def build(name: str, family: str, base_config: Any) -> Any:
     import diffusers
 
-    cls_name, kwargs = table(family)[name]
+    found = resolve(name, family)
+    if found is None:
+        raise ValueError(problem(name, family))
+    cls_name, kwargs = found
     cls = getattr(diffusers, cls_name)
     if FAMILY_KIND.get(family) == "flow" and cls_name != "FlowMatchEulerDiscreteScheduler":
         return cls(**kwargs)  # flow sigmas come from kwargs, not the flow-match config

@@ -11,11 +11,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..logs import remember_secret
 from ..types import ImageRequest
 from .offering import Offering
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
 from .settings import ProviderSettings
 
 ProgressCallback = Callable[[int, int], None]          # (step, total steps) while an image is made
@@ -160,6 +163,10 @@ class Provider(ABC):
         if option and option.base_url:
             return option.base_url.rstrip("/")
         return self.base_url
+
+    def connect(self, peer: Callable[[str], Provider], catalog: Catalog) -> None:
+        """Called once by the broker holding this provider, with its other providers by name and the catalog
+        as its policy sees it, for a provider that can hand a request on (ComfyUI's local fallback)."""
 
     def state(self, offering: Offering) -> OfferingState:
         """What the planner needs to know of this offering now. Called for every offering about once a

@@ -29,6 +29,21 @@ KARRAS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm2": ("KDPM2DiscreteScheduler", {}),
     "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "lcm": ("LCMScheduler", {}),
+    # ComfyUI's dpmpp_sde without the SDE noise (Diffusers' DPMSolverSDEScheduler needs torchsde)
+    "dpmpp_sde": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++"}),
+}
+# Sigma schedules, as ComfyUI names them, appended to a name (`euler+karras`), for the classes that take them
+# (read from Diffusers 0.42's constructors); `normal` is the scheduler's own
+_SIGMAS = ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+           "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
+           "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+_SPACING = (*(c for c in _SIGMAS if c != "DPMSolverSinglestepScheduler"), "EulerAncestralDiscreteScheduler",
+            "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler")
+SCHEDULES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "karras": ({"use_karras_sigmas": True}, _SIGMAS),
+    "exponential": ({"use_exponential_sigmas": True}, _SIGMAS),
+    "sgm_uniform": ({"timestep_spacing": "trailing"}, _SPACING),
+    "simple": ({"timestep_spacing": "trailing"}, _SPACING),
 }
 # Flow-matching transformers: FLUX (which passes sigmas and mu) and SD3.
 _FLOW_DPM = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
@@ -52,11 +67,26 @@ def all_names() -> list[str]:
     return sorted(set(KARRAS) | set(FLOW) | set(SD3_ONLY))
 
 
+def resolve(name: str, family: str) -> tuple[str, dict[str, Any]] | None:
+    """The Diffusers class and arguments for `name` (or `name+schedule`) on this family, or None."""
+    base, _, schedule = name.partition("+")
+    found = table(family).get(base)
+    if found is None or (schedule and (schedule not in SCHEDULES or found[0] not in SCHEDULES[schedule][1])):
+        return None
+    return found[0], {**found[1], **(SCHEDULES[schedule][0] if schedule else {})}
+
+
 def problem(name: str, family: str) -> str | None:
     """None if `name` runs on this family; otherwise why not, and what would."""
     names = table(family)
-    if name in names:
+    if resolve(name, family) is not None:
         return None
+    base, _, schedule = name.partition("+")
+    if schedule and base in names:
+        takes = [k for k, (_, classes) in SCHEDULES.items() if names[base][0] in classes]
+        return (f"scheduler {base!r} takes no {schedule!r} schedule (it takes: "
+                f"{', '.join(['normal', *takes]) if takes else 'none'})")
+    name = base
     if name not in all_names():
         return f"unknown scheduler {name!r} (known: {', '.join(all_names())})"
     return (f"scheduler {name!r} does not fit a {family} model "

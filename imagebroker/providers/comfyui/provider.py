@@ -22,15 +22,26 @@ import json
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ...errors import BadProviderResponse, ProviderError, ProviderUnavailable, RateLimited
+from ...errors import BadProviderResponse, ProviderError, ProviderUnavailable, RateLimited, RequestError
 from ...inputs import white_mask
 from ...types import ImageRequest
-from ..base import CallContext, OfferingState, ProviderResult, RawImage, mark_submitted, report_usage
+from ..base import (
+    CallContext,
+    OfferingState,
+    Provider,
+    ProviderResult,
+    RawImage,
+    mark_submitted,
+    report_usage,
+)
+from ..catalog import Catalog
 from ..http import HttpProvider
 from ..offering import Offering, request_size
+from .compile import checkpoint_offering, compile_workflow
 from .graph import (
     LOADERS,
     build_graph,
@@ -73,6 +84,11 @@ class ComfyUIProvider(HttpProvider):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self._pools: dict[tuple[str, ...], ServerPool] = {}
+        self._peer: Callable[[str], Provider] | None = None
+        self._catalog: Catalog | None = None
+
+    def connect(self, peer: Callable[[str], Provider], catalog: Catalog) -> None:
+        self._peer, self._catalog = peer, catalog
 
     def _option(self, offering: Offering, key: str) -> Any:
         return offering.settings.get(key) or self.settings.options.get(key)
@@ -146,7 +162,44 @@ class ComfyUIProvider(HttpProvider):
                 server.in_flight -= 1
             pool.worked(server)
             return result
+        if self._option(offering, "local_fallback") and self._peer is not None and self._catalog is not None:
+            return await self._locally(request, offering, template, bindings, ctx, where)
         raise last or ProviderUnavailable("no ComfyUI server answered", **where)
+
+    async def _locally(self, request: ImageRequest, offering: Offering, template: dict[str, Any],
+                       bindings: dict[str, str], ctx: CallContext, where: dict[str, Any]) -> ProviderResult:
+        """No server answered and the offering says `local_fallback`: the same workflow, with the request
+        bound in, run by the local backend (`compile.py`); its GPU-seconds are this attempt's cost."""
+        w, h = request_size(request, offering)
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        names = {f"input-{i}": img for i, img in enumerate(request.images)}
+        values = {"prompt": request.prompt, "negative": request.negative_prompt, "seed": seed, "width": w,
+                  "height": h, "steps": request.steps, "guidance": request.guidance_scale, "batch": request.n,
+                  "strength": request.strength, "image": "input-0" if request.images else None,
+                  **{f"image_{i + 1}": f"input-{i}" for i in range(1, len(request.images))},
+                  "mask": "mask" if request.mask else None}
+        inputs: dict[str, Any] = {**{k: v.data for k, v in names.items()}, "mask": request.mask}
+        assert self._peer is not None and self._catalog is not None
+        local_models = [o.model for o in self._catalog if o.provider == "local"]
+        try:
+            jobs = compile_workflow(build_graph(template, bindings, values), inputs=inputs)
+            targets = [self._catalog.resolve(checkpoint_offering(
+                j.checkpoint, local_models, dict(self.settings.options.get("checkpoints") or {}))) for j in jobs]
+        except RequestError as exc:
+            raise ProviderError(f"no ComfyUI server answered, and the workflow cannot run locally: {exc}",
+                                **where) from None
+        local = self._peer("local")
+        images, usage, applied = [], {"images": 0, "gpu_seconds": 0.0, "width": w, "height": h}, {}
+        for job, target in zip(jobs, targets, strict=True):
+            assert target is not None   # checkpoint_offering names only local offerings of the catalog
+            result = await local.generate(ImageRequest(**job.fields, model=target.id), target, ctx)
+            images += result.images
+            usage |= {k: v for k, v in result.usage.items() if k not in ("images", "gpu_seconds")}
+            usage["images"] += len(result.images)
+            usage["gpu_seconds"] = round(usage["gpu_seconds"] + float(result.usage.get("gpu_seconds", 0)), 6)
+            applied = {**result.applied, "workflow": job.workflow}
+        applied["ran_on"] = "the local backend: no ComfyUI server answered (options.local_fallback)"
+        return ProviderResult(images, usage, None, applied)
 
     async def _on(self, server: Server, request: ImageRequest, offering: Offering, template: dict[str, Any],
                   bindings: dict[str, str], ctx: CallContext, where: dict[str, Any], accepted: list[str]
