@@ -189,6 +189,13 @@ def test_the_pool_fails_over_to_another_server_before_another_offering(tmp_path)
     assert again.applied["server"] == alive.url   # the dead one is marked down, not tried first again
 
 
+def test_the_pool_fails_over_when_a_server_answers_500_before_queueing(tmp_path):
+    with FakeComfyUI(["500"]) as failing, FakeComfyUI() as other, broker(tmp_path, [failing.url, other.url]) as b:
+        r = b.generate("a cat", size="256x256")
+    assert r.applied["server"] == other.url and len(r.attempts) == 1
+    assert len(posted_prompts(failing)) == 1 and failing.history == {} and not failing.pending   # 500: not queued
+
+
 # -- 2. the fake brought to the real protocol --------------------------------------------------------------
 def post(fake: FakeComfyUI, body: dict) -> httpx.Response:
     return httpx.post(f"{fake.url}/prompt", json=body)
@@ -303,5 +310,7 @@ def test_the_fake_interrupts_only_what_runs_and_deletes_only_what_waits():
         assert record["status"]["status_str"] == "error" and record["prompt"][1] == running
         assert any(m[0] == "execution_interrupted" for m in record["status"]["messages"])
         assert httpx.get(f"{fake.url}/history/{waiting}").json() == {}
+        assert running in httpx.get(f"{fake.url}/history").json()
+        assert httpx.get(f"{fake.url}/queue", headers={"Origin": "http://evil.example"}).status_code == 403
         stats = httpx.get(f"{fake.url}/system_stats").json()
         assert stats["devices"][0]["type"] == "cuda" and "KSampler" in httpx.get(f"{fake.url}/object_info").json()

@@ -100,11 +100,12 @@ class FakeComfyUI:
     # -- lifecycle ------------------------------------------------------------------------------
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
-        app = web.Application()
+        app = web.Application(middlewares=[_same_origin])
         for prefix in ("", "/api"):
             app.router.add_post(f"{prefix}/prompt", self.prompt)
             app.router.add_get(f"{prefix}/prompt", self.prompt_info)
             app.router.add_get(f"{prefix}/history/{{pid}}", self.get_history)
+            app.router.add_get(f"{prefix}/history", self.all_history)
             app.router.add_get(f"{prefix}/view", self.view)
             app.router.add_post(f"{prefix}/interrupt", self.interrupt)
             app.router.add_post(f"{prefix}/queue", self.queue_post)
@@ -324,6 +325,10 @@ class FakeComfyUI:
                      for nid in outputs}}
 
     # -- the other routes -----------------------------------------------------------------------
+    async def all_history(self, request: web.Request) -> web.Response:
+        items = list(self.history.items())[-int(request.query.get("max_items", 10_000)):]
+        return web.json_response(dict(items))
+
     async def get_history(self, request: web.Request) -> web.Response:
         pid = request.match_info["pid"]
         return web.json_response({pid: self.history[pid]} if pid in self.history else {})
@@ -397,6 +402,15 @@ class FakeComfyUI:
         self.requests.append({"path": request.path, "upload": name, "bytes": len(data)})
         return web.json_response({"name": name, "subfolder": str(form.get("subfolder", "")),
                                   "type": str(form.get("type", "input"))})
+
+
+@web.middleware
+async def _same_origin(request: web.Request, handler: Any) -> web.StreamResponse:
+    """As the real server on loopback: a browser request whose Origin is not the Host it was sent to is 403."""
+    origin = request.headers.get("Origin")
+    if origin and origin.split("://", 1)[-1].rstrip("/") != request.headers.get("Host", ""):
+        return web.Response(status=403)
+    return await handler(request)
 
 
 class _Interrupted(Exception):
