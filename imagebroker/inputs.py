@@ -98,8 +98,11 @@ def read_input(value: Any, what: str = "image") -> InputImage:
         return _from_bytes(buf.getvalue(), what)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return _from_bytes(bytes(value), what)
-    if isinstance(value, dict):   # a serialised InputImage (model_dump)
-        return InputImage.model_validate(value)
+    if isinstance(value, dict):   # a serialised InputImage (model_dump): read again from its bytes, never trusted
+        data = value.get("data")
+        if not isinstance(data, (bytes, bytearray)):
+            raise ValueError(f"{what}: a dict without its bytes under 'data'")
+        return _from_bytes(bytes(data), what)
     raise ValueError(f"{what}: give bytes, a path or a PIL image, not {type(value).__name__}")
 
 
@@ -153,10 +156,3 @@ def alpha_mask(mask: InputImage) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def mask_fraction(mask: InputImage) -> float:
-    """The share of the image the mask says to change (white at 50% or more)."""
-    lum = _luminance(mask)
-    hist = lum.histogram()
-    return sum(hist[128:]) / max(1, lum.width * lum.height)

@@ -195,8 +195,9 @@ class ImageRequest(_Frozen):
 
     @property
     def edit_strength(self) -> float:
-        """The strength asked, else the usual default where a backend takes one (Diffusers, ComfyUI):
-        1.0 with a mask (the masked area is repainted), 0.8 without (img2img keeps the layout)."""
+        """The strength asked, else the local backend's default (Diffusers' own defaults differ per
+        pipeline): 1.0 with a mask (the masked area is repainted), 0.8 without (img2img keeps the layout).
+        ComfyUI is sent only a strength asked; without one, the workflow's own denoise applies."""
         if self.strength is not None:
             return self.strength
         return 1.0 if self.mask is not None else 0.8

@@ -96,11 +96,14 @@ def test_what_cannot_run_locally_names_the_node(graph, says, tmp_path):
 
 
 def test_a_checkpoint_is_a_local_model_by_name_or_by_the_policys_mapping():
-    assert checkpoint_offering("tiny-shapes.safetensors", ["tiny-shapes"], {}) == "local/tiny-shapes"
-    assert checkpoint_offering("sd_xl_base_1.0.safetensors", ["sdxl"], {"sd_xl_base_1.0.safetensors": "local/sdxl"}
+    local = ["local/tiny-shapes", "local/sdxl"]
+    assert checkpoint_offering("tiny-shapes.safetensors", local, {}) == "local/tiny-shapes"
+    assert checkpoint_offering("sd_xl_base_1.0.safetensors", local, {"sd_xl_base_1.0.safetensors": "local/sdxl"}
                                ) == "local/sdxl"
     with pytest.raises(WorkflowError, match="is not a local model: name one of sdxl, tiny-shapes"):
-        checkpoint_offering("v1-5.ckpt", ["tiny-shapes", "sdxl"], {})
+        checkpoint_offering("v1-5.ckpt", local, {})
+    with pytest.raises(WorkflowError, match="not a local offering"):
+        checkpoint_offering("x.safetensors", local, {"x.safetensors": "fal/fal-ai/flux/dev"})
 
 
 # -- running it locally, and through a server -----------------------------------------------------------

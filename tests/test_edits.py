@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from imagebroker import Broker
 from imagebroker.cli import app
 from imagebroker.errors import RequestError
-from imagebroker.inputs import alpha_mask, mask_fraction, read_input, white_mask
+from imagebroker.inputs import alpha_mask, read_input, white_mask
 from imagebroker.policies.planner import PlannerState, plan, request_key
 from imagebroker.policies.pricing import bound, estimate
 from imagebroker.policies.schema import Policy
@@ -69,6 +69,22 @@ def test_bad_inputs_are_refused_before_anything_is_paid(fields, message):
         ImageRequest(prompt="x", **fields)
 
 
+def changed(mask) -> float:
+    """The share of the image a mask says to change, as every provider is sent it (white = change)."""
+    hist = Image.open(io.BytesIO(white_mask(mask))).histogram()
+    return sum(hist[128:]) / sum(hist)
+
+
+def test_an_init_image_of_another_size_is_fitted_keeping_its_aspect_ratio():
+    from imagebroker.providers.offering import request_size
+
+    photo = ImageRequest(prompt="x", images=[png(4032, 3024)])
+    assert request_size(photo, CATALOG.resolve("local/sdxl")) == (2048, 1536)          # within its size rule
+    assert request_size(photo, CATALOG.resolve("openai/gpt-image-1.5")) == (1536, 1024)   # the nearest offered
+    assert request_size(ImageRequest(prompt="x", images=[png(1000, 750)]),
+                        CATALOG.resolve("local/tiny-shapes")) == (256, 192)
+
+
 def test_one_mask_convention_converted_per_provider():
     init = read_input(png(64, 32))
     white_left = Image.new("L", (64, 32), 0)
@@ -80,10 +96,10 @@ def test_one_mask_convention_converted_per_provider():
     assert openai.mode == "RGBA" and openai.getpixel((5, 5))[3] == 0 and openai.getpixel((60, 5))[3] == 255
     flux = Image.open(io.BytesIO(white_mask(mask)))     # white = change
     assert flux.mode == "L" and flux.getpixel((5, 5)) == 255 and flux.getpixel((60, 5)) == 0
-    assert mask_fraction(mask) == 0.5
+    assert changed(mask) == 0.5
     # a mask drawn as OpenAI wants it (transparent where to change) means the same to every provider
     as_openai = read_input(alpha_mask(mask))
-    assert Image.open(io.BytesIO(white_mask(as_openai))).getpixel((5, 5)) == 255 and mask_fraction(as_openai) == 0.5
+    assert Image.open(io.BytesIO(white_mask(as_openai))).getpixel((5, 5)) == 255 and changed(as_openai) == 0.5
     assert init.size == "64x32"
 
 

@@ -106,9 +106,10 @@ def cache_key(request: ImageRequest, offering: Offering, policy: Policy) -> str 
         "files": {k: _fingerprint(settings[k]) for k in ("source", "workflow") if k in settings},
         "request": {f: getattr(request, f) for f in PIXEL_FIELDS}, "extra": request.extra,
         "adapters": [(a.ref, a.scale, adapter_digest(a.ref)) for a in request.adapters],
-        "inputs": [i.sha256 for i in request.images], "mask": request.mask.sha256 if request.mask else None,
-        "strength": request.strength,
     }
+    if request.is_edit:   # (only for edits: the keys of text-to-image calls made before edits stay valid)
+        canonical["edit"] = {"inputs": [i.sha256 for i in request.images], "strength": request.strength,
+                             "mask": request.mask.sha256 if request.mask else None}
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
 
 

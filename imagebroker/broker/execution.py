@@ -364,7 +364,11 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
     unknown = isinstance(error, OutcomeUnknown)
     if error.retryable or unknown:
         view.breaker.failure(offering.provider)
-    cost = _failed_cost(sub, cand, offering, log.request, unknown, "outcome unknown" if unknown else "failed")
+    if result is not None:   # it answered (and billed); its images were refused
+        paid = settle_checked(result.usage, offering, log.request, cand.bound_usd)
+        cost: Cost | None = paid.model_copy(update={"detail": f"answer refused, billed: {paid.detail}"})
+    else:
+        cost = _failed_cost(sub, cand, offering, log.request, unknown, "outcome unknown" if unknown else "failed")
     log.attempt(offering, started, t0, error=error, cost=cost)
     if cost is not None:
         log.maybe_billed.append(cost)

@@ -83,7 +83,9 @@ class CallLog:
     skips: list[Skip] = field(default_factory=list)
     refusals: list[BudgetExceeded] = field(default_factory=list)   # by `restrict` budgets
     ledger_faults: list[LedgerError] = field(default_factory=list)  # budget steps that failed after paying
-    maybe_billed: list[Cost] = field(default_factory=list)   # unknown outcomes: what each may have cost
+    # attempts without a result that cost something: an unknown outcome (its estimate), a failed or cancelled
+    # canvas run (the seconds it used), an answer whose images were refused (what it billed)
+    maybe_billed: list[Cost] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
     cache_key: str | None = None    # what a later identical request finds this call by (deterministic)
@@ -239,14 +241,18 @@ def _first_line(text: str, limit: int = 300) -> str:
 
 
 def _with_maybe_billed(cost: Cost | None, maybe: list[Cost]) -> Cost | None:
-    """The call's cost: what served it plus what its unknown outcomes may have cost (never dropped)."""
+    """The call's cost: what served it plus what its attempts without a result cost or may have (never
+    dropped); `estimated` when any of those is an estimate."""
     if not maybe:
         return cost
     extra = [c.usd for c in maybe]
     if None in extra or (cost is not None and cost.usd is None):
         return cost or maybe[0]
     total = sum(extra, (cost.usd if cost else 0) or Decimal(0))  # type: ignore[arg-type]
+    guessed = sum(c.status == "estimated" for c in maybe)
+    what = f"{len(maybe)} attempt(s) without a result" + (f", {guessed} estimated" if guessed else "")
     if cost is None:
-        return maybe[0].model_copy(update={"usd": total, "detail": f"{len(maybe)} unknown outcome(s), estimated"})
-    return cost.model_copy(update={"usd": total, "detail": f"{cost.detail} + {len(maybe)} unknown outcome(s), "
-                                                           "estimated"})
+        return maybe[0].model_copy(update={"usd": total, "detail": what,
+                                           "status": "estimated" if guessed else maybe[0].status})
+    return cost.model_copy(update={"usd": total, "detail": f"{cost.detail} + {what}",
+                                   "status": "estimated" if guessed else cost.status})

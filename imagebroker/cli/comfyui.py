@@ -31,7 +31,7 @@ def _jobs(workflow: Path, catalog: Any, options: dict[str, Any]) -> list[tuple[J
         fail(f"{workflow}: file not found")
     except (OSError, ValueError) as exc:
         fail(f"{workflow}: not a JSON workflow ({exc})")
-    local = [o.model for o in catalog if o.provider == "local"]
+    local = [o.id for o in catalog if o.provider == "local"]
     return [(job, checkpoint_offering(job.checkpoint, local, dict(options.get("checkpoints") or {})))
             for job in compile_workflow(graph, workflow.parent)]
 

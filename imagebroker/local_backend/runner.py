@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import io
 import os
 import queue
@@ -281,8 +282,8 @@ class LocalRunner:
                                       callback_on_step_end=on_step)
         if task != "text2img":
             kwargs |= _edit_inputs(req, task, (w, h), len(prompts))
-            if task == "img2img":   # it makes the init image's size, resized above to the size asked
-                del kwargs["height"], kwargs["width"]
+            if task == "img2img" and "height" not in inspect.signature(pipe.__call__).parameters:
+                del kwargs["height"], kwargs["width"]   # SD's makes the init image's size (resized to the size asked)
         if guidance is not None:
             kwargs["guidance_scale"] = float(guidance)  # type: ignore[arg-type]
         if family != "flux" and any(negatives):

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..logs import remember_secret
 from ..types import ImageRequest
 from .offering import Offering
+from .settings import ProviderSettings
 
 if TYPE_CHECKING:
     from .catalog import Catalog
-from .settings import ProviderSettings
 
 ProgressCallback = Callable[[int, int], None]          # (step, total steps) while an image is made
 AttemptCallback = Callable[[str, int], None]           # (offering id, attempt number) before each try

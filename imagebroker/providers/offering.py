@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import date
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -49,7 +50,6 @@ class EditCaps(_Data):
     # the size of what it returns: the size asked (`asked`), the init image's (`input`: a size asked
     # is dropped), or one it picks itself from the init image's aspect ratio (`any`, within size_rule)
     output_size: Literal["asked", "input", "any"] = "asked"
-    endpoint: str | None = None   # the provider's path or model for edits, when not the offering's own
     note: str = ""
 
 
@@ -236,9 +236,25 @@ def request_size(request: ImageRequest, offering: Offering) -> tuple[int, int]:
         return init.width, init.height
     if request.width and request.height:
         return request.width, request.height
-    if init is not None and caps.size_problem(init.width, init.height) is None:
-        return init.width, init.height
+    if init is not None and (fitted := fit_size(init.width, init.height, caps)) is not None:
+        return fitted
     return parse_size(caps.default_size)
+
+
+def fit_size(width: int, height: int, caps: Capabilities) -> tuple[int, int] | None:
+    """The size nearest to WxH that the offering makes, keeping the aspect ratio: WxH itself, else scaled
+    down within its size rule (rounded down to its multiple), else the offered size of the nearest aspect
+    ratio; None when nothing fits."""
+    if caps.size_problem(width, height) is None:
+        return width, height
+    if caps.sizes:
+        return min((parse_size(s) for s in caps.sizes), key=lambda s: abs(math.log((s[0] / s[1]) / (width / height))))
+    rule = caps.size_rule
+    assert rule is not None
+    scale = min(1.0, rule.max_side / max(width, height),
+                math.sqrt(rule.max_megapixels * 1e6 / (width * height)) if rule.max_megapixels else 1.0)
+    w, h = (max(rule.min_side, int(v * scale) // rule.multiple_of * rule.multiple_of) for v in (width, height))
+    return (w, h) if caps.size_problem(w, h) is None else None
 
 
 PerImagePrice.model_rebuild()

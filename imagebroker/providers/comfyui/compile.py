@@ -123,7 +123,9 @@ def _job(graph: dict[str, Any], save: str, input_dir: Path | None, inputs: dict[
                                     "(channel red, green or blue)")
             fields["mask"] = _input_file(graph, mid, input_dir, inputs)
         denoise = float(s.get("denoise", 1.0))
-        fields["strength"] = denoise if denoise > 0 else None
+        if denoise <= 0:
+            raise WorkflowError(f"node {sid}: denoise {denoise:g} changes nothing: give 0 < denoise <= 1")
+        fields["strength"] = denoise
     shown = {"sampler_name": s.get("sampler_name"), "scheduler": s.get("scheduler"), "cfg": s.get("cfg"),
              "steps": steps, "seed": fields["seed"], "checkpoint": checkpoint, "sampler_node": sid}
     return Job(save, checkpoint, fields, shown)
@@ -138,7 +140,11 @@ def _model(graph: dict[str, Any], sid: str) -> tuple[str, tuple[dict[str, Any], 
     """The checkpoint the sampler's model comes from, and the LoRAs on the way (outermost last)."""
     adapters: list[dict[str, Any]] = []
     nid, node = _linked(graph, sid, "model", ("CheckpointLoaderSimple", "LoraLoader"))
+    seen = {sid}
     while node["class_type"] == "LoraLoader":
+        if nid in seen:
+            raise WorkflowError(f"node {nid} (LoraLoader): its model links loop back to itself")
+        seen.add(nid)
         adapters.insert(0, {"ref": str(node["inputs"]["lora_name"]),
                             "scale": float(node["inputs"].get("strength_model", 1.0))})
         nid, node = _linked(graph, nid, "model", ("CheckpointLoaderSimple", "LoraLoader"))
@@ -156,15 +162,20 @@ def _input_file(graph: dict[str, Any], nid: str, input_dir: Path | None, inputs:
     return path
 
 
-def checkpoint_offering(checkpoint: str, local_models: list[str], mapping: dict[str, str]) -> str:
-    """The local offering a checkpoint name stands for: a mapping in the policy
-    (`providers.comfyui.options.checkpoints`), else a local model of that name (file suffix ignored)."""
+def checkpoint_offering(checkpoint: str, local_ids: list[str], mapping: dict[str, str]) -> str:
+    """The local offering (one of `local_ids`) a checkpoint name stands for: a mapping in the policy
+    (`providers.comfyui.options.checkpoints`), else the local model of that name (file suffix ignored)."""
     if checkpoint in mapping:
+        if mapping[checkpoint] not in local_ids:
+            known = ", ".join(sorted(local_ids))
+            raise WorkflowError(f"providers.comfyui.options.checkpoints maps {checkpoint!r} to "
+                                f"{mapping[checkpoint]!r}, not a local offering (local: {known})")
         return mapping[checkpoint]
     stem = checkpoint.rsplit("/", 1)[-1]
     for suffix in (".safetensors", ".ckpt", ".pt", ".bin", ".gguf"):
         stem = stem.removesuffix(suffix)
-    if stem in local_models:
+    if f"local/{stem}" in local_ids:
         return f"local/{stem}"
+    names = ", ".join(sorted(i.removeprefix("local/") for i in local_ids))
     raise WorkflowError(f"CheckpointLoaderSimple: ckpt_name {checkpoint!r} is not a local model: name one of "
-                        f"{', '.join(sorted(local_models))}, or map it in providers.comfyui.options.checkpoints")
+                        f"{names}, or map it in providers.comfyui.options.checkpoints")

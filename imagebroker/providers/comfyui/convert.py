@@ -37,7 +37,9 @@ def _job_lines(i: int, job: Job, source: str, family: str) -> list[str]:
     out = [f"# SaveImage node {job.node} (sampler node {job.workflow.get('sampler_node')})",
            f"{pipe} = {PIPELINES[task]}.from_pretrained({source!r}, torch_dtype=dtype).to(device)"]
     scheduler = resolve(str(f["scheduler"]), family)
-    if scheduler is not None:
+    if scheduler is None:
+        out.append(f"# {f['scheduler']} does not fit a {family} model: the pipeline's own scheduler is kept")
+    else:
         cls, kwargs = scheduler
         args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
         out.insert(1, f"from diffusers import {cls}")
@@ -48,7 +50,8 @@ def _job_lines(i: int, job: Job, source: str, family: str) -> list[str]:
         names = [f"lora{j}" for j in range(len(f["adapters"]))]
         out.append(f"{pipe}.set_adapters({names!r}, adapter_weights={[a['scale'] for a in f['adapters']]!r})")
     n = int(f.get("n", 1))
-    call: dict[str, Any] = {"prompt": f["prompt"], "negative_prompt": f.get("negative_prompt"),
+    call: dict[str, Any] = {"prompt": f["prompt"],
+                            "negative_prompt": f.get("negative_prompt") if family != "flux" else None,
                             "num_inference_steps": f["steps"], "guidance_scale": f["guidance_scale"],
                             "num_images_per_prompt": n}
     if task == "text2img":

@@ -37,12 +37,28 @@ def infer_bindings(graph: dict[str, Any]) -> dict[str, str]:
         if "denoise" in inputs:
             out["strength"] = f"{sampler_id}.inputs.denoise"
     loads = sorted((k for k, n in graph.items() if n.get("class_type") == "LoadImage"), key=node_order)
+    init = _encoded_image(graph, sampler_id)
+    if init in loads:   # the init image is the one the sampler's latent encodes; the others are references
+        loads = [init, *(k for k in loads if k != init)]
     for i, node in enumerate(loads):
         out["image" if i == 0 else f"image_{i + 1}"] = f"{node}.inputs.image"
     mask = next((k for k, n in graph.items() if n.get("class_type") == "LoadImageMask"), None)
     if mask is not None:
         out |= {"mask": f"{mask}.inputs.image", "mask_channel": f"{mask}.inputs.channel"}
     return out
+
+
+def _encoded_image(graph: dict[str, Any], sampler_id: str | None) -> str | None:
+    """The LoadImage node whose pixels the sampler's latent encodes (through SetLatentNoiseMask), if any."""
+    node = sampler_id
+    for link in ("latent_image", "samples", "pixels"):
+        value = (graph.get(node or "", {}).get("inputs") or {}).get(link)
+        if isinstance(value, list) and len(value) == 2:
+            node = str(value[0])
+            if graph.get(node, {}).get("class_type") == "SetLatentNoiseMask":
+                value = graph[node]["inputs"].get("samples")
+                node = str(value[0]) if isinstance(value, list) else None
+    return node if graph.get(node or "", {}).get("class_type") == "LoadImage" else None
 
 
 def build_graph(template: dict[str, Any], bindings: dict[str, str], values: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """A pool of ComfyUI servers for one offering: requests go to the least loaded healthy server, found from
 each server's own answers (`GET /prompt`: its queue; `/system_stats`: its device), checked at most every
-`STATUS_TTL_S`. A server that fails is marked down and checked again after `DOWN_S`; while every server is
-down they are all tried anyway, in order, rather than none."""
+`STATUS_TTL_S`. A server that fails is marked down for `DOWN_S` (not checked meanwhile) and tried after the
+healthy ones, so a call still has somewhere to go when every server is down."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class ServerPool:
         """Every server, the ones to try first first: healthy by load (then their order in the policy),
         then the ones down."""
         now = time.monotonic()
-        stale = [s for s in self.servers if now - s.checked_at > STATUS_TTL_S]
+        stale = [s for s in self.servers if now - s.checked_at > STATUS_TTL_S and s.up(now)]
         if stale:
             await asyncio.gather(*(self._check(s) for s in stale))
         now = time.monotonic()

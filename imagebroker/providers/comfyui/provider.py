@@ -22,11 +22,11 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from ...errors import BadProviderResponse, ProviderError, ProviderUnavailable, RateLimited, RequestError
+from ...errors import BadProviderResponse, OutcomeUnknown, ProviderError, ProviderUnavailable, RateLimited
 from ...inputs import white_mask
 from ...types import ImageRequest
 from ..base import (
@@ -39,9 +39,9 @@ from ..base import (
     report_usage,
 )
 from ..catalog import Catalog
-from ..http import HttpProvider
+from ..http import DOWNLOAD_RETRIES, HttpProvider
 from ..offering import Offering, request_size
-from .compile import checkpoint_offering, compile_workflow
+from .fallback import missing_inputs, run_locally
 from .graph import (
     LOADERS,
     build_graph,
@@ -55,6 +55,7 @@ from .graph import (
 )
 from .pool import Server, ServerPool
 
+T = TypeVar("T")
 WS_CONNECT_S = 5.0
 STOP_WAIT_S = 1.0   # after an interrupt, how long to wait for the history to say what the run used
 
@@ -138,14 +139,17 @@ class ComfyUIProvider(HttpProvider):
 
     async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
         where: dict[str, Any] = {"provider": self.name, "offering": offering.id}
-        template = json.loads(Path(str(self._option(offering, "workflow"))).expanduser().read_text())
-        bindings = self._option(offering, "bindings") or infer_bindings(template)
+        template, bindings = self._workflow(offering, where)
         if not bindings:
             raise ProviderError("the workflow has no KSampler to bind the prompt, seed and size to: name them in "
                                 "options.bindings (NODE.inputs.FIELD), or the request would be ignored", **where)
-        if request.width and "width" not in bindings and not request.is_edit:
+        if request.width and "width" not in bindings:
             raise ProviderError(f"the workflow has no EmptyLatentImage bound to width/height: {request.size} "
-                                "cannot be made; bind them in options.bindings", **where)
+                                "cannot be made (an edit's size is its init image's); bind them in "
+                                "options.bindings", **where)
+        if request.n > 1 and "batch" not in bindings:
+            raise ProviderError(f"n={request.n}: the workflow has no EmptyLatentImage batch_size to bind it to",
+                                **where)
         pool, last = self.pool(offering), None
         for server in await pool.ranked():
             accepted: list[str] = []
@@ -163,43 +167,21 @@ class ComfyUIProvider(HttpProvider):
             pool.worked(server)
             return result
         if self._option(offering, "local_fallback") and self._peer is not None and self._catalog is not None:
-            return await self._locally(request, offering, template, bindings, ctx, where)
+            return await run_locally(self._peer("local"), self._catalog, self.settings.options, request, offering,
+                                     template, bindings, ctx, where)
         raise last or ProviderUnavailable("no ComfyUI server answered", **where)
 
-    async def _locally(self, request: ImageRequest, offering: Offering, template: dict[str, Any],
-                       bindings: dict[str, str], ctx: CallContext, where: dict[str, Any]) -> ProviderResult:
-        """No server answered and the offering says `local_fallback`: the same workflow, with the request
-        bound in, run by the local backend (`compile.py`); its GPU-seconds are this attempt's cost."""
-        w, h = request_size(request, offering)
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        names = {f"input-{i}": img for i, img in enumerate(request.images)}
-        values = {"prompt": request.prompt, "negative": request.negative_prompt, "seed": seed, "width": w,
-                  "height": h, "steps": request.steps, "guidance": request.guidance_scale, "batch": request.n,
-                  "strength": request.strength, "image": "input-0" if request.images else None,
-                  **{f"image_{i + 1}": f"input-{i}" for i in range(1, len(request.images))},
-                  "mask": "mask" if request.mask else None}
-        inputs: dict[str, Any] = {**{k: v.data for k, v in names.items()}, "mask": request.mask}
-        assert self._peer is not None and self._catalog is not None
-        local_models = [o.model for o in self._catalog if o.provider == "local"]
-        try:
-            jobs = compile_workflow(build_graph(template, bindings, values), inputs=inputs)
-            targets = [self._catalog.resolve(checkpoint_offering(
-                j.checkpoint, local_models, dict(self.settings.options.get("checkpoints") or {}))) for j in jobs]
-        except RequestError as exc:
-            raise ProviderError(f"no ComfyUI server answered, and the workflow cannot run locally: {exc}",
-                                **where) from None
-        local = self._peer("local")
-        images, usage, applied = [], {"images": 0, "gpu_seconds": 0.0, "width": w, "height": h}, {}
-        for job, target in zip(jobs, targets, strict=True):
-            assert target is not None   # checkpoint_offering names only local offerings of the catalog
-            result = await local.generate(ImageRequest(**job.fields, model=target.id), target, ctx)
-            images += result.images
-            usage |= {k: v for k, v in result.usage.items() if k not in ("images", "gpu_seconds")}
-            usage["images"] += len(result.images)
-            usage["gpu_seconds"] = round(usage["gpu_seconds"] + float(result.usage.get("gpu_seconds", 0)), 6)
-            applied = {**result.applied, "workflow": job.workflow}
-        applied["ran_on"] = "the local backend: no ComfyUI server answered (options.local_fallback)"
-        return ProviderResult(images, usage, None, applied)
+    def _workflow(self, offering: Offering, where: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """The workflow and its bindings, both from the offering's own settings or both from the provider's
+        options (bindings written for one graph never bind another); every binding names a node there."""
+        own = offering.settings.get("workflow")
+        source = offering.settings if own else self.settings.options
+        template = json.loads(Path(str(source.get("workflow"))).expanduser().read_text())
+        bindings = source.get("bindings") or infer_bindings(template)
+        for key, target in bindings.items():
+            if str(target).partition(".")[0] not in template:
+                raise ProviderError(f"binding {key}: {target} names no node of the workflow", **where)
+        return template, bindings
 
     async def _on(self, server: Server, request: ImageRequest, offering: Offering, template: dict[str, Any],
                   bindings: dict[str, str], ctx: CallContext, where: dict[str, Any], accepted: list[str]
@@ -226,22 +208,34 @@ class ComfyUIProvider(HttpProvider):
             with contextlib.suppress(Exception):
                 if isinstance(exc, _SkippedOutputs):
                     await self._stop(base, prompt_id, where, device, run)
-                else:
-                    await self._used(base, prompt_id, where, device, run, wait=False)
+                else:   # the real server writes the history after the failure's event: wait a moment
+                    await self._used(base, prompt_id, where, device, run, wait=True)
             raise
-        record = self.json(await self.send("GET", f"{base}/history/{prompt_id}", where=where), where)
-        return await self._collect(base, record.get(prompt_id) or {}, seed, (w, h), device, run, where)
+        try:   # the run is done (and paid for): a failure from here is never a reason to run it again
+            record = await self._again(lambda: self._history(base, prompt_id, where), where)
+            return await self._collect(base, record, seed, (w, h), device, run, where)
+        except (ProviderUnavailable, RateLimited) as exc:
+            raise OutcomeUnknown(f"the finished run's images could not be fetched: {exc}", **where) from None
+
+    async def _history(self, base: str, prompt_id: str, where: dict[str, Any]) -> dict[str, Any]:
+        return self.json(await self.send("GET", f"{base}/history/{prompt_id}", where=where), where).get(prompt_id) or {}
+
+    async def _again(self, fetch: Callable[[], Awaitable[T]], where: dict[str, Any]) -> T:
+        """`fetch()`, tried again in place on a transient failure (as a result download is)."""
+        for attempt in range(DOWNLOAD_RETRIES + 1):
+            try:
+                return await fetch()
+            except (ProviderUnavailable, RateLimited):
+                if attempt == DOWNLOAD_RETRIES:
+                    raise
+                await asyncio.sleep(0.25 * 2**attempt)
+        raise AssertionError("unreachable")
 
     async def _upload_inputs(self, base: str, request: ImageRequest, bindings: dict[str, str],
                              where: dict[str, Any]) -> dict[str, Any]:
         """Each input image (and the mask, white = change, read from its red channel) uploaded into the
         server's input folder, named by its hash (a repeat is the same file), as the values to bind."""
-        names = ["image", *(f"image_{i + 1}" for i in range(1, len(request.images)))]
-        missing = [n for n in names + (["mask"] if request.mask else []) if n not in bindings]
-        if missing:
-            raise ProviderError(f"the workflow has no node for {', '.join(missing)} (LoadImage for images, "
-                                "LoadImageMask for the mask): add one, or bind it in "
-                                "providers.comfyui.options.bindings", **where)
+        names = missing_inputs(request, bindings, where)
         files = [(n, img.sha256[:32] + "." + ("jpg" if img.format == "jpeg" else img.format), img.data, img.mime)
                  for n, img in zip(names, request.images, strict=True)]
         if request.mask is not None:
@@ -263,17 +257,18 @@ class ComfyUIProvider(HttpProvider):
                    where: dict[str, Any], run: _Run, accepted: list[str]) -> None:
         ws = session = None
         try:
-            import aiohttp
-
-            session = aiohttp.ClientSession()
-            ws_url = base.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
-            async with asyncio.timeout(WS_CONNECT_S):   # the upgrade itself, not the close
-                ws = await session.ws_connect(ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=10))
-        except ImportError:
-            pass
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            ws = None   # no websocket (a proxy without upgrade, say): poll instead
-        try:
+            try:
+                import aiohttp
+            except ImportError:
+                aiohttp = None  # type: ignore[assignment]
+            if aiohttp is not None:
+                session = aiohttp.ClientSession()
+                ws_url = base.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
+                try:
+                    async with asyncio.timeout(WS_CONNECT_S):   # the upgrade itself, not the close
+                        ws = await session.ws_connect(ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=10))
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    ws = None   # no websocket (a proxy without upgrade, say): poll instead
             await self._submit(base, graph, client_id, prompt_id, where, accepted)
             if ws is not None and await self._listen(ws, prompt_id, ctx, where, run):
                 return
@@ -332,8 +327,9 @@ class ComfyUIProvider(HttpProvider):
 
     async def _stop(self, base: str, prompt_id: str, where: dict[str, Any], device: str, run: _Run) -> None:
         """Interrupt the prompt if it runs, take it off the queue if it waits, and report what it used."""
-        await self.send("POST", f"{base}/interrupt", where=where, json={"prompt_id": prompt_id}, timeout=5)
-        await self.send("POST", f"{base}/queue", where=where, json={"delete": [prompt_id]}, timeout=5)
+        await self.send("POST", f"{base}/interrupt", where=where, json={"prompt_id": prompt_id}, timeout=5,
+                        submit=False)
+        await self.send("POST", f"{base}/queue", where=where, json={"delete": [prompt_id]}, timeout=5, submit=False)
         await self._used(base, prompt_id, where, device, run, wait=True)
 
     async def _used(self, base: str, prompt_id: str, where: dict[str, Any], device: str, run: _Run,
@@ -360,16 +356,18 @@ class ComfyUIProvider(HttpProvider):
         seconds = server_seconds(record)
         if seconds is None:
             raise BadProviderResponse("ComfyUI history has no execution timestamps", **where)
-        images = []
-        for i, ref in enumerate(saved_images(record)):
-            params = {"filename": ref.get("filename"), "subfolder": ref.get("subfolder", ""),
-                      "type": ref.get("type", "output")}
-            resp = await self.send("GET", f"{base}/view", where=where, params=params)
-            # one seed for the whole batch (ComfyUI draws a batch's noise from it): image 0 is that seed's
-            images.append(RawImage(resp.content, seed if i == 0 else None))
-        usage: dict[str, Any] = {"images": len(images), "width": size[0], "height": size[1], "device": device,
+        refs = saved_images(record)
+        usage: dict[str, Any] = {"images": len(refs), "width": size[0], "height": size[1], "device": device,
                                  "gpu_seconds": round(max(0.0, seconds - run.load_s), 6),
                                  "load_seconds": round(run.load_s, 3), "cached_nodes": cached_nodes(record)}
+        report_usage(usage)   # what the run used, even if a download fails below
+        images = []
+        for i, ref in enumerate(refs):
+            params = {"filename": ref.get("filename"), "subfolder": ref.get("subfolder", ""),
+                      "type": ref.get("type", "output")}
+            resp = await self._again(lambda p=params: self.send("GET", f"{base}/view", where=where, params=p), where)
+            # one seed for the whole batch (ComfyUI draws a batch's noise from it): image 0 is that seed's
+            images.append(RawImage(resp.content, seed if i == 0 else None))
         applied = {"seed": seed, "size": f"{size[0]}x{size[1]}", "server": base, "device": device,
                    "batch_seeds": "one seed for the batch" if len(images) > 1 else None}
         return ProviderResult(images, usage, where.get("request_id"), applied)

@@ -272,7 +272,8 @@ class FakeComfyUI:
                     "node_id": nid, "node_type": cls, "executed": executed, "exception_message": str(exc),
                     "exception_type": exc.exception_type, "traceback": ["[traceback lines removed]"],
                     "current_inputs": {}, "current_outputs": [], "timestamp": _ms()}, keep=True)
-                self._record(item, outputs, "error", messages)
+                # as the real server: the history is written after the event (its prompt_worker, not execute)
+                asyncio.get_running_loop().call_later(0.1, self._record, item, outputs, "error", messages)
                 return
             ui = self._save(graph[nid], values[nid], inputs, step) if NODES[cls].output_node else None
             self._cache[sigs[nid]] = (values[nid], ui)
