@@ -168,6 +168,30 @@ def test_a_timed_out_attempt_records_its_prompt_id_and_the_server_time_it_used(t
     assert "used:" in attempt.cost.detail
 
 
+def test_a_finished_run_whose_images_cannot_be_fetched_is_not_run_again_and_is_charged(tmp_path):
+    with FakeComfyUI(["view_down"]) as fake, broker(tmp_path, [fake.url]) as b, \
+            pytest.raises(AllAttemptsFailed) as exc:
+        b.generate("a cat", size="256x256")
+    (attempt,) = exc.value.attempts   # never a second run for the same images
+    assert attempt.error_type == "OutcomeUnknown" and "could not be fetched" in attempt.error
+    assert len(posted_prompts(fake)) == 1
+    assert attempt.cost.status == "priced" and attempt.cost.units["gpu_seconds"] > 0
+
+
+def test_an_edit_asking_what_the_graph_cannot_bind_is_refused_before_it_runs(tmp_path):
+    from imagebroker.testing.fakes.comfyui import WORKFLOW_IMG2IMG
+
+    init = io.BytesIO()
+    Image.new("RGB", (256, 256)).save(init, format="PNG")
+    with FakeComfyUI() as fake, broker(tmp_path, [fake.url], WORKFLOW_IMG2IMG, offerings=[
+            {"id": "comfyui/sdxl", "capabilities": {"edit": {"max_images": 1, "strength": True}}}]) as b:
+        with pytest.raises(AllAttemptsFailed, match="n=2: the workflow has no EmptyLatentImage batch_size"):
+            b.generate("a cat", images=[init.getvalue()], n=2)
+        with pytest.raises(AllAttemptsFailed, match="512x512 cannot be made"):
+            b.generate("a cat", images=[init.getvalue()], size="512x512")
+    assert posted_prompts(fake) == []
+
+
 # -- 3. a pool of servers -------------------------------------------------------------------------------
 def test_the_pool_sends_a_call_to_the_least_loaded_server(tmp_path):
     with FakeComfyUI(["timeout"]) as busy, FakeComfyUI() as idle:
@@ -194,6 +218,14 @@ def test_the_pool_fails_over_when_a_server_answers_500_before_queueing(tmp_path)
         r = b.generate("a cat", size="256x256")
     assert r.applied["server"] == other.url and len(r.attempts) == 1
     assert len(posted_prompts(failing)) == 1 and failing.history == {} and not failing.pending   # 500: not queued
+
+
+def test_a_failed_server_stays_down_rather_than_back_after_its_next_status_check(tmp_path):
+    with FakeComfyUI(["500"]) as failing, FakeComfyUI() as other, broker(tmp_path, [failing.url, other.url]) as b:
+        b.generate("a cat", size="256x256")
+        time.sleep(2.2)   # past the status refresh, within the 10 s it is kept down
+        again = b.generate("a cat", size="256x256")
+    assert again.applied["server"] == other.url and len(posted_prompts(failing)) == 1
 
 
 # -- 2. the fake brought to the real protocol --------------------------------------------------------------

@@ -85,6 +85,13 @@ def test_an_init_image_of_another_size_is_fitted_keeping_its_aspect_ratio():
                         CATALOG.resolve("local/tiny-shapes")) == (256, 192)
 
 
+def test_an_input_given_as_a_dict_is_read_from_its_bytes_never_from_its_claims():
+    image = read_input({"data": png(96, 64), "format": "png", "width": 99999, "height": 5})
+    assert (image.width, image.height) == (96, 64)
+    with pytest.raises(ValueError, match="without its bytes"):
+        read_input({"format": "png", "width": 10, "height": 10})
+
+
 def test_one_mask_convention_converted_per_provider():
     init = read_input(png(64, 32))
     white_left = Image.new("L", (64, 32), 0)
@@ -222,6 +229,19 @@ def test_fallback_keeps_every_input_image(tmp_path, monkeypatch):
     assert [sent["input_image"].sha256, sent["input_image_2"].sha256] == [read_input(init).sha256,
                                                                           read_input(ref).sha256]
     assert [r["path"] for r in openai.requests] == ["/v1/images/edits"]   # the first offering had them too
+
+
+def test_an_answer_whose_images_are_refused_keeps_what_it_billed(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOGETHER_API_KEY", fakes()["together"].key)
+    with fakes()["together"](["tiny"]) as fake:
+        policy = Policy.model_validate({"name": "t", "deny": builtin_providers("together"),
+                                        "providers": {"together": {"base_url": fake.base_url}},
+                                        "retry": {"max_attempts": 1}, "fallback": {"max_offerings": 1}})
+        with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b, pytest.raises(Exception) as exc:
+            b.generate("x", model="together/black-forest-labs/FLUX.1-schnell")
+    (attempt,) = exc.value.attempts
+    assert attempt.error_type == "BadProviderResponse"
+    assert attempt.cost.status == "priced" and attempt.cost.usd > 0 and "answer refused, billed" in attempt.cost.detail
 
 
 def test_an_edit_is_recorded_by_its_inputs_hashes_never_their_bytes(tmp_path, monkeypatch):

@@ -16,7 +16,8 @@
 Steps: the generic `429`, `500`, `malformed`, `timeout` (samplers step slowly), `empty` (SaveImage saves
 nothing), `broken` (files that are not PNGs); `nodeerror` (400: a checkpoint not in the list), `oom` (CUDA
 out of memory at the sampler), `cpu_oom` (the CPU allocator's RuntimeError), `nows` (no websocket: poll),
-`noupgrade` (the websocket upgrade is never answered). Steps join with `+` (`nows+oom`)."""
+`noupgrade` (the websocket upgrade is never answered), `view_down` (`/view` answers 503). Steps join with `+`
+(`nows+oom`)."""
 
 from __future__ import annotations
 
@@ -337,6 +338,8 @@ class FakeComfyUI:
     async def view(self, request: web.Request) -> web.Response:
         name, subfolder = request.query.get("filename", ""), request.query.get("subfolder", "")
         kind = request.query.get("type", "output")
+        if "view_down" in self.script[min(self.generations, len(self.script)) - 1].split("+"):
+            return web.Response(status=503, text="busy")
         if not name or ".." in name or name.startswith("/"):
             return web.Response(status=400)
         if ".." in subfolder.split("/") or subfolder.startswith("/"):
