@@ -253,6 +253,7 @@ class Candidate(_Frozen):
     estimated_latency_s: float | None
     dropped: tuple[str, ...] = ()
     bound_usd: Decimal | None = None   # the most the call can cost here (budgets reserve this); None: unpriced
+    warnings: tuple[str, ...] = ()     # what a caller should know of this offering (it shuts down soon)
 
 
 class Plan(_Frozen):

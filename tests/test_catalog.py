@@ -100,3 +100,34 @@ def test_bad_catalog_file_names_file_line_and_field(tmp_path: Path):
                  "    capabilities: {}\n")
     with pytest.raises(ConfigError, match=r"x\.yaml:7: offerings\.0\.license\.commercial_use"):
         load_catalog_file(f)
+
+
+def test_an_offering_shutting_down_within_30_days_is_planned_with_a_warning(tmp_path):
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from typer.testing import CliRunner
+
+    from imagebroker import Broker
+    from imagebroker.cli import app
+    from imagebroker.policies.schema import Policy
+    from tests.conftest import builtin_providers
+
+    soon = (datetime.now(UTC).date() + timedelta(days=12)).isoformat()
+    spec = {"name": "l", "deny": builtin_providers("local"),
+            "offerings": [{"id": "local/tiny-shapes", "shutdown": soon}]}
+    with Broker(Policy.model_validate(spec), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        cand = b.plan("a red circle").candidates[0]
+        result = b.generate("a red circle on a blue background", seed=1)
+    expected = f"local/tiny-shapes shuts down on {soon} (in 12 days): move to another offering"
+    assert cand.warnings == (expected,) and expected in result.warnings
+    policy = tmp_path / "p.yaml"
+    policy.write_text(json.dumps(spec))
+    routed = CliRunner().invoke(app, ["route", "x", "--policy", str(policy), "--json"])
+    assert json.loads(routed.stdout)["candidates"][0]["warnings"] == [expected]
+    listed = json.loads(CliRunner().invoke(app, ["providers", "--policy", str(policy), "--json"]).stdout)
+    assert next(o for o in listed if o["id"] == "local/tiny-shapes")["shutdown_warning"] == expected
+    gone = dict(spec, offerings=[{"id": "local/tiny-shapes", "shutdown": datetime.now(UTC).date().isoformat()}])
+    with Broker(Policy.model_validate(gone), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        reasons = {r.offering: r.reasons for r in b.plan("x").rejected}
+    assert any(r.startswith("retired (shut down") for r in reasons["local/tiny-shapes"])

@@ -181,7 +181,7 @@ async def _from_cache(view: CallView, log: CallLog) -> ImageResult | None:
     done = ImageResult(request_id=log.request_id, images=images, offering=offering.id, cost=cost,
                        latency_s=log.latency_s(), plan=log.plan, attempts=(),
                        applied={"offering": offering.id, "cached_from": first}, dropped=cand.dropped,
-                       warnings=offering_warnings(log.request, offering))
+                       warnings=offering_warnings(log.request, offering) + cand.warnings)
     await log.record("ok", served=served, result=done, together=view.busy())
     return done
 
@@ -225,7 +225,7 @@ async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult
                        cost=log.call_cost(served), latency_s=log.latency_s(), plan=log.plan,
                        attempts=tuple(log.attempts), applied=applied,
                        dropped=outcome.candidate.dropped, skipped=tuple(log.skips),
-                       warnings=offering_warnings(log.request, served.offering))
+                       warnings=offering_warnings(log.request, served.offering) + outcome.candidate.warnings)
     await log.record("ok", served=served, result=done, together=view.busy())
     if log.ledger_faults:  # recorded, but a budget step failed: the caller must know, images in hand
         fault = log.ledger_faults[0]

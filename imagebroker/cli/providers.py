@@ -42,6 +42,7 @@ def offering_json(o: Offering, available: str | None, today: Any) -> dict[str, A
         "capabilities": o.capabilities.model_dump(mode="json"),
         "available": available is None, "unavailable_reason": available,
         "stale_price": stale(o, today), "source": o.source, "checked": o.checked,
+        "shutdown_warning": o.shutdown_warning(today),
     }
 
 
@@ -82,6 +83,8 @@ def providers(policy: PolicyOpt = None, ledger: LedgerOpt = None, wide: WideOpt 
         price = styled(price_summary(o))
         if stale(o, today):
             price.append(" (stale)", style="yellow")
+        if o.shutdown_warning(today):
+            price.append(f" (shuts down {o.shutdown})", style="yellow")
         available = styled("yes", "green") if why is None else styled(why if full else "no", "dim")
         cells.append([o.id, price, available, styled(*LICENSE[o.license.commercial_use]), edit_summary(o),
                       o.kind, ",".join(o.regions)])

@@ -35,7 +35,8 @@ def plan_json(plan: Plan) -> dict:
         "policy": plan.policy, "rule": plan.rule, "objective": plan.objective,
         "candidates": [{"offering": c.offering, "estimated_cost_usd": c.estimated_cost.usd,
                         "bound_usd": c.bound_usd, "cost_status": c.estimated_cost.status,
-                        "estimated_latency_s": c.estimated_latency_s, "dropped": list(c.dropped)}
+                        "estimated_latency_s": c.estimated_latency_s, "dropped": list(c.dropped),
+                        "warnings": list(c.warnings)}
                        for c in plan.candidates],
         "rejected": [{"offering": r.offering, "reasons": list(r.reasons)} for r in plan.rejected],
     }
@@ -54,6 +55,8 @@ def print_plan(plan: Plan, *, wide: bool = False, limit: int | None = None) -> N
                  f"{c.estimated_latency_s:g} s" if c.estimated_latency_s is not None else "?",
                  ", ".join(c.dropped) or "-"] for i, c in enumerate(plan.candidates, 1)]
         print_table("candidates, in the order they will be tried", CANDIDATE_COLUMNS, rows, wide=wide)
+        for warning in dict.fromkeys(w for c in plan.candidates for w in c.warnings):
+            console.print(styled(f"warning: {warning}", "yellow"))
     else:
         console.print(styled("no offering can serve this request", "red"))
     rejected = plan.rejected[:limit] if limit else plan.rejected

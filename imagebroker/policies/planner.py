@@ -254,7 +254,7 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
         if not pinned:
             raise RequestError(f"unknown model {request.model!r}: not an offering id, alias or "
                                "provider in the catalog (see `imagebroker providers`)")
-    pool = pinned if pinned is not None else [o for o in catalog if not o.retired(state.today)]
+    pool = pinned if pinned is not None else list(catalog)   # a retired offering is rejected, saying so
     max_latency, limits = _limits(request, c, state)
     denied, preferred = _first_match(catalog, eff.deny), _first_match(catalog, eff.prefer)
     # demo models come last in every policy that does not prefer them by id (a pattern such as `local`
@@ -283,8 +283,9 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
         if reasons:
             rejected.append(Rejection(offering=o.id, reasons=tuple(reasons)))
             continue
+        soon = o.shutdown_warning(state.today)
         cand = Candidate(offering=o.id, estimated_cost=cost, estimated_latency_s=round(latency, 3),
-                         dropped=tuple(soft), bound_usd=worst)
+                         dropped=tuple(soft), bound_usd=worst, warnings=(soon,) if soon else ())
         is_last = pinned is None and o.id in last_resort
         (held if is_last else eligible).append((cand, o))
     if eligible:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..types import ImageRequest, parse_size
 
 Kind = Literal["closed", "open-weight-hosted", "canvas", "local"]
+SHUTDOWN_WARNING_DAYS = 30
 Confidence = Literal["high", "medium", "low"]
 
 
@@ -214,6 +215,16 @@ class Offering(_Data):
 
     def retired(self, today: date) -> bool:
         return self.status == "shutdown" or (self.shutdown is not None and self.shutdown <= today)
+
+    def shutdown_warning(self, today: date) -> str | None:
+        """Said when it shuts down within SHUTDOWN_WARNING_DAYS: still planned, but not for long."""
+        if self.shutdown is None or self.retired(today):
+            return None
+        days = (self.shutdown - today).days
+        if days > SHUTDOWN_WARNING_DAYS:
+            return None
+        plural = "s" if days != 1 else ""
+        return f"{self.id} shuts down on {self.shutdown} (in {days} day{plural}): move to another offering"
 
 
 def offering_warnings(request: ImageRequest, offering: Offering) -> tuple[str, ...]:
