@@ -22,6 +22,7 @@ from imagebroker.errors import (
     ProviderUnavailable,
     RequestError,
 )
+from imagebroker.policies.schema import Constraints
 from imagebroker.providers.base import ProviderResult, RawImage
 from imagebroker.testing.fake_http import FakeImageServer, free_port
 from imagebroker.testing.mock import MockProvider, mock_offering, ok_result
@@ -115,10 +116,11 @@ def test_a_200_without_the_images_asked_for_is_never_a_success(tmp_path, step):
 
 
 def test_no_route_is_recorded_with_every_reason(tmp_path):
-    policy = mock_policy(mock_offering("x", capabilities={"max_n": 1}))
+    policy = mock_policy(mock_offering("x", capabilities={"max_n": 1})).model_copy(
+        update={"constraints": Constraints(split_n=False)})
     with Broker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b, pytest.raises(NoRouteError) as e:
         b.generate("a cat", n=3)
-    assert "mock/x: n=3 above its max of 1" in str(e.value)
+    assert "mock/x: n=3 above its max of 1 (the policy's split_n is off)" in str(e.value)
     assert rows(tmp_path / "l.db", "select status, error_type from calls") == [("rejected", "NoRouteError")]
 
 

@@ -153,7 +153,8 @@ def test_property_no_candidate_breaks_a_hard_constraint(policy, request, catalog
             assert o.capabilities.seed
         if c.require_adapters or request.adapters:
             assert o.capabilities.adapters
-        assert request.n <= o.capabilities.max_n
+        if request.n > o.capabilities.max_n:   # split into calls of at most max_n, and said so
+            assert c.split_n and any("calls of at most" in w for w in cand.warnings)
         if request.width:
             assert o.capabilities.size_problem(request.width, request.height) is None
         assert not o.retired(TODAY)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from ..errors import (
     AdapterError,
@@ -53,12 +53,12 @@ from ..providers.offering import Offering, offering_warnings
 from ..types import Candidate, Cost, GeneratedImage, ImageRequest, ImageResult, Plan, SkipReason
 from .breaker import CircuitBreaker
 from .budgets import applicable
-from .cache import cache_key, lookup
 from .images import ImageStore
 from .ledger.store import Ledger
 from .record import CallLog, Served
-from .report import DAY_S
 from .retries import RetryRules
+from .split import chunks, combined
+from .stored import from_cache, keep
 from .validate import validate_images
 
 T = TypeVar("T")
@@ -118,7 +118,7 @@ async def execute(view: CallView, request: ImageRequest, plan: Plan, request_id:
                                         f"{view.policy.name!r}", plan.rejected)
         await log.record("rejected", error=error, together=view.busy())
         raise error
-    if (hit := await _from_cache(view, log)) is not None:
+    if (hit := await from_cache(view, log)) is not None:
         return hit
     fallback, rules = view.policy.fallback, view.rules
     stopped: ProviderError | None = None
@@ -156,66 +156,9 @@ async def execute(view: CallView, request: ImageRequest, plan: Plan, request_id:
     raise error
 
 
-async def _from_cache(view: CallView, log: CallLog) -> ImageResult | None:
-    """The answer of the call a seeded request to a deterministic offering repeats, from the store: the
-    offering the plan would try first, $0 `cached`, no budget reserved, recorded as a call of its own."""
-    if view.store is None:
-        return None
-    cand = log.plan.candidates[0]
-    offering = view.catalog.offerings[cand.offering]
-    try:
-        log.cache_key = cache_key(log.request, offering, view.policy)
-        if log.cache_key is None:
-            return None
-        since = time.time() - view.policy.cache.ttl_days * DAY_S
-        found = await _on(view.store, lookup, view.ledger, view.store, log.cache_key, since)
-    except Exception as exc:  # a cache that cannot be read is a miss, never a failed call
-        logger.warning("call %s: the cache could not be read (%s): generating", log.request_id, type(exc).__name__)
-        return None
-    if found is None:
-        return None
-    first, images, cost, saved = found
-    log.saved_nusd, log.store_url = saved, view.store.shown_url
-    logger.info("call %s answered from the cache (call %s)", log.request_id, first)
-    served = Served(offering, images, cost, cand.estimated_cost, cand.bound_usd)
-    done = ImageResult(request_id=log.request_id, images=images, offering=offering.id, cost=cost,
-                       latency_s=log.latency_s(), plan=log.plan, attempts=(),
-                       applied={"offering": offering.id, "cached_from": first}, dropped=cand.dropped,
-                       warnings=offering_warnings(log.request, offering) + cand.warnings)
-    await log.record("ok", served=served, result=done, together=view.busy())
-    return done
-
-
-async def _on(store: ImageStore, fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)`, on a worker thread when `store` is remote (its I/O would hold up every other call)."""
-    return await asyncio.to_thread(fn, *args) if store.remote else fn(*args)
-
-
-async def _keep(view: CallView, log: CallLog, served: Served) -> None:
-    """The images into the store (when there is one; a remote one off the event loop); a store that fails
-    loses nothing: the caller has the images, and the call is recorded as not stored."""
-    store = view.store
-    if store is None:
-        return
-    try:
-        for image in served.images:
-            await _on(store, store.put, image.data)
-    except Exception as exc:
-        logger.warning("call %s: images not stored in %s: %s", log.request_id, store.shown_url,
-                       log.redact(str(exc)))
-        return
-    log.store_url = store.shown_url
-    if log.cache_key is None or served.offering.id != log.plan.candidates[0].offering:
-        try:
-            log.cache_key = cache_key(log.request, served.offering, view.policy)
-        except OSError as exc:   # an adapter file gone since: this call is not findable, nothing else
-            logger.warning("call %s: no cache key (%s)", log.request_id, exc)
-            log.cache_key = None
-
-
 async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult:
     served, result = outcome.served, outcome.result
-    await _keep(view, log, served)
+    await keep(view, log, served)
     applied = dict(result.applied, offering=served.offering.id)
     if len(result.images) > log.request.n:  # billed as the provider reports; the first n are kept
         applied["images_received"] = len(result.images)
@@ -263,7 +206,10 @@ async def _candidate(view: CallView, log: CallLog, rules: RetryRules, cand: Cand
             raise log.ledger_error("reserve budget for", exc) from exc
     unknown_before = len(log.maybe_billed)
     try:
-        outcome = await _attempts(view, log, rules, cand, offering, progress)
+        if log.request.n > offering.capabilities.max_n:   # the planner kept it: the policy's split_n is on
+            outcome = await _in_parts(view, log, rules, cand, offering, progress)
+        else:
+            outcome = await _attempts(view, log, rules, cand, offering, progress, log.request)
     except asyncio.CancelledError:   # what a cancelled call may have been billed stays counted
         if reservation:
             _close(view, log, reservation, log.maybe_billed[unknown_before:], None)
@@ -299,12 +245,30 @@ def _budget(policy: Policy, name: str) -> Budget:
     return next(b for b in policy.budgets if b.name == name)
 
 
-async def _attempts(view: CallView, log: CallLog, rules: RetryRules, cand: Candidate, offering: Offering,
+async def _in_parts(view: CallView, log: CallLog, rules: RetryRules, cand: Candidate, offering: Offering,
                     progress: ProgressCallback | None) -> Success | Failure:
+    """n above the offering's per-call maximum: one part after another (`split.py`). A part that fails
+    ends the candidate; the parts already made were paid for: their cost is counted and their images kept
+    in the store."""
+    done: list[tuple[Served, ProviderResult]] = []
+    for part in chunks(log.request, offering.capabilities.max_n):
+        outcome = await _attempts(view, log, rules, cand, offering, progress, part)
+        if isinstance(outcome, Failure):
+            for served, _ in done:
+                log.maybe_billed.append(served.cost)
+                await keep(view, log, served)
+            return outcome
+        done.append((outcome.served, outcome.result))
+    served, result = combined(done, cand, offering)
+    return Success(served, cand, result)
+
+
+async def _attempts(view: CallView, log: CallLog, rules: RetryRules, cand: Candidate, offering: Offering,
+                    progress: ProgressCallback | None, request: ImageRequest) -> Success | Failure:
     """Try one offering until it succeeds or the retry rules say stop."""
     number = 1
     while True:
-        outcome = await _attempt(view, log, cand, offering, progress)
+        outcome = await _attempt(view, log, cand, offering, progress, request)
         if isinstance(outcome, Success):
             return outcome
         wait = rules.delay(outcome.error, number)
@@ -317,7 +281,7 @@ async def _attempts(view: CallView, log: CallLog, rules: RetryRules, cand: Candi
 
 
 async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offering,
-                   progress: ProgressCallback | None) -> Success | Failure:
+                   progress: ProgressCallback | None, request: ImageRequest) -> Success | Failure:
     """One request to one offering: its images checked, its cost settled, its attempt written down."""
     provider = view.provider(offering.provider)
     timeout = provider.settings.timeout_s or view.policy.timeout_s
@@ -330,16 +294,16 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
     result: ProviderResult | None = None
     try:
         async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per attempt
-            result = await provider.generate(log.request, offering, ctx)
-        images = await _checked_images(result, log.request, offering, view.policy.images)
+            result = await provider.generate(request, offering, ctx)
+        images = await _checked_images(result, request, offering, view.policy.images)
     except ProviderError as exc:
         error: ProviderError = exc
     except TimeoutError:
         kind = OutcomeUnknown if sub.sent else ProviderUnavailable  # sent: it may be running, and billed
         error = kind(f"timed out after {timeout:g} s", request_id=sub.request_id, **where)
     except asyncio.CancelledError:  # the caller gave up (Ctrl-C, a timeout of the whole call)
-        paid = (settle_checked(result.usage, offering, log.request, cand.bound_usd) if result is not None  # billed
-                else _failed_cost(sub, cand, offering, log.request, sub.sent, "cancelled after it was sent"))
+        paid = (settle_checked(result.usage, offering, request, cand.bound_usd) if result is not None  # billed
+                else _failed_cost(sub, cand, offering, request, sub.sent, "cancelled after it was sent"))
         log.attempt(offering, started, t0, error=asyncio.CancelledError("cancelled by the caller"), cost=paid,
                     request_id=sub.request_id)
         if paid is not None:
@@ -350,7 +314,7 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
                      type(exc).__name__, offering.id, exc_info=True)
         error = AdapterError(f"adapter bug: {type(exc).__name__}: {exc}", **where)
     else:
-        cost = settle_checked(result.usage, offering, log.request, cand.bound_usd)
+        cost = settle_checked(result.usage, offering, request, cand.bound_usd)
         if "reported" in cost.units:  # the provider's usage was not believed
             logger.warning("call %s on %s: %s", log.request_id, offering.id, log.redact(cost.detail))
         view.breaker.success(offering.provider)
@@ -365,10 +329,10 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
     if error.retryable or unknown:
         view.breaker.failure(offering.provider)
     if result is not None:   # it answered (and billed); its images were refused
-        paid = settle_checked(result.usage, offering, log.request, cand.bound_usd)
+        paid = settle_checked(result.usage, offering, request, cand.bound_usd)
         cost: Cost | None = paid.model_copy(update={"detail": f"answer refused, billed: {paid.detail}"})
     else:
-        cost = _failed_cost(sub, cand, offering, log.request, unknown, "outcome unknown" if unknown else "failed")
+        cost = _failed_cost(sub, cand, offering, request, unknown, "outcome unknown" if unknown else "failed")
     log.attempt(offering, started, t0, error=error, cost=cost)
     if cost is not None:
         log.maybe_billed.append(cost)

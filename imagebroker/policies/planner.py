@@ -124,8 +124,8 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints) -> tuple[l
     elif r.width and r.height and (problem := caps.size_problem(r.width, r.height)):
         hard.append(problem)
     hard += _edit_reasons(o, r, soft)
-    if r.n > caps.max_n:
-        hard.append(f"n={r.n} above its max of {caps.max_n}")
+    if r.n > caps.max_n and not c.split_n:
+        hard.append(f"n={r.n} above its max of {caps.max_n} (the policy's split_n is off)")
     if r.adapters and not caps.adapters:
         hard.append("no LoRA/adapter support")
     elif len(r.adapters) > caps.max_adapters and caps.adapters:
@@ -181,6 +181,11 @@ def _edit_reasons(o: Offering, r: ImageRequest, soft: list[str]) -> list[str]:
         if int(steps * r.edit_strength) < 1:
             hard.append(f"strength {r.edit_strength:g} x {steps} steps leaves no denoising step")
     return hard
+
+
+def _split_note(r: ImageRequest, o: Offering) -> str | None:
+    top = o.capabilities.max_n
+    return None if r.n <= top else f"n={r.n} is sent to {o.id} as {-(-r.n // top)} calls of at most {top}"
 
 
 def _limits(r: ImageRequest, c: Constraints, state: PlannerState) -> tuple[float, list[tuple[Decimal, str]]]:
@@ -283,9 +288,9 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
         if reasons:
             rejected.append(Rejection(offering=o.id, reasons=tuple(reasons)))
             continue
-        soon = o.shutdown_warning(state.today)
+        notes = [w for w in (o.shutdown_warning(state.today), _split_note(request, o)) if w]
         cand = Candidate(offering=o.id, estimated_cost=cost, estimated_latency_s=round(latency, 3),
-                         dropped=tuple(soft), bound_usd=worst, warnings=(soon,) if soon else ())
+                         dropped=tuple(soft), bound_usd=worst, warnings=tuple(notes))
         is_last = pinned is None and o.id in last_resort
         (held if is_last else eligible).append((cand, o))
     if eligible:

@@ -32,6 +32,7 @@ class Constraints(_Strict):
     regions: tuple[str, ...] | None = None   # every region an offering processes in must be listed
     require_seed: bool = False
     require_adapters: bool = False
+    split_n: bool = True   # n above an offering's per-call maximum: several calls (false: not eligible)
 
 
 class When(_Strict):
