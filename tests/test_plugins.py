@@ -65,3 +65,16 @@ def test_changing_the_policy_moves_traffic_without_code(site, tmp_path):
     to_mock = cli(site, tmp_path, "generate", "x", "--policy", str(write_policy(tmp_path, "mock/*")),
                   "--out", str(tmp_path), "--json")
     assert json.loads(to_mock.stdout)["offering"] == "mock/standby"
+
+
+def test_a_plugins_own_catalog_is_routed_to_with_no_offerings_in_the_policy(site, tmp_path):
+    policy = tmp_path / "bare.yaml"
+    policy.write_text(json.dumps({"name": "bare", "deny": builtin_providers(), "prefer": ["example/painter"]}))
+    listed = cli(site, tmp_path, "providers", "--policy", str(policy), "--json")
+    assert listed.returncode == 0, listed.stderr
+    painter = {o["id"]: o for o in json.loads(listed.stdout)}["example/painter"]
+    assert painter["price"]["usd"] == "0.002" and painter["regions"] == ["eu"] and painter["available"]
+    made = cli(site, tmp_path, "generate", "a cat", "--policy", str(policy), "--out", str(tmp_path), "--json")
+    assert made.returncode == 0, made.stderr
+    data = json.loads(made.stdout)
+    assert data["offering"] == "example/painter" and data["cost"]["usd"] == "0.002"

@@ -117,12 +117,16 @@ class CallContext:
 class Provider(ABC):
     """Subclass this, set `name` (and `api_key_env` if it needs a key), implement `generate`.
 
-    Register it under the entry-point group `imagebroker.providers`; the built-ins do the same.
+    Register it under the entry-point group `imagebroker.providers`; the built-ins do the same. Ship its
+    offerings beside it as data and name the file in `catalog_file`.
     """
 
     name: ClassVar[str]
     api_key_env: ClassVar[str | None] = None
     default_base_url: ClassVar[str | None] = None
+    # a plugin's own offerings: a catalog file (the built-in files' format) shipped in the provider's package,
+    # by its name there; installing the package is then all it takes to route to it
+    catalog_file: ClassVar[str | None] = None
 
     def __init__(self, settings: ProviderSettings) -> None:
         self.settings = settings

@@ -121,7 +121,7 @@ def stale(o: Offering, today: date) -> bool:
 
 @cache
 def builtin_catalog() -> Catalog:
-    """Every catalog file shipped in `imagebroker/providers/data/`."""
+    """Every catalog file shipped in `imagebroker/providers/data/`, and those installed provider plugins ship."""
     offerings: list[Offering] = []
     versions, digest = [], hashlib.sha256()
     folder = resources.files("imagebroker.providers") / "data"
@@ -132,6 +132,12 @@ def builtin_catalog() -> Catalog:
         digest.update(text.encode())
         version, items = parse_catalog_file(load_text(text, f"imagebroker/providers/data/{entry.name}"))
         versions.append(version)
+        offerings.extend(items)
+    from .registry import plugin_catalog_texts  # (registry imports provider classes: only when needed)
+
+    for where, text in plugin_catalog_texts():
+        digest.update(text.encode())
+        _, items = parse_catalog_file(load_text(text, where))
         offerings.extend(items)
     return Catalog(offerings, f"{max(versions, default='0')}+{digest.hexdigest()[:8]}")
 

@@ -44,3 +44,20 @@ def register(cls: type[Provider]) -> type[Provider]:
     """Register a provider class at run time (tests, notebooks). Entry points are the usual way."""
     _runtime[cls.name] = cls
     return cls
+
+
+def plugin_catalog_texts() -> list[tuple[str, str]]:
+    """(where, YAML text) of every catalog file a third-party provider ships (`Provider.catalog_file`, read
+    from its package). Built-in providers' offerings are in `providers/data/` and are not loaded here."""
+    from importlib import resources
+
+    found = []
+    for name, ep in sorted(_entry_points().items()):
+        if str(getattr(ep, "value", "")).startswith("imagebroker."):
+            continue
+        cls = provider_class(name)
+        if cls.catalog_file:
+            package = cls.__module__.rpartition(".")[0] or cls.__module__
+            text = (resources.files(package) / cls.catalog_file).read_text(encoding="utf-8")
+            found.append((f"{package}/{cls.catalog_file}", text))
+    return found

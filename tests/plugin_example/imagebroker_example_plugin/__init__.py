@@ -8,6 +8,7 @@ from imagebroker.testing.images import make_image
 class ExampleProvider(Provider):
     name = "example"
     api_key_env = "EXAMPLE_API_KEY"
+    catalog_file = "catalog.yaml"   # its offerings, shipped beside it
 
     async def generate(self, request, offering, ctx: CallContext) -> ProviderResult:
         w, h = request.width or 64, request.height or 64
