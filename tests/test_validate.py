@@ -250,9 +250,11 @@ async def test_a_hostile_answer_falls_back_to_the_next_candidate(step, why, tmp_
         async with AsyncBroker(together_then_mock(fake.base_url, True),
                                ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
             result = await b.generate(prompt="a red circle", size="1024x1024")
-    assert result.offering == "mock/backup" and result.cost.usd == Decimal("0.01")
     (failed, ok) = result.attempts  # not retried: the same provider would answer the same
-    assert (failed.offering, failed.error_type, failed.cost) == (TOGETHER, "BadProviderResponse", None)
+    assert (failed.offering, failed.error_type) == (TOGETHER, "BadProviderResponse")
+    # it answered, so it billed: what it billed stays in the call's cost, beside the backup's
+    assert failed.cost is not None and failed.cost.usd > 0 and "answer refused, billed" in failed.cost.detail
+    assert result.offering == "mock/backup" and result.cost.usd == Decimal("0.01") + failed.cost.usd
     assert why in failed.error and "image" in failed.error and ok.error_type is None
 
 
