@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 from datetime import datetime
 from decimal import Decimal
@@ -34,8 +35,33 @@ def _request_error(exc: ValidationError) -> RequestError:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "request"
         msg = str(err["msg"]).removeprefix("Value error, ")
-        parts.append(msg if msg.startswith(("size ", "aspect_ratio ", "images[", "mask")) else f"{field}: {msg}")
+        own = msg.startswith(("size ", "aspect_ratio ", "resolution ", "images[", "mask"))   # they name their field
+        parts.append(msg if own else f"{field}: {msg}")
     return RequestError("; ".join(parts))
+
+
+RATIO_TOLERANCE = 0.01   # |log| of the ratio between two aspect ratios still taken as the same
+RESOLUTIONS = {"512": 512, "1K": 1024, "2K": 2048, "4K": 4096}
+
+
+def _resolution(value: str) -> int:
+    key = value.strip().upper()
+    if key in RESOLUTIONS:
+        return RESOLUTIONS[key]
+    if key.isdigit():
+        return int(key)
+    raise ValueError(f'resolution "{value}" is not 512, 1K, 2K, 4K or a number of pixels')
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_ratio(ratio: str) -> tuple[float, float]:
+    m = _RATIO.match(ratio.strip())
+    if not m or float(m.group(1)) <= 0 or float(m.group(2)) <= 0:
+        raise ValueError(f'aspect_ratio "{ratio}" is not W:H, e.g. 16:9')
+    w, h = float(m.group(1)), float(m.group(2))
+    if not 1 / 8 <= w / h <= 8:
+        raise ValueError(f'aspect_ratio "{ratio}" is outside 1:8..8:1')
+    return w, h
 
 
 @functools.lru_cache(maxsize=1024)
@@ -73,7 +99,7 @@ class ImageRequest(_Frozen):
     height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
     aspect_ratio: str | None = None
     resolution: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE,
-                                   description="long side in pixels, with aspect_ratio")
+                                   description="long side in pixels (or 512, 1K, 2K, 4K), with aspect_ratio")
     n: int = Field(default=1, ge=1, le=MAX_N)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     steps: int | None = Field(default=None, ge=1, le=500)
@@ -103,28 +129,26 @@ class ImageRequest(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _size_forms(cls, data: Any) -> Any:
+        """`size` is width and height; `aspect_ratio` (with an optional `resolution`) stays as asked and is
+        resolved per offering (`providers.offering.request_size`); a size that disagrees with it is refused."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
         size = data.pop("size", None)
         if size is not None:
-            if data.get("width") or data.get("height") or data.get("aspect_ratio"):
-                raise ValueError("give size, or width/height, or aspect_ratio; not several")
+            if data.get("width") or data.get("height"):
+                raise ValueError("give size, or width/height; not both")
             data["width"], data["height"] = parse_size(str(size))
+        if isinstance(data.get("resolution"), str):
+            data["resolution"] = _resolution(data["resolution"])
         ratio = data.get("aspect_ratio")
         if ratio is not None:
-            m = _RATIO.match(str(ratio))
-            if not m or float(m.group(1)) <= 0 or float(m.group(2)) <= 0:
-                raise ValueError(f'aspect_ratio "{ratio}" is not W:H, e.g. 16:9')
-            if data.get("width") or data.get("height"):
-                raise ValueError("give aspect_ratio or width/height, not both")
-            w, h = float(m.group(1)), float(m.group(2))
-            if not 1 / 8 <= w / h <= 8:
-                raise ValueError(f'aspect_ratio "{ratio}" is outside 1:8..8:1')
-            long_side = int(data.get("resolution") or 1024)
-            scale = long_side / max(w, h)
-            data["width"] = max(MIN_SIDE, round(w * scale / 16) * 16)
-            data["height"] = max(MIN_SIDE, round(h * scale / 16) * 16)
+            w, h = parse_ratio(str(ratio))
+            if data.get("width") and data.get("height") and abs(
+                    math.log((data["width"] / data["height"]) / (w / h))) > RATIO_TOLERANCE:
+                raise ValueError(f'aspect_ratio "{ratio}" and size {data["width"]}x{data["height"]} disagree')
+        elif data.get("resolution") is not None:
+            raise ValueError("resolution goes with aspect_ratio (a size says both)")
         return data
 
     @field_validator("images", mode="before")
@@ -254,6 +278,7 @@ class Candidate(_Frozen):
     dropped: tuple[str, ...] = ()
     bound_usd: Decimal | None = None   # the most the call can cost here (budgets reserve this); None: unpriced
     warnings: tuple[str, ...] = ()     # what a caller should know of this offering (it shuts down soon)
+    size: str | None = None            # the size it will make (an aspect ratio resolved for it)
 
 
 class Plan(_Frozen):

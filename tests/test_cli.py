@@ -201,3 +201,21 @@ def test_verbose_flags_after_any_command_log_the_call_to_stderr(tmp_path, flags,
     assert "retries mock/a in 0.01 s after RateLimited" in result.stderr
     assert ("attempt 1 on mock/a: RateLimited" in result.stderr) == (level == "DEBUG")
     json.loads(result.stdout)  # the log stays out of the machine output
+
+
+def test_route_resolves_an_aspect_ratio_per_offering_with_every_key_set(monkeypatch):
+    import json as _json
+
+    from typer.testing import CliRunner as _Runner
+
+    from imagebroker.cli import app as _app
+    from tests.conftest import KEY_VARS
+
+    for var in KEY_VARS:
+        monkeypatch.setenv(var, "k")
+    res = _Runner().invoke(_app, ["route", "x", "--aspect-ratio", "16:9", "--json"])
+    assert res.exit_code == 0, res.output
+    candidates = _json.loads(res.stdout)["candidates"]
+    assert len(candidates) >= 10 and all(c["size"] for c in candidates)
+    sizes = {c["offering"]: c["size"] for c in candidates}
+    assert sizes["google/gemini-3-pro-image"] == "1344x768" and sizes["openai/gpt-image-2"] == "1024x576"

@@ -169,10 +169,10 @@ def test_property_no_candidate_breaks_a_hard_constraint(policy, request, catalog
 # The broker memoises plans by `request_key`. Fields the key leaves out (or reads only in part) must
 # not change a plan; a new ImageRequest field must be placed on one side or the other.
 KEYED = {"width", "height", "n", "steps", "scheduler", "quality", "output_format", "background", "adapters",
-         "model", "tags", "max_cost_usd", "max_latency_s", "strength"}
+         "model", "tags", "max_cost_usd", "max_latency_s", "strength", "aspect_ratio", "resolution"}
 # length, presence, truthiness; input images by their sizes, the mask by its presence
 PARTLY = {"prompt", "negative_prompt", "seed", "guidance_scale", "images", "mask"}
-IGNORED = {"aspect_ratio", "resolution", "idempotency_key", "extra"}  # sizes arrive as width/height
+IGNORED = {"idempotency_key", "extra"}
 
 
 def test_every_request_field_is_placed_in_or_out_of_the_plan_key():
@@ -209,3 +209,31 @@ def test_requests_with_the_same_plan_key_get_the_same_plan(fields, other):
     b = ImageRequest(**changed)
     assert request_key(a) == request_key(b)
     assert planned(policy, a)[0] == planned(policy, b)[0]
+
+
+# -- aspect ratios, resolved per offering --------------------------------------------------------------
+shapes = st.builds(lambda ratio, res, n: ImageRequest(prompt="a cat", aspect_ratio=ratio, resolution=res, n=n),
+                   st.sampled_from(["1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "21:9", "5:4"]),
+                   st.sampled_from([None, "512", "1K", "2K", "4K", 768]), st.integers(1, 2))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request=shapes, catalog=catalogs, match=st.sampled_from(["exact", "nearest"]))
+def test_property_every_candidate_makes_a_size_it_can_for_the_aspect_ratio_and_is_priced_at_it(
+        request, catalog, match):
+    import math
+
+    from imagebroker.policies.pricing import estimate
+    from imagebroker.types import parse_ratio
+
+    policy = Policy.model_validate({"name": "p", "constraints": {"size_match": match}})
+    p = plan(request, policy, catalog, PlannerState(today=TODAY))
+    rw, rh = parse_ratio(request.aspect_ratio)
+    for cand in p.candidates:
+        o = catalog.offerings[cand.offering]
+        w, h = (int(v) for v in cand.size.split("x"))
+        assert o.capabilities.size_problem(w, h) is None
+        if match == "exact":
+            assert abs(math.log((w / h) / (rw / rh))) <= 0.01
+        units = estimate(request, o).units
+        assert (units.get("width"), units.get("height")) in ((w, h), (None, None))

@@ -69,3 +69,14 @@ def test_a_local_split_is_batch_invariant(tmp_path):
     px = [np.asarray(Image.open(io.BytesIO(i.data)).convert("RGB")).astype(int)
           for i in (many.images[9], alone.images[0])]
     assert np.abs(px[0] - px[1]).max() <= 1
+
+
+def test_an_aspect_ratio_is_sent_as_the_size_the_offering_makes_and_priced_at_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("BFL_API_KEY", fakes()["bfl"].key)
+    with fakes()["bfl"](["ok"]) as fake, Broker(bfl_policy(fake), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        r = b.generate("a cat", aspect_ratio="16:9", resolution="2K", model="bfl/flux-2-pro")
+    sent = json.loads(next(x["body"] for x in fake.requests if x["method"] == "POST"))
+    assert (sent["width"], sent["height"]) == (2048, 1152) == (r.images[0].width, r.images[0].height)
+    assert r.applied["size_resolved"] == "16:9 @ 2048 -> 2048x1152"
+    mp = Decimal(2048 * 1152) / 10**6
+    assert r.cost.usd == (Decimal("0.03") + (mp - 1) * Decimal("0.015")).quantize(Decimal("1e-9")).normalize()

@@ -19,11 +19,18 @@ def test_bad_size_names_the_rule(size):
         ImageRequest(prompt="x", size=size)
 
 
-def test_aspect_ratio_and_resolution_make_a_size_in_multiples_of_16():
-    r = ImageRequest(prompt="x", aspect_ratio="16:9", resolution=1344)
-    assert (r.width, r.height) == (1344, 752)  # 1344 x 9/16 = 756 -> nearest multiple of 16
+def test_an_aspect_ratio_stays_as_asked_and_a_disagreeing_size_is_refused():
+    r = ImageRequest(prompt="x", aspect_ratio="16:9", resolution="1K")
+    assert (r.aspect_ratio, r.resolution, r.width) == ("16:9", 1024, None)   # resolved per offering, later
+    assert ImageRequest(prompt="x", aspect_ratio="16:9", size="1024x576").width == 1024   # they agree
+    with pytest.raises(RequestError, match='aspect_ratio "16:9" and size 1024x1024 disagree'):
+        ImageRequest(prompt="x", aspect_ratio="16:9", size="1024x1024")
     with pytest.raises(RequestError, match="aspect_ratio"):
         ImageRequest(prompt="x", aspect_ratio="wide")
+    with pytest.raises(RequestError, match='resolution "8K" is not 512, 1K, 2K, 4K'):
+        ImageRequest(prompt="x", aspect_ratio="1:1", resolution="8K")
+    with pytest.raises(RequestError, match="resolution goes with aspect_ratio"):
+        ImageRequest(prompt="x", resolution="1K")
 
 
 @pytest.mark.parametrize("fields, message", [

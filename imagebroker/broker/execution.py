@@ -160,6 +160,9 @@ async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult
     served, result = outcome.served, outcome.result
     await keep(view, log, served)
     applied = dict(result.applied, offering=served.offering.id)
+    if log.request.aspect_ratio and not log.request.width:   # how the aspect ratio was resolved for it
+        res = f" @ {log.request.resolution}" if log.request.resolution else ""
+        applied["size_resolved"] = f"{log.request.aspect_ratio}{res} -> {outcome.candidate.size}"
     if len(result.images) > log.request.n:  # billed as the provider reports; the first n are kept
         applied["images_received"] = len(result.images)
         logger.warning("call %s: %s sent %d images for n=%d", log.request_id, served.offering.id,

@@ -32,6 +32,10 @@ LedgerOpt = Annotated[str | None, typer.Option("--ledger", help="Ledger URL or S
                                                 "the policy's ledger.url, $IMAGEBROKER_LEDGER_URL, then "
                                                 "the user data dir).")]
 TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="key=value, repeatable.")]
+AspectOpt = Annotated[str | None, typer.Option("--aspect-ratio", help="W:H, e.g. 16:9: resolved per offering to a "
+                                                "size it makes (the plan shows which).")]
+ResolutionOpt = Annotated[str | None, typer.Option("--resolution", help="With --aspect-ratio: the long side, 512, "
+                                                   "1K, 2K, 4K or pixels.")]
 ImageOpt = Annotated[list[Path] | None, typer.Option("--image", "-i", help="An input image (PNG, JPEG or WebP): "
                                                      "the first is the init image, the rest references; "
                                                      "repeat for several.")]
@@ -108,6 +112,13 @@ def request_fields(size: str | None, n: int, seed: int | None, adapter: list[str
     if model:
         fields["model"] = model
     return fields
+
+
+def shape_fields(aspect_ratio: str | None, resolution: str | None) -> dict[str, Any]:
+    """--aspect-ratio and --resolution, as the request takes them."""
+    if resolution and not aspect_ratio:
+        fail("--resolution goes with --aspect-ratio (or give --size)")
+    return {k: v for k, v in (("aspect_ratio", aspect_ratio), ("resolution", resolution)) if v}
 
 
 def edit_fields(image: list[Path] | None, mask: Path | None, strength: float | None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import typer
 from ..types import ImageRequest
 from .common import (
     AdapterOpt,
+    AspectOpt,
     ImageOpt,
     JsonOpt,
     LedgerOpt,
@@ -18,6 +19,7 @@ from .common import (
     ModelOpt,
     NOpt,
     PolicyOpt,
+    ResolutionOpt,
     SeedOpt,
     SizeOpt,
     StrengthOpt,
@@ -26,6 +28,7 @@ from .common import (
     fail,
     handle_errors,
     request_fields,
+    shape_fields,
 )
 from .generate import (
     EmbedOpt,
@@ -51,6 +54,7 @@ def edit(
     negative: NegativeOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
     scheduler: SchedulerOpt = None, quality: QualityOpt = None, output_format: FormatOpt = None,
     timeout: TimeoutOpt = None, embed_provenance: EmbedOpt = False, no_store: NoStoreOpt = False,
+    aspect_ratio: AspectOpt = None, resolution: ResolutionOpt = None,
     ledger: LedgerOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Edit --image by PROMPT (with --mask: only where the mask is white), write the results into --out
@@ -58,7 +62,8 @@ def edit(
     has the init image's size where the offering can make it."""
     if not image:
         fail("edit needs --image: the image to edit (repeat --image for reference images)")
-    fields = request_fields(size, n, seed, adapter, model, tag) | edit_fields(image, mask, strength)
+    fields = (request_fields(size, n, seed, adapter, model, tag) | edit_fields(image, mask, strength)
+              | shape_fields(aspect_ratio, resolution))
     extra = {"negative_prompt": negative, "steps": steps, "guidance_scale": guidance,
              "scheduler": scheduler, "quality": quality, "output_format": output_format}
     request = ImageRequest(prompt=prompt, **fields, **{k: v for k, v in extra.items() if v is not None})

@@ -17,11 +17,13 @@ from ..errors import LedgerError, RequestError
 from ..types import ImageRequest, ImageResult
 from .common import (
     AdapterOpt,
+    AspectOpt,
     JsonOpt,
     LedgerOpt,
     ModelOpt,
     NOpt,
     PolicyOpt,
+    ResolutionOpt,
     SeedOpt,
     SizeOpt,
     TagOpt,
@@ -29,6 +31,7 @@ from .common import (
     fail,
     handle_errors,
     request_fields,
+    shape_fields,
 )
 from .output import console, err_console, print_json, styled, usd
 
@@ -153,11 +156,12 @@ def generate(
     negative: NegativeOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
     scheduler: SchedulerOpt = None, quality: QualityOpt = None, output_format: FormatOpt = None,
     timeout: TimeoutOpt = None, embed_provenance: EmbedOpt = False, no_store: NoStoreOpt = False,
+    aspect_ratio: AspectOpt = None, resolution: ResolutionOpt = None,
     ledger: LedgerOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Generate images for PROMPT, write them into --out exactly as the provider sent them (provenance in a
     NAME.json beside each), and print offering, cost and latency."""
-    fields = request_fields(size, n, seed, adapter, model, tag)
+    fields = request_fields(size, n, seed, adapter, model, tag) | shape_fields(aspect_ratio, resolution)
     extra = {"negative_prompt": negative, "steps": steps, "guidance_scale": guidance,
              "scheduler": scheduler, "quality": quality, "output_format": output_format}
     request = ImageRequest(prompt=prompt, **fields, **{k: v for k, v in extra.items() if v is not None})

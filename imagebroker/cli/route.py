@@ -10,6 +10,7 @@ from ..errors import NoRouteError
 from ..types import ImageRequest, Plan
 from .common import (
     AdapterOpt,
+    AspectOpt,
     ImageOpt,
     JsonOpt,
     LedgerOpt,
@@ -17,6 +18,7 @@ from .common import (
     ModelOpt,
     NOpt,
     PolicyOpt,
+    ResolutionOpt,
     SeedOpt,
     SizeOpt,
     StrengthOpt,
@@ -26,6 +28,7 @@ from .common import (
     handle_errors,
     read_only_broker,
     request_fields,
+    shape_fields,
 )
 from .output import Col, console, print_json, print_table, styled, usd
 
@@ -36,7 +39,7 @@ def plan_json(plan: Plan) -> dict:
         "candidates": [{"offering": c.offering, "estimated_cost_usd": c.estimated_cost.usd,
                         "bound_usd": c.bound_usd, "cost_status": c.estimated_cost.status,
                         "estimated_latency_s": c.estimated_latency_s, "dropped": list(c.dropped),
-                        "warnings": list(c.warnings)}
+                        "warnings": list(c.warnings), "size": c.size}
                        for c in plan.candidates],
         "rejected": [{"offering": r.offering, "reasons": list(r.reasons)} for r in plan.rejected],
     }
@@ -70,12 +73,14 @@ def route(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
     model: ModelOpt = None, tag: TagOpt = None, image: ImageOpt = None, mask: MaskOpt = None,
-    strength: StrengthOpt = None, policy: PolicyOpt = None, ledger: LedgerOpt = None,
+    strength: StrengthOpt = None, aspect_ratio: AspectOpt = None, resolution: ResolutionOpt = None,
+    policy: PolicyOpt = None, ledger: LedgerOpt = None,
     wide: WideOpt = False, json_out: JsonOpt = False,
 ) -> None:
     """Show which offerings would serve PROMPT (an edit, with --image), in order, and why the others would
     not. Calls no provider; exits 2 when no offering can serve it."""
-    fields = request_fields(size, n, seed, adapter, model, tag) | edit_fields(image, mask, strength)
+    fields = (request_fields(size, n, seed, adapter, model, tag) | edit_fields(image, mask, strength)
+              | shape_fields(aspect_ratio, resolution))
     request = ImageRequest(prompt=prompt, **fields)
     plan = read_only_broker(policy, ledger).plan(request)
     if json_out:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -17,7 +18,7 @@ from ..errors import RequestError
 from ..providers import schedulers
 from ..providers.catalog import Catalog
 from ..providers.offering import Offering, request_size
-from ..types import Candidate, Cost, ImageRequest, Plan, Rejection, parse_size
+from ..types import RATIO_TOLERANCE, Candidate, Cost, ImageRequest, Plan, Rejection, parse_ratio, parse_size
 from .pricing import CHARS_PER_TOKEN, bound, estimate
 from .schema import Constraints, Policy, Rule
 
@@ -123,6 +124,14 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints) -> tuple[l
             hard.append(f"init image: {problem}")
     elif r.width and r.height and (problem := caps.size_problem(r.width, r.height)):
         hard.append(problem)
+    elif r.aspect_ratio and not r.width:
+        w, h = request_size(r, o)
+        rw, rh = parse_ratio(r.aspect_ratio)
+        if abs(math.log((w / h) / (rw / rh))) > RATIO_TOLERANCE and c.size_match == "exact":
+            hard.append(f"aspect ratio {r.aspect_ratio} not offered (nearest: {w}x{h}; the policy's size_match "
+                        "is exact)")
+        elif problem := caps.size_problem(w, h):
+            hard.append(f"aspect ratio {r.aspect_ratio}: {problem}")
     hard += _edit_reasons(o, r, soft)
     if r.n > caps.max_n and not c.split_n:
         hard.append(f"n={r.n} above its max of {caps.max_n} (the policy's split_n is off)")
@@ -246,6 +255,7 @@ def request_key(r: ImageRequest) -> tuple[object, ...]:
     return (-(-len(r.prompt) // CHARS_PER_TOKEN), r.negative_prompt is None, bool(r.negative_prompt),
             r.width, r.height, r.n, r.seed is None, r.steps, r.guidance_scale is None, r.scheduler,
             r.quality, r.output_format, r.background, r.adapters, r.model, tuple(sorted(r.tags.items())),
+            r.aspect_ratio, r.resolution,
             r.max_cost_usd, r.max_latency_s, tuple((i.width, i.height) for i in r.images), r.mask is None,
             r.strength)
 
@@ -289,8 +299,9 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
             rejected.append(Rejection(offering=o.id, reasons=tuple(reasons)))
             continue
         notes = [w for w in (o.shutdown_warning(state.today), _split_note(request, o)) if w]
+        w, h = request_size(request, o)
         cand = Candidate(offering=o.id, estimated_cost=cost, estimated_latency_s=round(latency, 3),
-                         dropped=tuple(soft), bound_usd=worst, warnings=tuple(notes))
+                         dropped=tuple(soft), bound_usd=worst, warnings=tuple(notes), size=f"{w}x{h}")
         is_last = pinned is None and o.id in last_resort
         (held if is_last else eligible).append((cand, o))
     if eligible:

@@ -33,6 +33,8 @@ class Constraints(_Strict):
     require_seed: bool = False
     require_adapters: bool = False
     split_n: bool = True   # n above an offering's per-call maximum: several calls (false: not eligible)
+    # an aspect ratio an offering can only come near (a fixed size table): eligible (nearest) or not (exact)
+    size_match: Literal["exact", "nearest"] = "nearest"
 
 
 class When(_Strict):

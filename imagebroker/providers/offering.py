@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..types import ImageRequest, parse_size
+from ..types import ImageRequest, parse_ratio, parse_size
 
 Kind = Literal["closed", "open-weight-hosted", "canvas", "local"]
 SHUTDOWN_WARNING_DAYS = 30
@@ -247,9 +247,35 @@ def request_size(request: ImageRequest, offering: Offering) -> tuple[int, int]:
         return init.width, init.height
     if request.width and request.height:
         return request.width, request.height
+    if request.aspect_ratio:
+        return aspect_size(request.aspect_ratio, request.resolution, caps)
     if init is not None and (fitted := fit_size(init.width, init.height, caps)) is not None:
         return fitted
     return parse_size(caps.default_size)
+
+
+def aspect_size(ratio: str, long_side: int | None, caps: Capabilities) -> tuple[int, int]:
+    """The size this offering makes for an aspect ratio at a resolution (the long side; default: its default
+    size's): of its fixed sizes, the nearest ratio (then the nearest long side); else the ratio at that long
+    side, rounded to its multiple and kept within its limits."""
+    rw, rh = parse_ratio(ratio)
+    dw, dh = parse_size(caps.default_size)
+    target = long_side or max(dw, dh)
+    if caps.sizes:
+        return min((parse_size(s) for s in caps.sizes),
+                   key=lambda s: (round(abs(math.log((s[0] / s[1]) / (rw / rh))), 3), abs(max(s) - target)))
+    rule = caps.size_rule
+    assert rule is not None
+    long = min(target, rule.max_side)
+    w, h = (long, long * rh / rw) if rw >= rh else (long * rw / rh, long)
+    if rule.max_megapixels and w * h > rule.max_megapixels * 1e6:
+        scale = math.sqrt(rule.max_megapixels * 1e6 / (w * h))
+        w, h = w * scale, h * scale
+    m = rule.multiple_of
+    near = tuple(max(rule.min_side, min(rule.max_side, round(v / m) * m)) for v in (w, h))
+    if caps.size_problem(*near) is None:
+        return near  # type: ignore[return-value]
+    return tuple(max(rule.min_side, int(v // m) * m) for v in (w, h))  # type: ignore[return-value]
 
 
 def fit_size(width: int, height: int, caps: Capabilities) -> tuple[int, int] | None:
