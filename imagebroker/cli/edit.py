@@ -42,6 +42,7 @@ from .generate import (
     StepsOpt,
     TimeoutOpt,
     make_images,
+    option_fields,
 )
 
 
@@ -63,9 +64,8 @@ def edit(
     if not image:
         fail("edit needs --image: the image to edit (repeat --image for reference images)")
     fields = (request_fields(size, n, seed, adapter, model, tag) | edit_fields(image, mask, strength)
-              | shape_fields(aspect_ratio, resolution))
-    extra = {"negative_prompt": negative, "steps": steps, "guidance_scale": guidance,
-             "scheduler": scheduler, "quality": quality, "output_format": output_format}
-    request = ImageRequest(prompt=prompt, **fields, **{k: v for k, v in extra.items() if v is not None})
+              | shape_fields(aspect_ratio, resolution)
+              | option_fields(negative, steps, guidance, scheduler, quality, output_format))
+    request = ImageRequest(prompt=prompt, **fields)
     make_images(request, policy=policy, ledger=ledger, out=out, timeout=timeout, embed=embed_provenance,
                 no_store=no_store, json_out=json_out)

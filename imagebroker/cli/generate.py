@@ -161,12 +161,19 @@ def generate(
 ) -> None:
     """Generate images for PROMPT, write them into --out exactly as the provider sent them (provenance in a
     NAME.json beside each), and print offering, cost and latency."""
-    fields = request_fields(size, n, seed, adapter, model, tag) | shape_fields(aspect_ratio, resolution)
-    extra = {"negative_prompt": negative, "steps": steps, "guidance_scale": guidance,
-             "scheduler": scheduler, "quality": quality, "output_format": output_format}
-    request = ImageRequest(prompt=prompt, **fields, **{k: v for k, v in extra.items() if v is not None})
+    fields = (request_fields(size, n, seed, adapter, model, tag) | shape_fields(aspect_ratio, resolution)
+              | option_fields(negative, steps, guidance, scheduler, quality, output_format))
+    request = ImageRequest(prompt=prompt, **fields)
     make_images(request, policy=policy, ledger=ledger, out=out, timeout=timeout, embed=embed_provenance,
                 no_store=no_store, json_out=json_out)
+
+
+def option_fields(negative: str | None, steps: int | None, guidance: float | None, scheduler: str | None,
+                  quality: str | None, output_format: str | None) -> dict[str, Any]:
+    """The sampling and output options `generate` and `edit` share, as the request takes them (given ones only)."""
+    given = {"negative_prompt": negative, "steps": steps, "guidance_scale": guidance, "scheduler": scheduler,
+             "quality": quality, "output_format": output_format}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def make_images(request: ImageRequest, *, policy: str | None, ledger: str | None, out: Path,

@@ -12,7 +12,7 @@ from ..base import CallContext, Provider, ProviderResult
 from ..catalog import Catalog
 from ..offering import Offering, request_size
 from .compile import checkpoint_offering, compile_workflow
-from .graph import build_graph
+from .graph import build_graph, request_values
 
 
 def missing_inputs(request: ImageRequest, bindings: dict[str, str], where: dict[str, Any]) -> list[str]:
@@ -33,13 +33,11 @@ async def run_locally(local: Provider, catalog: Catalog, options: dict[str, Any]
     bound in, run by the local backend (`compile.py`); its GPU-seconds are this attempt's cost."""
     w, h = request_size(request, offering)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-    names = {f"input-{i}": img for i, img in enumerate(request.images)}
-    values = {"prompt": request.prompt, "negative": request.negative_prompt, "seed": seed, "width": w,
-              "height": h, "steps": request.steps, "guidance": request.guidance_scale, "batch": request.n,
-              "strength": request.strength, "image": "input-0" if request.images else None,
-              **{f"image_{i + 1}": f"input-{i}" for i in range(1, len(request.images))},
-              "mask": "mask" if request.mask else None, "mask_channel": "red" if request.mask else None}
-    inputs: dict[str, Any] = {**{k: v.data for k, v in names.items()}, "mask": request.mask}
+    # the inputs go to the compiler by name, not through an upload: image -> input-0, image_2 -> input-1, ...
+    images = {"image" if i == 0 else f"image_{i + 1}": f"input-{i}" for i in range(len(request.images))}
+    masks = {"mask": "mask", "mask_channel": "red"} if request.mask else {}
+    values = request_values(request, (w, h), seed) | images | masks
+    inputs: dict[str, Any] = {f"input-{i}": img.data for i, img in enumerate(request.images)} | {"mask": request.mask}
     try:
         if request.is_edit:
             missing_inputs(request, bindings, where)

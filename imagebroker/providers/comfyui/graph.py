@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from ...types import ImageRequest
+
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
 LOADERS = ("CheckpointLoaderSimple", "CheckpointLoader", "UNETLoader", "DiffusersLoader", "LoraLoader", "VAELoader",
            "CLIPLoader", "DualCLIPLoader", "ControlNetLoader")
@@ -59,6 +61,13 @@ def _encoded_image(graph: dict[str, Any], sampler_id: str | None) -> str | None:
                 value = graph[node]["inputs"].get("samples")
                 node = str(value[0]) if isinstance(value, list) else None
     return node if graph.get(node or "", {}).get("class_type") == "LoadImage" else None
+
+
+def request_values(request: ImageRequest, size: tuple[int, int], seed: int) -> dict[str, Any]:
+    """The request's fields under the binding names (`build_graph`'s values; None leaves the template's)."""
+    return {"prompt": request.prompt, "negative": request.negative_prompt, "seed": seed, "width": size[0],
+            "height": size[1], "steps": request.steps, "guidance": request.guidance_scale, "batch": request.n,
+            "strength": request.strength}
 
 
 def build_graph(template: dict[str, Any], bindings: dict[str, str], values: dict[str, Any]) -> dict[str, Any]:

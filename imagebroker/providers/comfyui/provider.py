@@ -49,6 +49,7 @@ from .graph import (
     history_failure,
     infer_bindings,
     prompt_error_text,
+    request_values,
     run_failure,
     saved_images,
     server_seconds,
@@ -189,8 +190,7 @@ class ComfyUIProvider(HttpProvider):
         base = server.url
         w, h = request_size(request, offering)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
-        values = {"prompt": request.prompt, "negative": request.negative_prompt, "seed": seed, "width": w,
-                  "height": h, "steps": request.steps, "guidance": request.guidance_scale, "batch": request.n}
+        values = request_values(request, (w, h), seed)
         if request.is_edit:
             values |= await self._upload_inputs(base, request, bindings, where)
         graph = build_graph(template, bindings, values)
@@ -241,7 +241,7 @@ class ComfyUIProvider(HttpProvider):
         if request.mask is not None:
             data = white_mask(request.mask)
             files.append(("mask", f"mask-{hashlib.sha256(data).hexdigest()[:32]}.png", data, "image/png"))
-        values: dict[str, Any] = {"strength": request.strength, "mask_channel": "red" if request.mask else None}
+        values: dict[str, Any] = {"mask_channel": "red" if request.mask else None}
         for binding, filename, data, mime in files:
             resp = await self.send("POST", f"{base}/upload/image", where=where, submit=False,
                                    files={"image": (filename, data, mime)},
