@@ -61,7 +61,7 @@ class InputImage(BaseModel):
         return MIME[self.format]
 
     def data_url(self) -> str:
-        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"
+        return data_url(self.data, self.mime)
 
     def b64(self) -> str:
         return base64.b64encode(self.data).decode()
@@ -74,6 +74,10 @@ class InputImage(BaseModel):
     def describe(self) -> dict[str, Any]:
         """What the ledger and provenance keep of it: never the bytes."""
         return {"sha256": self.sha256, "format": self.format, "width": self.width, "height": self.height}
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def read_input(value: Any, what: str = "image") -> InputImage:
@@ -126,7 +130,8 @@ def _from_bytes(data: bytes, name: str) -> InputImage:
     return InputImage(data=data, format=fmt, width=w, height=h, has_alpha=alpha, name=name)
 
 
-def _luminance(mask: InputImage) -> Image.Image:
+def mask_image(mask: InputImage) -> Image.Image:
+    """The mask as a greyscale image, white = change (what every conversion below starts from)."""
     image = mask.pil()
     if image.mode in ("RGBA", "LA") and image.getextrema()[-1][0] < 255 and _flat(image.convert("L")):
         # a mask drawn as transparency on a flat layer (an OpenAI-style mask): transparent = change
@@ -142,14 +147,14 @@ def _flat(image: Image.Image) -> bool:
 def white_mask(mask: InputImage) -> bytes:
     """The mask as a greyscale PNG, white = change (FLUX Fill, Stability, Diffusers, ComfyUI)."""
     buf = io.BytesIO()
-    _luminance(mask).save(buf, format="PNG")
+    mask_image(mask).save(buf, format="PNG")
     return buf.getvalue()
 
 
 def alpha_mask(mask: InputImage) -> bytes:
     """The mask as OpenAI wants it: an RGBA PNG, fully transparent where the image is to change (white in
     imagebroker's convention, cut at 50%), opaque elsewhere."""
-    lum = _luminance(mask)
+    lum = mask_image(mask)
     alpha = lum.point(lambda v: 0 if v >= 128 else 255)
     image = Image.new("RGBA", lum.size, (0, 0, 0, 255))
     image.putalpha(alpha)

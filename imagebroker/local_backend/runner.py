@@ -30,7 +30,7 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image as PILImage
 
 from ..errors import ModelNotFound, ProviderError, ProviderUnavailable, RequestError
-from ..inputs import white_mask
+from ..inputs import mask_image
 from ..providers.base import CallContext, ProviderResult, RawImage
 from ..providers.offering import Offering, request_size
 from ..providers.settings import LocalSettings
@@ -352,7 +352,7 @@ def _edit_inputs(request: ImageRequest, task: str, size: tuple[int, int], count:
         init = init.resize(size, PILImage.Resampling.LANCZOS)
     out: dict[str, Any] = {"image": [init] * count, "strength": request.edit_strength}
     if task == "inpaint" and request.mask is not None:
-        mask = PILImage.open(io.BytesIO(white_mask(request.mask))).convert("L")
+        mask = mask_image(request.mask)
         if mask.size != size:
             mask = mask.resize(size, PILImage.Resampling.NEAREST)
         out["mask_image"] = [mask] * count

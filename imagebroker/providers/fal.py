@@ -5,12 +5,11 @@ Billed per megapixel, each image rounded up: the units are the sizes fal reports
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 from typing import Any
 
 from ..errors import BadProviderResponse, ContentRejected, ProviderUnavailable
-from ..inputs import white_mask
+from ..inputs import data_url, white_mask
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage, sampling_fields
 from .http import HttpProvider
@@ -92,7 +91,7 @@ def _edit_fields(request: ImageRequest, offering: Offering) -> dict[str, Any]:
     edit = offering.capabilities.edit
     out: dict[str, Any] = {"image_url": request.images[0].data_url()}
     if request.mask is not None:
-        out["mask_url"] = "data:image/png;base64," + base64.b64encode(white_mask(request.mask)).decode()
+        out["mask_url"] = data_url(white_mask(request.mask))
     if edit is not None and edit.strength and request.strength is not None:
         out["strength"] = request.strength
     return out

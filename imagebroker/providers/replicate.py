@@ -8,7 +8,6 @@ broker, which honours Retry-After."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 from typing import Any
 
@@ -22,7 +21,7 @@ from ..errors import (
     OutcomeUnknown,
     ProviderUnavailable,
 )
-from ..inputs import white_mask
+from ..inputs import data_url, white_mask
 from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage, mark_submitted, sampling_fields
 from .http import POLL_RETRIES, HttpProvider, status_error
@@ -142,7 +141,7 @@ def _edit_input(request: ImageRequest, offering: Offering) -> dict[str, Any]:
     if field == "input_image":
         out["aspect_ratio"] = "match_input_image"
     if request.mask is not None:
-        out["mask"] = "data:image/png;base64," + base64.b64encode(white_mask(request.mask)).decode()
+        out["mask"] = data_url(white_mask(request.mask))
     edit = offering.capabilities.edit
     if edit is not None and edit.strength and request.strength is not None:
         out["prompt_strength"] = request.strength
