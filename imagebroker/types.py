@@ -64,6 +64,12 @@ def parse_ratio(ratio: str) -> tuple[float, float]:
     return w, h
 
 
+def off_ratio(width: int, height: int, ratio: str) -> bool:
+    """Whether WxH is another aspect ratio than `ratio` (beyond RATIO_TOLERANCE)."""
+    rw, rh = parse_ratio(ratio)
+    return abs(math.log((width / height) / (rw / rh))) > RATIO_TOLERANCE
+
+
 @functools.lru_cache(maxsize=1024)
 def parse_size(size: str) -> tuple[int, int]:
     m = _SIZE.match(size.strip())
@@ -143,9 +149,8 @@ class ImageRequest(_Frozen):
             data["resolution"] = _resolution(data["resolution"])
         ratio = data.get("aspect_ratio")
         if ratio is not None:
-            w, h = parse_ratio(str(ratio))
-            if data.get("width") and data.get("height") and abs(
-                    math.log((data["width"] / data["height"]) / (w / h))) > RATIO_TOLERANCE:
+            parse_ratio(str(ratio))   # a ratio it can read
+            if data.get("width") and data.get("height") and off_ratio(data["width"], data["height"], str(ratio)):
                 raise ValueError(f'aspect_ratio "{ratio}" and size {data["width"]}x{data["height"]} disagree')
         elif data.get("resolution") is not None:
             raise ValueError("resolution goes with aspect_ratio (a size says both)")

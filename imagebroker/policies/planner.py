@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -18,7 +17,7 @@ from ..errors import RequestError
 from ..providers import schedulers
 from ..providers.catalog import Catalog
 from ..providers.offering import Offering, request_size
-from ..types import RATIO_TOLERANCE, Candidate, Cost, ImageRequest, Plan, Rejection, parse_ratio, parse_size
+from ..types import Candidate, Cost, ImageRequest, Plan, Rejection, off_ratio, parse_size
 from .pricing import CHARS_PER_TOKEN, bound, estimate
 from .schema import Constraints, Policy, Rule
 
@@ -113,21 +112,22 @@ def latency_estimate(o: Offering, state: PlannerState, request: ImageRequest | N
     return p50
 
 
-def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints) -> tuple[list[str], list[str]]:
-    """(hard reasons the offering cannot serve the request, soft fields it would drop)."""
+def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints, size: tuple[int, int]
+                        ) -> tuple[list[str], list[str]]:
+    """(hard reasons the offering cannot serve the request, soft fields it would drop); `size` is the
+    request's size for this offering (`request_size`)."""
     caps, hard, soft = o.capabilities, [], []
     edit = caps.edit if r.is_edit else None
     if edit is not None and edit.output_size != "asked":  # it returns the init image's size, or its own
-        if r.width and (edit.output_size == "any" or (r.width, r.height) != request_size(r, o)):
+        if r.width and (edit.output_size == "any" or (r.width, r.height) != size):
             soft.append("size")
-        if edit.output_size == "input" and (problem := caps.size_problem(*request_size(r, o))):
+        if edit.output_size == "input" and (problem := caps.size_problem(*size)):
             hard.append(f"init image: {problem}")
     elif r.width and r.height and (problem := caps.size_problem(r.width, r.height)):
         hard.append(problem)
     elif r.aspect_ratio and not r.width:
-        w, h = request_size(r, o)
-        rw, rh = parse_ratio(r.aspect_ratio)
-        if abs(math.log((w / h) / (rw / rh))) > RATIO_TOLERANCE and c.size_match == "exact":
+        w, h = size
+        if c.size_match == "exact" and off_ratio(w, h, r.aspect_ratio):
             hard.append(f"aspect ratio {r.aspect_ratio} not offered (nearest: {w}x{h}; the policy's size_match "
                         "is exact)")
         elif problem := caps.size_problem(w, h):
@@ -289,7 +289,8 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
         why = state.unavailable.get(o.id) or state.unavailable.get(o.provider)
         if why:
             reasons.append(why)
-        hard, soft = _capability_reasons(o, request, c)
+        w, h = request_size(request, o)
+        hard, soft = _capability_reasons(o, request, c, (w, h))
         reasons += hard
         device = state.devices.get(o.id, "cuda")
         cost, worst = estimate(request, o, device=device), bound(request, o, device=device)
@@ -299,7 +300,6 @@ def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: Planner
             rejected.append(Rejection(offering=o.id, reasons=tuple(reasons)))
             continue
         notes = [w for w in (o.shutdown_warning(state.today), _split_note(request, o)) if w]
-        w, h = request_size(request, o)
         cand = Candidate(offering=o.id, estimated_cost=cost, estimated_latency_s=round(latency, 3),
                          dropped=tuple(soft), bound_usd=worst, warnings=tuple(notes), size=f"{w}x{h}")
         is_last = pinned is None and o.id in last_resort
