@@ -270,12 +270,19 @@ class HttpProvider(Provider):
         (None: the strictest rules, those of a public https base URL). The job is done and paid for:
         a transient failure is tried again here, and one that persists is an `OutcomeUnknown`, never a
         reason to submit the job again."""
+        return await self.again(lambda: self._download(str(url), where, base_url), where,
+                                "the result could not be downloaded")
+
+    async def again(self, fetch: Callable[[], Awaitable[T]], where: dict[str, Any], what: str) -> T:
+        """`fetch()` for a job already done and paid for: a transient failure is tried again here (up to
+        DOWNLOAD_RETRIES), and one that persists is an `OutcomeUnknown` saying `what`, never a reason to
+        submit the job again."""
         for attempt in range(DOWNLOAD_RETRIES + 1):
             try:
-                return await self._download(str(url), where, base_url)
+                return await fetch()
             except (ProviderUnavailable, RateLimited) as exc:
                 if attempt == DOWNLOAD_RETRIES:
-                    raise OutcomeUnknown(f"the result could not be downloaded: {exc}", **where) from None
+                    raise OutcomeUnknown(f"{what}: {exc}", **where) from None
                 await asyncio.sleep(0.25 * 2**attempt)
         raise AssertionError("unreachable")
 

@@ -22,11 +22,11 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from ...errors import BadProviderResponse, OutcomeUnknown, ProviderError, ProviderUnavailable, RateLimited
+from ...errors import BadProviderResponse, ProviderError, ProviderUnavailable, RateLimited
 from ...inputs import white_mask
 from ...types import ImageRequest
 from ..base import (
@@ -39,7 +39,7 @@ from ..base import (
     report_usage,
 )
 from ..catalog import Catalog
-from ..http import DOWNLOAD_RETRIES, HttpProvider
+from ..http import HttpProvider
 from ..offering import Offering, request_size
 from .fallback import missing_inputs, run_locally
 from .graph import (
@@ -56,8 +56,8 @@ from .graph import (
 )
 from .pool import Server, ServerPool
 
-T = TypeVar("T")
 WS_CONNECT_S = 5.0
+FETCH_FAILED = "the finished run's images could not be fetched"
 STOP_WAIT_S = 1.0   # after an interrupt, how long to wait for the history to say what the run used
 
 
@@ -211,25 +211,12 @@ class ComfyUIProvider(HttpProvider):
                 else:   # the real server writes the history after the failure's event: wait a moment
                     await self._used(base, prompt_id, where, device, run, wait=True)
             raise
-        try:   # the run is done (and paid for): a failure from here is never a reason to run it again
-            record = await self._again(lambda: self._history(base, prompt_id, where), where)
-            return await self._collect(base, record, seed, (w, h), device, run, where)
-        except (ProviderUnavailable, RateLimited) as exc:
-            raise OutcomeUnknown(f"the finished run's images could not be fetched: {exc}", **where) from None
+        # the run is done (and paid for): a failure from here is never a reason to run it again
+        record = await self.again(lambda: self._history(base, prompt_id, where), where, FETCH_FAILED)
+        return await self._collect(base, record, seed, (w, h), device, run, where)
 
     async def _history(self, base: str, prompt_id: str, where: dict[str, Any]) -> dict[str, Any]:
         return self.json(await self.send("GET", f"{base}/history/{prompt_id}", where=where), where).get(prompt_id) or {}
-
-    async def _again(self, fetch: Callable[[], Awaitable[T]], where: dict[str, Any]) -> T:
-        """`fetch()`, tried again in place on a transient failure (as a result download is)."""
-        for attempt in range(DOWNLOAD_RETRIES + 1):
-            try:
-                return await fetch()
-            except (ProviderUnavailable, RateLimited):
-                if attempt == DOWNLOAD_RETRIES:
-                    raise
-                await asyncio.sleep(0.25 * 2**attempt)
-        raise AssertionError("unreachable")
 
     async def _upload_inputs(self, base: str, request: ImageRequest, bindings: dict[str, str],
                              where: dict[str, Any]) -> dict[str, Any]:
@@ -365,7 +352,8 @@ class ComfyUIProvider(HttpProvider):
         for i, ref in enumerate(refs):
             params = {"filename": ref.get("filename"), "subfolder": ref.get("subfolder", ""),
                       "type": ref.get("type", "output")}
-            resp = await self._again(lambda p=params: self.send("GET", f"{base}/view", where=where, params=p), where)
+            resp = await self.again(lambda p=params: self.send("GET", f"{base}/view", where=where, params=p), where,
+                                    FETCH_FAILED)
             # one seed for the whole batch (ComfyUI draws a batch's noise from it): image 0 is that seed's
             images.append(RawImage(resp.content, seed if i == 0 else None))
         applied = {"seed": seed, "size": f"{size[0]}x{size[1]}", "server": base, "device": device,
