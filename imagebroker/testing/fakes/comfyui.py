@@ -32,33 +32,19 @@ from typing import Any, ClassVar
 from aiohttp import WSMsgType, web
 from PIL import PngImagePlugin
 
-from .comfyui_graph import NODES, GraphError, NodeFailed, order, run_node, signature, validate
+from .comfyui_graph import (
+    NODES,
+    WORKFLOW,
+    WORKFLOW_IMG2IMG,
+    WORKFLOW_INPAINT,
+    GraphError,
+    NodeFailed,
+    order,
+    run_node,
+    signature,
+    validate,
+)
 
-WORKFLOW = {  # a minimal SD text-to-image graph in API format
-    "3": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
-                                              "scheduler": "normal", "denoise": 1, "model": ["4", 0],
-                                              "positive": ["6", 0], "negative": ["7", 0],
-                                              "latent_image": ["5", 0]}},
-    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
-    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
-    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "positive", "clip": ["4", 1]}},
-    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "negative", "clip": ["4", 1]}},
-    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
-}
-# img2img: the uploaded image encoded as the latent, denoised by `denoise`; inpainting adds a mask
-# (LoadImageMask, channel red: white = change) on the latent
-WORKFLOW_IMG2IMG = {k: v for k, v in WORKFLOW.items() if k != "5"} | {
-    "3": {"class_type": "KSampler", "inputs": {**WORKFLOW["3"]["inputs"], "denoise": 0.75, "latent_image": ["11", 0]}},
-    "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-    "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}},
-}
-WORKFLOW_INPAINT = WORKFLOW_IMG2IMG | {
-    "3": {"class_type": "KSampler", "inputs": {**WORKFLOW_IMG2IMG["3"]["inputs"], "denoise": 1.0,
-                                              "latent_image": ["13", 0]}},
-    "12": {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}},
-    "13": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0], "mask": ["12", 0]}},
-}
 OOM = {"oom": ("torch.OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB."),
        "cpu_oom": ("RuntimeError", "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough "
                                    "memory: you tried to allocate 4294967296 bytes.")}
