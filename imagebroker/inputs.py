@@ -151,6 +151,13 @@ def white_mask(mask: InputImage) -> bytes:
     return buf.getvalue()
 
 
+def black_mask(mask: InputImage) -> bytes:
+    """The mask inverted, as Ideogram wants it: a black-and-white PNG, black = change (cut at 50%)."""
+    buf = io.BytesIO()
+    mask_image(mask).point(lambda v: 0 if v >= 128 else 255).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def alpha_mask(mask: InputImage) -> bytes:
     """The mask as OpenAI wants it: an RGBA PNG, fully transparent where the image is to change (white in
     imagebroker's convention, cut at 50%), opaque elsewhere."""

@@ -214,6 +214,10 @@ def settle(usage: Mapping[str, Any], offering: Offering, request: ImageRequest) 
     units = dict(usage)
     if price is None:
         return Cost.unpriced("none", f"no price in the catalog for {offering.id}", units)
+    if units.get("billed_usd") is not None:   # the provider said what it charged (xAI's cost ticks)
+        billed = Decimal(str(units["billed_usd"]))
+        return Cost(usd=_q(billed), status="priced", unit=price.unit, units=units,
+                    detail=f"${_q(billed)} as billed by the provider")
     images = int(units.get("images", request.n))
     w = int(units.get("width") or request_size(request, offering)[0])
     h = int(units.get("height") or request_size(request, offering)[1])
@@ -263,7 +267,7 @@ def settle(usage: Mapping[str, Any], offering: Offering, request: ImageRequest) 
 
 
 IMPLAUSIBLE_FACTOR = 10  # reported usage priced at more than this times the estimate is not believed
-_COUNTED = ("images", "width", "height", "predict_time_s", "credits", "gpu_seconds", "energy_j")
+_COUNTED = ("images", "width", "height", "predict_time_s", "credits", "gpu_seconds", "energy_j", "billed_usd")
 
 
 def _not_a_count(value: Any) -> bool:

@@ -22,6 +22,8 @@ SIZES = {"1024x1024": ("1:1", "1K"), "832x1248": ("2:3", "1K"), "1248x832": ("3:
          "864x1184": ("3:4", "1K"), "1184x864": ("4:3", "1K"), "768x1344": ("9:16", "1K"),
          "1344x768": ("16:9", "1K"), "1536x672": ("21:9", "1K"), "2048x2048": ("1:1", "2K"),
          "4096x4096": ("1:1", "4K")}
+# Imagen's sizes at 1K (Vertex's imagen-3.0-generate-001 page) -> aspectRatio; 2K is asked as sampleImageSize
+IMAGEN_SIZES = {"1024x1024": "1:1", "896x1280": "3:4", "1280x896": "4:3", "768x1408": "9:16", "1408x768": "16:9"}
 BLOCKED = {"SAFETY", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "PROHIBITED_CONTENT", "IMAGE_RECITATION",
            "RECITATION", "BLOCKLIST", "SPII", "IMAGE_OTHER", "NO_IMAGE"}
 
@@ -47,17 +49,19 @@ class GoogleProvider(HttpProvider):
             return {"Authorization": f"Bearer {key}"} if key else {}
         return {"x-goog-api-key": key} if key else {}
 
-    def endpoint(self, offering: Offering) -> str:
+    def endpoint(self, offering: Offering, method: str = "generateContent") -> str:
         base, opts = self.base_url_for(offering), self.settings.options
         if opts.get("project"):
             location = opts.get("location") or self.settings.region or "global"
             return (f"{base}/v1beta1/projects/{opts['project']}/locations/{location}/publishers/google/models/"
-                    f"{offering.model}:generateContent")
-        return f"{base}/v1beta/models/{offering.model}:generateContent"
+                    f"{offering.model}:{method}")
+        return f"{base}/v1beta/models/{offering.model}:{method}"
 
     async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
         where: dict[str, Any] = {"provider": self.name, "offering": offering.id}
         w, h = request_size(request, offering)
+        if offering.settings.get("api") == "predict":
+            return await self.predict(request, offering, ctx, where, (w, h))
         ratio, image_size = SIZES[f"{w}x{h}"]
         # an edit's images go inline before the prompt, as the SDK sends them (no mask: the prompt says it)
         images = [{"inlineData": {"mimeType": i.mime, "data": i.b64()}} for i in request.images]
@@ -94,3 +98,30 @@ class GoogleProvider(HttpProvider):
                  **_input_tokens(meta)}
         return ProviderResult(images, usage, data.get("responseId"),
                               {"aspectRatio": ratio, "imageSize": image_size, "input_images": len(request.images)})
+
+    async def predict(self, request: ImageRequest, offering: Offering, ctx: CallContext, where: dict[str, Any],
+                      size: tuple[int, int]) -> ProviderResult:
+        """Imagen: `:predict` with `instances[{prompt}]` and `parameters{sampleCount, aspectRatio}`, answered
+        with `predictions[{bytesBase64Encoded, mimeType}]`; a filtered image is `{raiFilteredReason}`. The
+        Gemini API takes no seed or negative prompt here (Vertex only), and bills per image."""
+        parameters: dict[str, Any] = {"sampleCount": request.n, "aspectRatio": IMAGEN_SIZES[f"{size[0]}x{size[1]}"],
+                                      "includeRaiReason": True}
+        parameters.update(request.extra.get(self.name, {}))
+        body = {"instances": [{"prompt": request.prompt}], "parameters": parameters}
+        resp = await self.send("POST", self.endpoint(offering, "predict"), where=where, json=body,
+                               headers=self.headers(ctx.api_key), timeout=ctx.timeout_s)
+        data = self.json(resp, where)
+        predictions = (data.get("predictions") if isinstance(data, dict) else None) or []
+        try:
+            images = [RawImage(base64.b64decode(p["bytesBase64Encoded"]), None)
+                      for p in predictions if p.get("bytesBase64Encoded")]
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise BadProviderResponse(f"unexpected response shape: {exc!r}", **where) from None
+        if not images:
+            reasons = [str(p.get("raiFilteredReason")) for p in predictions if isinstance(p, dict)
+                       and p.get("raiFilteredReason")]
+            if reasons or not predictions:
+                raise ContentRejected(f"Imagen returned no image ({'; '.join(reasons)[:200] or 'filtered'})",
+                                      **where)
+        return ProviderResult(images, {"images": len(images), "width": size[0], "height": size[1]}, None,
+                              {k: v for k, v in parameters.items()})

@@ -87,7 +87,7 @@ def status_error(status: int, text: str, headers: httpx.Headers, **where: Any) -
             body = None
         return RateLimited(msg, retry_after=retry_after(headers, body), **kw)
     if (status in (401, 402, 403) and not any(w in lowered for w in MODERATION_WORDS)) or (
-            "api key not valid" in lowered or "api_key_invalid" in lowered):
+            "api key not valid" in lowered or "api_key_invalid" in lowered or "incorrect api key" in lowered):
         return AuthError(msg, **kw)
     if status == 404 or "model_not_found" in lowered:
         return ModelNotFound(msg, **kw)

@@ -40,16 +40,25 @@ __all__ = ["GENERIC", "JUNK", "FakeServer", "Reply", "fakes"]
 
 def fakes() -> dict[str, type[Any]]:
     """Every fake server, by provider name."""
+    from .azure import FakeAzure
     from .bfl import FakeBFL
+    from .byteplus import FakeBytePlus
+    from .dashscope import FakeDashScope
     from .fal import FakeFal
     from .google import FakeGoogle
+    from .ideogram import FakeIdeogram
+    from .luma import FakeLuma
     from .openai import FakeOpenAI
+    from .recraft import FakeRecraft
     from .replicate import FakeReplicate
+    from .runway import FakeRunway
     from .stability import FakeStability
     from .together import FakeTogether
+    from .xai import FakeXAI
 
-    found: dict[str, type[Any]] = {f.name: f for f in (FakeTogether, FakeStability, FakeBFL, FakeFal,
-                                                        FakeOpenAI, FakeGoogle, FakeReplicate)}
+    found: dict[str, type[Any]] = {f.name: f for f in (
+        FakeTogether, FakeStability, FakeBFL, FakeFal, FakeOpenAI, FakeGoogle, FakeReplicate, FakeXAI,
+        FakeRecraft, FakeAzure, FakeBytePlus, FakeIdeogram, FakeDashScope, FakeRunway, FakeLuma)}
     try:
         from .comfyui import FakeComfyUI
     except ImportError:  # the ComfyUI fake needs aiohttp (the [dev] or [comfyui] extra)

@@ -17,6 +17,9 @@ SIZES = {("1:1", "1K"): (1024, 1024), ("2:3", "1K"): (832, 1248), ("3:2", "1K"):
          ("1:1", "4K"): (4096, 4096)}
 
 
+IMAGEN_SIZES = {"1:1": (1024, 1024), "3:4": (896, 1280), "4:3": (1280, 896), "9:16": (768, 1408), "16:9": (1408, 768)}
+
+
 class FakeGoogle(FakeServer):
     name = "google"
 
@@ -32,6 +35,8 @@ class FakeGoogle(FakeServer):
         return Reply(400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
 
     def generate(self, req: dict[str, Any], step: str) -> Reply:
+        if req["path"].endswith(":predict"):
+            return self.predict(req, step)
         if not req["path"].endswith(":generateContent"):
             return self.other(req)
         body = json.loads(req["body"])
@@ -66,3 +71,26 @@ class FakeGoogle(FakeServer):
                               "candidatesTokensDetails": [{"modality": "IMAGE",
                                                            "tokenCount": OUTPUT_TOKENS * len(imgs)}]},
             "responseId": f"resp-{self.generations}"})
+
+    def predict(self, req: dict[str, Any], step: str) -> Reply:
+        """Imagen's `:predict`: `instances[{prompt}]`, `parameters{sampleCount 1-4, aspectRatio}` ->
+        `predictions[{bytesBase64Encoded, mimeType}]`; `seed` and `negativePrompt` are refused (Vertex only),
+        and a filtered image is `{raiFilteredReason}` (the `refuse` step filters them all)."""
+        body = json.loads(req["body"])
+        params = body.get("parameters") or {}
+        for field in ("seed", "negativePrompt", "addWatermark", "enhancePrompt"):
+            if field in params:
+                return Reply(400, {"error": {"code": 400, "message": f"{field} parameter is not supported in "
+                                             "Gemini API.", "status": "INVALID_ARGUMENT"}})
+        n = int(params.get("sampleCount", 4))
+        ratio = params.get("aspectRatio", "1:1")
+        if not 1 <= n <= 4 or ratio not in IMAGEN_SIZES:
+            return Reply(400, {"error": {"code": 400, "message": "Invalid sampleCount or aspectRatio",
+                                         "status": "INVALID_ARGUMENT"}})
+        if step == "refuse":
+            reason = ("Your current safety filter threshold filtered out the generated image. Try rephrasing the "
+                      "prompt.")
+            return Reply(200, {"predictions": [{"raiFilteredReason": reason}] * n})
+        imgs = self.images(step, n, *IMAGEN_SIZES[ratio], None)
+        return Reply(200, {"predictions": [{"bytesBase64Encoded": base64.b64encode(b).decode(),
+                                            "mimeType": "image/png"} for b in imgs]})
