@@ -219,3 +219,10 @@ def test_route_resolves_an_aspect_ratio_per_offering_with_every_key_set(monkeypa
     assert len(candidates) >= 10 and all(c["size"] for c in candidates)
     sizes = {c["offering"]: c["size"] for c in candidates}
     assert sizes["google/gemini-3-pro-image"] == "1344x768" and sizes["openai/gpt-image-2"] == "1024x576"
+    # the new providers' native fields resolve it too: xAI's 1k table, Luma's ratio sizes, Runway's pixel ratios
+    assert (sizes["xai/grok-imagine-image"], sizes["luma/photon-1"], sizes["runway/gen4_image"]) == (
+        "1408x768", "2048x1152", "1280x720")
+    table = _Runner().invoke(_app, ["route", "x", "--aspect-ratio", "16:9", "--wide"])
+    assert table.exit_code == 0 and "size" in table.stdout
+    row = next(line for line in table.stdout.splitlines() if "luma/photon-1 " in line)
+    assert "2048x1152" in row   # the table shows each candidate's size as the JSON does

@@ -45,7 +45,7 @@ def plan_json(plan: Plan) -> dict:
     }
 
 
-CANDIDATE_COLUMNS = (Col("#", right=True), Col("offering"), Col("est. cost", right=True),
+CANDIDATE_COLUMNS = (Col("#", right=True), Col("offering"), Col("size", hide=2), Col("est. cost", right=True),
                      Col("up to", right=True, hide=2), Col("est. latency", right=True, hide=1),
                      Col("dropped", wrap=True, hide=3))
 
@@ -54,7 +54,7 @@ def print_plan(plan: Plan, *, wide: bool = False, limit: int | None = None) -> N
     rule = f", rule {plan.rule!r}" if plan.rule else ""
     console.print(f"policy {plan.policy} (objective {plan.objective}{rule})", markup=False)
     if plan.candidates:
-        rows = [[str(i), c.offering, usd(c.estimated_cost.usd), usd(c.bound_usd),
+        rows = [[str(i), c.offering, c.size or "-", usd(c.estimated_cost.usd), usd(c.bound_usd),
                  f"{c.estimated_latency_s:g} s" if c.estimated_latency_s is not None else "?",
                  ", ".join(c.dropped) or "-"] for i, c in enumerate(plan.candidates, 1)]
         print_table("candidates, in the order they will be tried", CANDIDATE_COLUMNS, rows, wide=wide)
