@@ -278,3 +278,18 @@ def test_imagen_predict_where_a_policy_still_routes_to_it(tmp_path, monkeypatch)
     assert "seed" in result.plan.candidates[0].dropped
     assert [(i.width, i.height) for i in result.images] == [(768, 1408)] * 3
     assert result.cost.usd == Decimal("0.12")   # 3 x $0.04
+
+
+# -- hostile answers: every new fake can lie about its images, and each lie is caught --------------------------
+NEW = {"xai": "xai/grok-imagine-image", "recraft": "recraft/recraftv4_1", "azure": "azure/gpt-image-1.5",
+       "byteplus": "byteplus/seedream-4-0-250828", "ideogram": "ideogram/ideogram-v3",
+       "dashscope": "dashscope/wan2.2-t2i-flash", "runway": "runway/gen4_image", "luma": "luma/photon-1"}
+
+
+@pytest.mark.parametrize("provider", sorted(NEW))
+@pytest.mark.parametrize("step", ["tiny", "huge"])
+def test_an_image_that_is_not_what_was_asked_is_refused_and_kept_billed(tmp_path, monkeypatch, provider, step):
+    failed, _ = call(provider, tmp_path, monkeypatch, script=[step], model=NEW[provider])
+    assert isinstance(failed, AllAttemptsFailed)
+    assert [a.error_type for a in failed.attempts] == ["BadProviderResponse"]
+    assert failed.attempts[0].cost is not None and failed.attempts[0].cost.usd > 0   # paid for: recorded
