@@ -27,6 +27,14 @@ OFFERING = {
     "google": ("google/gemini-3.1-flash-image", "0.0672045"),  # 9 x $0.5/M + 1120 image tokens x $60/M
     "replicate": ("replicate/black-forest-labs/flux-schnell", "0.003"),  # 1 output x $0.003
     "comfyui": ("comfyui/sdxl", None),  # GPU-seconds from the history timestamps x $3.60/h
+    "xai": ("xai/grok-imagine-image", "0.02"),              # 200,000,000 ticks reported, 10^10 ticks a dollar
+    "recraft": ("recraft/recraftv4_1", "0.035"),            # 35 API units reported, 1,000 units a dollar
+    "azure": ("azure/gpt-image-1.5", "0.13318"),   # 12 text tokens x $5/M + 4160 image tokens (high) x $32/M
+    "byteplus": ("byteplus/seedream-4-0-250828", "0.03"),   # 1 generated image x $0.03
+    "ideogram": ("ideogram/ideogram-v3-turbo", "0.03"),     # 1 image at TURBO
+    "dashscope": ("dashscope/wan2.2-t2i-flash", "0.025"),   # usage.image_count 1 x $0.025 (Singapore)
+    "runway": ("runway/gen4_image", "0.08"),                # 1024:1024 is a 1080p-class ratio: 8 credits
+    "luma": ("luma/photon-flash-1", "0.0019"),              # 1 image
 }
 HOSTED = builtin_providers()
 
