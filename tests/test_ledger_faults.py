@@ -170,3 +170,26 @@ def test_a_commit_whose_answer_was_lost_is_not_written_twice(pg_url):
         _, total = cost_report(b.ledger, by="provider")
     assert lost and total.calls == 2 and total.cost_usd == Decimal("0.02")  # each call counted once
     assert statuses(Ledger(pg_url)) == {"ok": 2}
+
+
+def test_a_pending_row_whose_commit_answer_was_lost_is_not_inserted_twice(pg_url):
+    """A budgeted call writes a pending row before it pays; if that commit lands but its answer is lost with
+    the connection, the retry must see the row, not insert it again (a duplicate key used to fail the call
+    before it ran and leave its row pending for ever: the 300-call fault test caught it once in a while)."""
+    import psycopg
+
+    with Broker(budgeted(), ledger=pg_url) as b:
+        b.generate("a cat")
+        writer, real = b.ledger.writer, b.ledger.writer._run
+        lost = []
+
+        def commit_then_lose_the_connection(statements):
+            real(statements)
+            if not lost and statements[0][0] == writer.sql.insert_call and len(statements) == 1:   # the pending row
+                lost.append(1)
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        writer._run = commit_then_lose_the_connection
+        result = b.generate("a cat")
+    assert lost and result.images
+    assert statuses(Ledger(pg_url)) == {"ok": 2}

@@ -85,12 +85,14 @@ class CallSQL:
         self.add_call_rollup = upsert("call_rollups", (*ROLLUP_KEYS, "status"), ROLLUP_MEASURES)
         self.add_latency_rollup = upsert("latency_rollups", (*ROLLUP_KEYS, "bucket"), ("calls",))
 
-    def finished_calls(self, statements: Statements) -> dict[str, str]:
-        """request id -> status of the finished calls that `statements` write (none for a pending row)."""
+    def written_calls(self, statements: Statements) -> dict[str, str]:
+        """request id -> status of the call rows that `statements` write, a pending row's too (a pending
+        row whose commit landed but whose answer was lost must not be inserted again: the duplicate key
+        would fail the call's start and leave the row pending for ever)."""
         status_at, out = CALL_COLUMNS.index("status"), {}
         for sql, rows in statements:
             if sql == self.insert_call:
-                out |= {r[0]: r[status_at] for r in rows if r[status_at] != "pending"}
+                out |= {r[0]: r[status_at] for r in rows}
             elif sql == self.update_call:
                 out |= {r[-1]: r[UPDATED_COLUMNS.index("status")] for r in rows}
         return out
@@ -184,9 +186,9 @@ class CallWriter:
                     raise
 
     def _committed_already(self, statements: Statements) -> bool:
-        """Whether the finished calls these statements write are in the ledger with the status they
-        write (a commit whose acknowledgement was lost with the connection)."""
-        want = self.sql.finished_calls(statements)
+        """Whether the call rows these statements write are in the ledger with the status they write (a
+        commit whose acknowledgement was lost with the connection)."""
+        want = self.sql.written_calls(statements)
         if not want:
             return False
         cur = self._conn.cursor()
