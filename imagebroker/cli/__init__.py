@@ -20,6 +20,7 @@ from .output import err_console, print_json, unlimited_when_piped
 from .policy import app as policy_app
 from .providers import providers
 from .route import route
+from .serve import serve
 from .store import app as store_app
 
 app = typer.Typer(
@@ -57,6 +58,7 @@ app.command()(costs)
 app.command()(whatif)
 app.command()(breakeven)
 app.command()(report)
+app.command()(serve)
 app.add_typer(policy_app, name="policy")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(store_app, name="store")

@@ -1,0 +1,33 @@
+"""`imagebroker serve`: the team gateway, an OpenAI-compatible HTTP service on uvicorn."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from ..errors import MissingExtra
+from ..policies.loader import POLICY_ENV, load_policy
+from .common import PolicyOpt, handle_errors
+
+
+@handle_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default: the gateway holds the "
+                                           "provider keys).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes (each with its own broker).")] = 1,
+    policy: PolicyOpt = None,
+) -> None:
+    """Serve OpenAI's Images API (`/v1/images/generations`, `/v1/images/edits`, `/v1/models`) routed by the
+    policy, with `/healthz` and `/readyz`. Set IMAGEBROKER_GATEWAY_KEY to require a Bearer key."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise MissingExtra("gateway", "uvicorn") from None
+    if policy:
+        load_policy(policy)   # a bad policy is a clear error here, before any worker starts
+        os.environ[POLICY_ENV] = policy
+    uvicorn.run("imagebroker.gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="info", access_log=False, timeout_graceful_shutdown=30)

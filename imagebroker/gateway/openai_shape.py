@@ -1,0 +1,143 @@
+"""The OpenAI Images API's shapes, in and out: a request body (JSON for generations, multipart for edits) as
+`ImageRequest` fields, an `ImageResult` as OpenAI's `ImagesResponse`, and imagebroker's errors as OpenAI's
+error JSON with the status codes its SDK maps onto its exception classes."""
+
+from __future__ import annotations
+
+import base64
+import time
+from decimal import Decimal
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import (
+    AllAttemptsFailed,
+    BudgetExceeded,
+    CallTimedOut,
+    ConfigError,
+    ContentRejected,
+    ImageBrokerError,
+    NoRouteError,
+    RequestError,
+)
+from ..types import ImageResult, SkipReason
+
+# OpenAI's fields, and what each becomes; `model: auto` (or none) leaves the choice to the policy
+PASSED = ("n", "quality", "background", "output_format", "seed", "negative_prompt", "aspect_ratio",
+          "resolution", "strength", "idempotency_key")
+NOT_SERVED = {"stream": "streaming is not served by this gateway yet",
+              "partial_images": "streaming is not served by this gateway yet"}
+IGNORED = ("moderation", "output_compression", "input_fidelity", "style")   # passed to OpenAI offerings only
+
+
+class BadRequest(RequestError):
+    """A request the gateway cannot read (a field of the wrong type, a missing prompt)."""
+
+
+def request_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """`generate()`'s keyword arguments for an OpenAI-shaped body (generations or edits)."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest("prompt: a non-empty string is required")
+    for name, why in NOT_SERVED.items():
+        if body.get(name):
+            raise BadRequest(f"{name}: {why}")
+    if body.get("response_format") not in (None, "b64_json"):
+        raise BadRequest("response_format: only b64_json is served by this gateway yet (url needs the image store's "
+                         "signed links)")
+    fields: dict[str, Any] = {"prompt": prompt}
+    model = body.get("model")
+    if model not in (None, "", "auto"):
+        fields["model"] = str(model)
+    size = body.get("size")
+    if size not in (None, "", "auto"):
+        fields["size"] = str(size)
+    for name in PASSED:
+        if body.get(name) is not None:
+            fields[name] = _number(name, body[name]) if name in ("n", "seed", "strength") else body[name]
+    extra = {k: body[k] for k in IGNORED if body.get(k) is not None}
+    if extra:
+        fields["extra"] = {"openai": extra}
+    if body.get("user"):
+        fields["tags"] = {"user": str(body["user"])[:200]}
+    return fields
+
+
+def _number(name: str, value: Any) -> int | float:
+    """A multipart form sends numbers as text; JSON as numbers. Either is read; anything else is a 400."""
+    try:
+        number = float(value) if name == "strength" else int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name}: a number is required, not {str(value)[:40]!r}") from None
+    return number
+
+
+def images_response(result: ImageResult) -> dict[str, Any]:
+    """OpenAI's `ImagesResponse`: `created`, `data[].b64_json`, and `usage` where the call was token-billed;
+    imagebroker's own account of the call under `imagebroker` (the SDK ignores fields it does not know)."""
+    first = result.images[0] if result.images else None
+    body: dict[str, Any] = {
+        "created": int(time.time()),
+        "data": [{"b64_json": base64.b64encode(img.data).decode()} for img in result.images],
+        "output_format": first.format if first else None,
+        "size": f"{first.width}x{first.height}" if first else None,
+        "imagebroker": {"request_id": result.request_id, "offering": result.offering,
+                        "cost": {"usd": _usd(result.cost.usd), "status": result.cost.status,
+                                 "detail": result.cost.detail},
+                        "dropped": list(result.dropped), "warnings": list(result.warnings)},
+    }
+    units = result.cost.units
+    if any(k.endswith("_tokens") for k in units):
+        text_in, image_in = int(units.get("input_text_tokens", 0)), int(units.get("input_image_tokens", 0))
+        out = int(units.get("output_image_tokens", 0)) + int(units.get("output_text_tokens", 0))
+        body["usage"] = {"input_tokens": text_in + image_in, "output_tokens": out,
+                         "total_tokens": text_in + image_in + out,
+                         "input_tokens_details": {"text_tokens": text_in, "image_tokens": image_in}}
+    if units.get("quality"):
+        body["quality"] = units["quality"]
+    return body
+
+
+def cost_headers(result: ImageResult) -> dict[str, str]:
+    return {"x-request-id": result.request_id, "x-imagebroker-offering": result.offering,
+            "x-imagebroker-cost-usd": _usd(result.cost.usd) or "unknown",
+            "x-imagebroker-cost-status": result.cost.status}
+
+
+def _usd(value: Decimal | None) -> str | None:
+    return None if value is None else format(value, "f")
+
+
+def error_reply(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, OpenAI error JSON, headers) for an exception out of `generate()`. Statuses are the ones the
+    openai SDK maps: 400 BadRequestError (content_policy_violation for refusals), 429 RateLimitError (a budget,
+    with Retry-After), 502 and 503 InternalServerError (upstream failures), 504 (the call's timeout)."""
+    message = str(exc)
+    if isinstance(exc, ValidationError):   # a field ImageRequest refuses: its own words, no traceback
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or None
+        return 400, _error(f"{where or 'request'}: {first.get('msg')}", "invalid_request_error", None, param=where), {}
+    if isinstance(exc, ContentRejected):
+        return 400, _error(message, "invalid_request_error", "content_policy_violation"), {}
+    if isinstance(exc, (BadRequest, RequestError, ConfigError)):
+        return 400, _error(message, "invalid_request_error", None, param=getattr(exc, "field", None)), {}
+    if isinstance(exc, NoRouteError):
+        return 400, _error(message, "invalid_request_error", "no_route"), {}
+    if isinstance(exc, BudgetExceeded):
+        return 429, _error(message, "budget_exceeded", "budget_exceeded"), {"Retry-After": "60"}
+    if isinstance(exc, CallTimedOut):
+        return 504, _error(message, "timeout", "timeout"), {}
+    if isinstance(exc, AllAttemptsFailed):
+        if not exc.attempts and exc.skipped and all(s.reason == SkipReason.OVER_BUDGET for s in exc.skipped):
+            return 429, _error(message, "budget_exceeded", "budget_exceeded"), {"Retry-After": "60"}
+        unavailable = all(a.error_type in ("ProviderUnavailable", "RateLimited", "OutcomeUnknown")
+                          for a in exc.attempts) and exc.attempts
+        return (503 if unavailable else 502), _error(message, "upstream_error", "upstream_failed"), {}
+    if isinstance(exc, ImageBrokerError):
+        return 502, _error(message, "upstream_error", None), {}
+    return 500, _error("internal error in the gateway (logged)", "server_error", None), {}
+
+
+def _error(message: str, kind: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

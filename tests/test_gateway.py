@@ -1,0 +1,158 @@
+"""The team gateway, end to end: the official `openai` SDK (sync and async) as the client, over real HTTP on
+127.0.0.1 to the gateway on uvicorn, and the gateway to fake providers. Costs are worked by hand from the
+catalog's formulas; errors are asserted as the SDK's own exception classes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from imagebroker.gateway import create_app
+from imagebroker.policies.schema import Policy
+from imagebroker.providers.catalog import builtin_catalog
+from imagebroker.testing.fakes import fakes
+
+uvicorn = pytest.importorskip("uvicorn")
+FAKES = fakes()
+SCHNELL = "together/black-forest-labs/FLUX.1-schnell"
+
+
+@contextmanager
+def gateway(tmp_path, monkeypatch, script=("ok",), **policy_extra):
+    """The gateway in this process on a free loopback port, in front of the Together fake: (base URL, fake)."""
+    monkeypatch.setenv("TOGETHER_API_KEY", FAKES["together"].key)
+    with FAKES["together"](list(script)) as fake:
+        policy = Policy.model_validate({
+            "name": "gateway", "deny": [p for p in builtin_catalog().providers() if p != "together"],
+            "prefer": [SCHNELL], "objective": "ordered",
+            "providers": {"together": {"base_url": fake.base_url}},
+            "retry": {"max_attempts": 2, "initial_delay_s": 0.01}, **policy_extra})
+        app = create_app(policy, f"sqlite:///{tmp_path / 'l.db'}")
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the gateway did not start"
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        try:
+            yield f"http://127.0.0.1:{port}", fake
+        finally:
+            server.should_exit = True
+            thread.join(10)
+
+
+def client(base: str, key: str = "team-key", cls=openai.OpenAI):
+    return cls(base_url=f"{base}/v1", api_key=key, max_retries=0)
+
+
+def png(size=(512, 512)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (30, 140, 60)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_openai_sdk_generates_through_the_gateway_with_the_cost_in_its_headers(tmp_path, monkeypatch):
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        raw = client(base).images.with_raw_response.generate(model=SCHNELL, prompt="a red circle", n=2,
+                                                            size="512x512", user="team-a")
+        images = raw.parse()
+    assert [Image.open(io.BytesIO(base64.b64decode(d.b64_json))).size for d in images.data] == [(512, 512)] * 2
+    # FLUX.1 [schnell] on Together: $0.0027/MP x 0.262144 MP x 2 images
+    expected = (Decimal("0.0027") * Decimal(512 * 512) / 10**6 * 2).quantize(Decimal("1e-9")).normalize()
+    assert raw.headers["x-imagebroker-offering"] == SCHNELL
+    assert Decimal(raw.headers["x-imagebroker-cost-usd"]) == expected
+    assert raw.headers["x-imagebroker-cost-status"] == "priced"
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        rid, offering, nusd = conn.execute("select request_id, offering, cost_nusd from calls").fetchone()
+    assert (rid, offering, nusd) == (raw.headers["x-request-id"], SCHNELL, int(expected * 10**9))
+    assert fake.generations == 1
+
+
+def test_model_auto_lets_the_policy_choose_and_the_async_sdk_works_too(tmp_path, monkeypatch):
+    async def go(base: str):
+        async with client(base, cls=openai.AsyncOpenAI) as c:
+            return await asyncio.gather(*(c.images.generate(model="auto", prompt=f"shape {i}") for i in range(4)))
+
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        results = asyncio.run(go(base))
+    assert all(len(r.data) == 1 for r in results) and fake.generations == 4
+    assert {r.model_extra["imagebroker"]["offering"] for r in results} == {SCHNELL}
+
+
+def test_an_edit_goes_as_openai_multipart_and_reaches_the_provider(tmp_path, monkeypatch):
+    init = png((640, 480))
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        result = client(base).images.edit(model="together/black-forest-labs/FLUX.1-kontext-pro",
+                                          image=("init.png", init, "image/png"), prompt="make it blue")
+    sent = fake.state["edits"][0]
+    assert sent["input"].width == 640 and result.data[0].b64_json
+    assert result.model_extra["imagebroker"]["cost"]["usd"] == "0.04"
+
+
+@pytest.mark.parametrize("script, call, error, status", [
+    (["refuse"], {"prompt": "x"}, openai.BadRequestError, 400),
+    (["ok"], {"prompt": "x", "n": 0}, openai.BadRequestError, 400),
+    (["ok"], {"prompt": "x", "model": "together/no-such-model"}, openai.BadRequestError, 400),
+    (["500"], {"prompt": "x"}, openai.InternalServerError, 503),
+    (["malformed"], {"prompt": "x"}, openai.InternalServerError, 502),
+])
+def test_failures_reach_the_sdk_as_its_own_exception_classes(tmp_path, monkeypatch, script, call, error, status):
+    with gateway(tmp_path, monkeypatch, script) as (base, _), pytest.raises(error) as caught:
+        client(base).images.generate(**call)
+    assert caught.value.status_code == status
+    body = caught.value.body
+    assert isinstance(body, dict) and body["message"]
+    if script == ["refuse"]:
+        assert body["code"] == "content_policy_violation"
+    assert "Traceback" not in body["message"] and FAKES["together"].key not in body["message"]
+
+
+def test_a_spent_budget_is_a_429_with_retry_after(tmp_path, monkeypatch):
+    budget = [{"name": "tiny", "period": "total", "limit_usd": "0.004", "on_exceed": "reject"}]
+    with gateway(tmp_path, monkeypatch, budgets=budget) as (base, fake):
+        c = client(base)
+        c.images.generate(prompt="first")   # $0.002831155 of $0.004
+        with pytest.raises(openai.RateLimitError) as caught:
+            c.images.generate(prompt="second")
+    assert caught.value.response.headers["retry-after"] and fake.generations == 1
+
+
+def test_a_gateway_key_is_required_when_one_is_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGEBROKER_GATEWAY_KEY", "s3cret-team-key")
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        with pytest.raises(openai.AuthenticationError):
+            client(base, key="wrong").images.generate(prompt="x")
+        assert fake.generations == 0
+        assert client(base, key="s3cret-team-key").images.generate(prompt="x").data
+
+
+def test_models_health_and_readiness(tmp_path, monkeypatch):
+    with gateway(tmp_path, monkeypatch) as (base, _):
+        ids = [m.id for m in client(base).models.list()]
+        health = httpx.get(f"{base}/healthz").json()
+        ready = httpx.get(f"{base}/readyz")
+    assert SCHNELL in ids and all(i.startswith("together/") or i.startswith("local/") for i in ids)
+    assert health == {"status": "ok"} and ready.status_code == 200
+
+
+def test_serve_refuses_a_bad_policy_before_listening(tmp_path):
+    from typer.testing import CliRunner
+
+    from imagebroker.cli import app
+
+    (tmp_path / "bad.yaml").write_text("name: x\nobjective: fastest-ish\n")
+    result = CliRunner().invoke(app, ["serve", "--policy", str(tmp_path / "bad.yaml"), "--port", "1"])
+    assert result.exit_code == 2 and "objective" in result.output
