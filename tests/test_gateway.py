@@ -156,3 +156,65 @@ def test_serve_refuses_a_bad_policy_before_listening(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: x\nobjective: fastest-ish\n")
     result = CliRunner().invoke(app, ["serve", "--policy", str(tmp_path / "bad.yaml"), "--port", "1"])
     assert result.exit_code == 2 and "objective" in result.output
+
+
+# -- gateway keys ---------------------------------------------------------------------------------------------
+def make_key(tmp_path, *args: str) -> str:
+    import json
+
+    from typer.testing import CliRunner
+
+    from imagebroker.cli import app
+
+    result = CliRunner().invoke(app, ["keys", "create", *args, "--json", "--ledger", f"sqlite:///{tmp_path / 'l.db'}"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["key"]
+
+
+def test_keys_are_shown_once_and_kept_as_hashes_and_their_calls_carry_their_tags(tmp_path, monkeypatch):
+    key = make_key(tmp_path, "team-a", "--tag", "team=a")
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        dump = "\n".join(conn.iterdump())
+    assert key.startswith("ibk-") and key not in dump and key[12:] not in dump
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        with pytest.raises(openai.AuthenticationError):   # once a key exists, none is no entry
+            client(base, key="ibk-not-a-key").images.generate(prompt="x")
+        assert fake.generations == 0
+        raw = client(base, key=key).images.with_raw_response.generate(prompt="x")
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        tags = dict(conn.execute("select key, value from call_tags where request_id = ?",
+                                 (raw.headers["x-request-id"],)).fetchall())
+    assert tags == {"team": "a", "gateway_key": "team-a"}
+
+
+def test_a_keys_budget_is_enforced_like_a_policy_budget(tmp_path, monkeypatch):
+    small, big = make_key(tmp_path, "small", "--budget", "0.004/total"), make_key(tmp_path, "big")
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        client(base, key=small).images.generate(prompt="first")      # $0.002831155 of its $0.004
+        with pytest.raises(openai.RateLimitError) as caught:
+            client(base, key=small).images.generate(prompt="second")
+        assert "key:small" in caught.value.message
+        assert client(base, key=big).images.generate(prompt="other team").data   # its budget is its own
+    assert fake.generations == 2
+
+
+def test_a_revoked_key_is_refused_and_an_allow_list_limits_the_offerings(tmp_path, monkeypatch):
+    import imagebroker.gateway.app as gateway_app
+    from imagebroker.broker.ledger.store import Ledger
+    from imagebroker.gateway.keys import KeyStore
+
+    monkeypatch.setattr(gateway_app, "KEY_TTL_S", 0.0)
+    key = make_key(tmp_path, "dev-only", "--allow", "together/black-forest-labs/FLUX.1-dev")
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        c = client(base, key=key)
+        with pytest.raises(openai.PermissionDeniedError):
+            c.images.generate(model=SCHNELL, prompt="x")
+        auto = c.images.generate(prompt="x")   # the policy prefers schnell; the key may only use dev
+        assert auto.model_extra["imagebroker"]["offering"] == "together/black-forest-labs/FLUX.1-dev"
+        assert [m.id for m in c.models.list()] == ["together/black-forest-labs/FLUX.1-dev"]
+        KeyStore(Ledger(f"sqlite:///{tmp_path / 'l.db'}")).revoke("dev-only")
+        with pytest.raises(openai.AuthenticationError):
+            c.images.generate(prompt="x")
+        no_key = httpx.post(f"{base}/v1/images/generations", json={"prompt": "x"})
+        assert no_key.status_code == 401   # revoking the last key does not open the gateway
+    assert fake.generations == 1

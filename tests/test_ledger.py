@@ -58,6 +58,9 @@ EXPECTED_SCHEMA = {
     "latency_rollups": {"day": "VARCHAR(10)", "provider": "VARCHAR(64)", "offering": "VARCHAR(200)",
                         "policy": "VARCHAR(200)", "rule": "VARCHAR(200)", "bucket": "INTEGER",
                         "calls": "BIGINT"},
+    "gateway_keys": {"name": "VARCHAR(200)", "key_sha256": "VARCHAR(64)", "prefix": "VARCHAR(16)",
+                     "tags_json": "TEXT", "budget_nusd": "BIGINT", "budget_period": "VARCHAR(8)",
+                     "admin": "INTEGER", "allow_json": "TEXT", "created_at": "FLOAT", "revoked_at": "FLOAT"},
 }
 
 

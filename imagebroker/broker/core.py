@@ -7,7 +7,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -19,7 +19,7 @@ from ..policies.check import check_names
 from ..policies.effective import effective_catalog
 from ..policies.loader import load_policy
 from ..policies.planner import PlannerState, plan, request_key
-from ..policies.schema import Policy
+from ..policies.schema import Budget, Policy
 from ..providers.base import AttemptCallback, ProgressCallback, Provider
 from ..providers.catalog import Catalog, builtin_catalog
 from ..providers.registry import provider_class, provider_names
@@ -106,12 +106,25 @@ class AsyncBroker:
         self._epoch = -1
         self.in_flight = 0  # generate() calls under way on this broker
         self.store = _store(store, self.policy)
-        self._view = CallView(self.policy, self.catalog, self.ledger, self.provider, self.breaker, self.secrets,
-                              lambda: self.in_flight > 1, RetryRules.of(self.policy.retry), self.store)
+        self._view = self._call_view()
         self._keyed: dict[str, tuple[ImageRequest, asyncio.Future[ImageResult], float]] = {}  # oldest first
 
     def __repr__(self) -> str:
         return f"<AsyncBroker policy={self.policy.name!r} ledger={self.ledger!r}>"
+
+    def _call_view(self) -> CallView:
+        return CallView(self.policy, self.catalog, self.ledger, self.provider, self.breaker, self.secrets,
+                        lambda: self.in_flight > 1, RetryRules.of(self.policy.retry), self.store)
+
+    def add_budgets(self, budgets: Iterable[Budget]) -> None:
+        """Budgets beyond the policy's (a gateway key's own), reserved and enforced exactly as the policy's are;
+        one already known by name is left as it is."""
+        known = {b.name for b in self.policy.budgets}
+        new = tuple(b for b in budgets if b.name not in known)
+        if new:
+            self.policy = self.policy.model_copy(update={"budgets": (*self.policy.budgets, *new)})
+            self._view = self._call_view()
+            self._plans.clear()
 
     # -- providers and state ----------------------------------------------------------------
     def provider(self, name: str) -> Provider:

@@ -16,6 +16,7 @@ from .comfyui import app as comfyui_app
 from .costs import costs, ledger_app
 from .edit import edit
 from .generate import generate
+from .keys import app as keys_app
 from .output import err_console, print_json, unlimited_when_piped
 from .policy import app as policy_app
 from .providers import providers
@@ -60,6 +61,7 @@ app.command()(breakeven)
 app.command()(report)
 app.command()(serve)
 app.add_typer(policy_app, name="policy")
+app.add_typer(keys_app, name="keys")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(store_app, name="store")
 app.add_typer(comfyui_app, name="comfyui")

@@ -2,9 +2,13 @@
 /v1/images/edits`, `GET /v1/models`) and imagebroker's own `GET /healthz` and `GET /readyz`, over one
 `AsyncBroker` per worker process: the policy routes, the ledger records, provider keys stay here.
 
-Gateway keys: with `IMAGEBROKER_GATEWAY_KEY` set, every `/v1` request must carry it as a Bearer token
-(else a 401 in OpenAI's shape); unset, the gateway is open, which is why `serve` binds to loopback by
-default. Per-team keys with budgets are the next step (see docs/gateway.md)."""
+Gateway keys (`imagebroker keys create`, kept in the ledger, `keys.py`): once one exists, every `/v1` request
+must carry an active one as its Bearer token (else a 401 in OpenAI's shape); its tags go on the call, its
+budget is reserved like a policy budget, its allow-list limits the offerings it may use (403 otherwise).
+`IMAGEBROKER_GATEWAY_KEY`, when set, is one more key, an admin one. With neither (no key ever made;
+revoking them all does not reopen it), the gateway is open, which is why `serve` binds to loopback by
+default. A key found is remembered for KEY_TTL_S seconds: a
+revocation takes effect within that."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import contextlib
 import hmac
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,11 +28,14 @@ from starlette.routing import Route
 
 from ..broker.core import AsyncBroker
 from ..errors import RequestError
+from .keys import KEY_TAG, GatewayKey, KeyStore, digest
 from .openai_shape import BadRequest, cost_headers, error_reply, images_response, request_fields
 
 log = logging.getLogger("imagebroker.gateway")
 KEY_ENV = "IMAGEBROKER_GATEWAY_KEY"
 MAX_UPLOAD_BYTES = 64 << 20   # an edit's images, all of them
+KEY_TTL_S = 5.0               # how long a key found stays found (a revocation takes this long at most)
+ENV_KEY = GatewayKey(name="env", prefix="(env)", admin=True)
 
 
 def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) -> Starlette:
@@ -45,20 +53,44 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) ->
     def broker() -> AsyncBroker:
         return state["broker"]
 
+    found: dict[str, tuple[GatewayKey, float]] = {}   # key digest -> (key, when found)
+
+    async def caller(request: Request) -> GatewayKey | JSONResponse | None:
+        """The key this request carries (None: the gateway is open), or the 401 to answer."""
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        env_key = os.environ.get(KEY_ENV)
+        if env_key and given and hmac.compare_digest(given.encode(), env_key.encode()):
+            return ENV_KEY
+        if given and (hit := found.get(digest(given))) and time.monotonic() - hit[1] < KEY_TTL_S:
+            return hit[0]
+        store = KeyStore(broker().ledger)
+        key = await asyncio.to_thread(store.find, given) if given else None
+        if key is not None:
+            found[digest(given)] = (key, time.monotonic())
+            if (budget := key.budget()) is not None:
+                broker().add_budgets([budget])
+            return key
+        if not env_key and not await asyncio.to_thread(store.any):
+            return None   # no key was ever made: open
+        return JSONResponse({"error": {"message": "Incorrect gateway key provided.", "type": "invalid_request_error",
+                                       "param": None, "code": "invalid_api_key"}}, status_code=401)
+
     async def generations(request: Request) -> JSONResponse:
-        if (denied := _authorise(request)) is not None:
-            return denied
+        key = await caller(request)
+        if isinstance(key, JSONResponse):
+            return key
         try:
             body = await request.json()
         except ValueError:
             return _reply(BadRequest("the body is not JSON"))
         if not isinstance(body, dict):
             return _reply(BadRequest("the body must be a JSON object"))
-        return await _generate(broker(), body)
+        return await _generate(broker(), body, key)
 
     async def edits(request: Request) -> JSONResponse:
-        if (denied := _authorise(request)) is not None:
-            return denied
+        key = await caller(request)
+        if isinstance(key, JSONResponse):
+            return key
         if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES:
             return _reply(BadRequest(f"the upload is larger than {MAX_UPLOAD_BYTES >> 20} MiB"))
         try:
@@ -73,14 +105,16 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) ->
         body["images"] = images
         if mask is not None and not isinstance(mask, str):
             body["mask"] = await mask.read()
-        return await _generate(broker(), body)
+        return await _generate(broker(), body, key)
 
     async def models(request: Request) -> JSONResponse:
-        if (denied := _authorise(request)) is not None:
-            return denied
+        key = await caller(request)
+        if isinstance(key, JSONResponse):
+            return key
         b = broker()
         data = [{"id": o.id, "object": "model", "created": 0, "owned_by": o.provider}
-                for o in b.catalog if not o.retired(_today()) and b.provider(o.provider).availability(o) is None]
+                for o in b.catalog if not o.retired(_today()) and b.provider(o.provider).availability(o) is None
+                and (key is None or key.allows(o.id))]
         return JSONResponse({"object": "list", "data": data})
 
     async def healthz(request: Request) -> JSONResponse:
@@ -102,12 +136,16 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) ->
     ], lifespan=lifespan)
 
 
-async def _generate(broker: AsyncBroker, body: dict[str, Any]) -> JSONResponse:
+async def _generate(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | None) -> JSONResponse:
     try:
         fields = request_fields(body)
         for name in ("images", "mask"):
             if name in body:
                 fields[name] = body[name]
+        if key is not None:
+            fields["tags"] = {**fields.get("tags", {}), **key.tags, KEY_TAG: key.name}
+            if key.allow and (denied := _allowed(broker, key, fields)) is not None:
+                return denied
         result = await broker.generate(**fields)
     except Exception as exc:   # every failure answers in OpenAI's shape; a bug is logged with its traceback
         if not isinstance(exc, (RequestError,)) and type(exc).__module__.split(".")[0] != "imagebroker" \
@@ -122,15 +160,22 @@ def _reply(exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _authorise(request: Request) -> JSONResponse | None:
-    key = os.environ.get(KEY_ENV)
-    if not key:
-        return None
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if hmac.compare_digest(given.encode(), key.encode()):
-        return None
-    return JSONResponse({"error": {"message": "Incorrect gateway key provided.", "type": "invalid_request_error",
-                                   "param": None, "code": "invalid_api_key"}}, status_code=401)
+def _allowed(broker: AsyncBroker, key: GatewayKey, fields: dict[str, Any]) -> JSONResponse | None:
+    """A key with an allow-list: the offering asked must be on it; with `auto`, the first planned offering on
+    it is asked for (fallback within the allow-list is not done yet). None: go on; else the 403."""
+    if "model" in fields:
+        offering = broker.catalog.resolve(fields["model"]).id
+        if key.allows(offering):
+            return None
+    else:
+        allowed = [c.offering for c in broker.plan(**fields).candidates if key.allows(c.offering)]
+        if allowed:
+            fields["model"] = allowed[0]
+            return None
+        offering = "any planned offering"
+    return JSONResponse({"error": {"message": f"key {key.name!r} may not use {offering}", "type":
+                                   "invalid_request_error", "param": "model", "code": "model_not_allowed"}},
+                        status_code=403)
 
 
 def _today() -> Any:

@@ -340,3 +340,29 @@ def m008_planning_fields(conn: Connection) -> None:
     """Each call keeps the request fields the planner reads (size, n, quality, steps, adapters by reference and
     hash, the prompt's length but never its text), so that `imagebroker whatif` can plan it again."""
     conn.exec_driver_sql("ALTER TABLE calls ADD COLUMN request_json TEXT")
+
+
+def _v9_gateway_keys(md: MetaData) -> Table:
+    return Table(
+        "gateway_keys", md,
+        Column("name", String(200), primary_key=True),
+        Column("key_sha256", String(64), nullable=False, unique=True),   # the key itself is never stored
+        Column("prefix", String(16), nullable=False),        # what `keys list` shows of it
+        Column("tags_json", Text, nullable=False),           # added to every call made with the key
+        Column("budget_nusd", BigInteger),                   # its own budget (None: none), per `budget_period`
+        Column("budget_period", String(8)),
+        Column("admin", Integer, nullable=False, server_default="0"),
+        Column("allow_json", Text),                          # offering patterns it may use (None: any)
+        Column("created_at", Float, nullable=False),
+        Column("revoked_at", Float),
+    )
+
+
+TABLES["gateway_keys"] = gateway_keys = _v9_gateway_keys(metadata)   # m009
+
+
+@migration
+def m009_gateway_keys(conn: Connection) -> None:
+    """The team gateway's keys: a name, the SHA-256 of the key (shown once, never stored), the tags and the
+    budget its calls carry, whether it is an admin key, and the offerings it may use."""
+    _v9_gateway_keys(MetaData()).create(conn)

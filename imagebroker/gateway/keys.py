@@ -1,0 +1,133 @@
+"""Gateway keys, kept in the ledger: a name, the SHA-256 of the key (the key is shown once, when it is made,
+and never stored), the tags every call made with it carries (so `costs --by tag:team` works), an optional
+budget of its own, enforced as a policy budget is (reserved in the ledger before each call, so it holds
+across workers and hosts), an admin flag, and an optional allow-list of offerings."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from ..broker.ledger.schema import from_nusd, gateway_keys, to_nusd
+from ..broker.ledger.store import Ledger
+from ..errors import ConfigError
+from ..policies.schema import Budget, BudgetScope
+
+PREFIX = "ibk-"
+PERIODS = ("day", "week", "month", "total")
+KEY_TAG = "gateway_key"   # the tag naming the key a call was made with
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class GatewayKey:
+    name: str
+    prefix: str
+    tags: dict[str, str] = field(default_factory=dict)
+    budget_usd: Decimal | None = None
+    budget_period: str | None = None
+    admin: bool = False
+    allow: tuple[str, ...] = ()
+    created_at: float = 0.0
+    revoked_at: float | None = None
+
+    def allows(self, offering: str) -> bool:
+        return not self.allow or any(fnmatch.fnmatchcase(offering, p) for p in self.allow)
+
+    def budget(self) -> Budget | None:
+        """Its budget as a policy budget over the calls tagged with its name."""
+        if self.budget_usd is None or self.budget_period is None:
+            return None
+        return Budget(name=f"key:{self.name}", period=self.budget_period, limit_usd=self.budget_usd,  # type: ignore[arg-type]
+                      scope=BudgetScope(tags={KEY_TAG: self.name}), on_exceed="reject")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "prefix": self.prefix, "tags": self.tags,
+                "budget": None if self.budget_usd is None else f"{self.budget_usd}/{self.budget_period}",
+                "admin": self.admin, "allow": list(self.allow), "created_at": self.created_at,
+                "revoked": self.revoked_at is not None}
+
+
+def parse_budget(text: str) -> tuple[Decimal, str]:
+    """`25/month` as (Decimal("25"), "month")."""
+    amount, _, period = text.partition("/")
+    try:
+        usd = Decimal(amount.strip().lstrip("$"))
+    except InvalidOperation:
+        raise ConfigError(f"--budget {text!r}: give USD/PERIOD, e.g. 25/month") from None
+    if not usd.is_finite() or usd < 0 or period not in PERIODS:
+        raise ConfigError(f"--budget {text!r}: give USD/PERIOD with a non-negative amount and a period of "
+                          f"{', '.join(PERIODS)}")
+    return usd, period
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    """The keys in one ledger (SQLite or PostgreSQL)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def create(self, name: str, *, tags: dict[str, str] | None = None, budget: str | None = None,
+               admin: bool = False, allow: tuple[str, ...] = ()) -> tuple[str, GatewayKey]:
+        """A new key: (the key, shown this once; its record)."""
+        if not _NAME.match(name):
+            raise ConfigError(f"key name {name!r}: letters, digits, '.', '_' and '-', at most 100 characters")
+        if KEY_TAG in (tags or {}):
+            raise ConfigError(f"--tag {KEY_TAG}=...: that tag is the key's own name")
+        usd, period = parse_budget(budget) if budget else (None, None)
+        key = PREFIX + secrets.token_urlsafe(32)
+        record = GatewayKey(name, key[:12], dict(tags or {}), usd, period, admin, tuple(allow), time.time())
+        with self.ledger.engine.begin() as conn:
+            if conn.execute(select(gateway_keys.c.name).where(gateway_keys.c.name == name)).first():
+                raise ConfigError(f"a key named {name!r} exists: revoke it first, or choose another name")
+            conn.execute(insert(gateway_keys).values(
+                name=name, key_sha256=digest(key), prefix=record.prefix, tags_json=json.dumps(record.tags),
+                budget_nusd=to_nusd(usd), budget_period=period, admin=int(admin),
+                allow_json=json.dumps(list(allow)) if allow else None, created_at=record.created_at))
+        return key, record
+
+    def revoke(self, name: str) -> GatewayKey:
+        with self.ledger.engine.begin() as conn:
+            done = conn.execute(update(gateway_keys).where(gateway_keys.c.name == name,
+                                                           gateway_keys.c.revoked_at.is_(None))
+                                .values(revoked_at=time.time()))
+        if not done.rowcount:
+            raise ConfigError(f"no active key named {name!r} (`imagebroker keys list` shows them)")
+        return next(k for k in self.all() if k.name == name)
+
+    def all(self) -> list[GatewayKey]:
+        with self.ledger.engine.connect() as conn:
+            rows = conn.execute(select(gateway_keys).order_by(gateway_keys.c.created_at)).mappings().all()
+        return [_record(r) for r in rows]
+
+    def any(self) -> bool:
+        """Whether a key was ever made (with none, the gateway is open; revoking every key does not open it)."""
+        with self.ledger.engine.connect() as conn:
+            return conn.execute(select(gateway_keys.c.name).limit(1)).first() is not None
+
+    def find(self, key: str) -> GatewayKey | None:
+        """The active key this is, or None."""
+        with self.ledger.engine.connect() as conn:
+            row = conn.execute(select(gateway_keys).where(gateway_keys.c.key_sha256 == digest(key),
+                                                          gateway_keys.c.revoked_at.is_(None))).mappings().first()
+        return None if row is None else _record(row)
+
+
+def _record(row: Any) -> GatewayKey:
+    return GatewayKey(row["name"], row["prefix"], json.loads(row["tags_json"]), from_nusd(row["budget_nusd"]),
+                      row["budget_period"], bool(row["admin"]),
+                      tuple(json.loads(row["allow_json"])) if row["allow_json"] else (), row["created_at"],
+                      row["revoked_at"])
