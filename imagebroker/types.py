@@ -293,6 +293,18 @@ class Plan(_Frozen):
     rule: str | None = None
     objective: str = "cheapest"
 
+    def as_json(self) -> dict[str, Any]:
+        """The plan as `route --json` prints it and the gateway's `/v1/route` answers it."""
+        return {
+            "policy": self.policy, "rule": self.rule, "objective": self.objective,
+            "candidates": [{"offering": c.offering, "estimated_cost_usd": c.estimated_cost.usd,
+                            "bound_usd": c.bound_usd, "cost_status": c.estimated_cost.status,
+                            "estimated_latency_s": c.estimated_latency_s, "dropped": list(c.dropped),
+                            "warnings": list(c.warnings), "size": c.size}
+                           for c in self.candidates],
+            "rejected": [{"offering": r.offering, "reasons": list(r.reasons)} for r in self.rejected],
+        }
+
 
 class Attempt(_Frozen):
     number: int

@@ -218,3 +218,42 @@ def test_a_revoked_key_is_refused_and_an_allow_list_limits_the_offerings(tmp_pat
         no_key = httpx.post(f"{base}/v1/images/generations", json={"prompt": "x"})
         assert no_key.status_code == 401   # revoking the last key does not open the gateway
     assert fake.generations == 1
+
+
+# -- imagebroker's own endpoints ---------------------------------------------------------------------------------
+def test_route_answers_the_plan_as_route_json_does(tmp_path, monkeypatch):
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        plan = httpx.post(f"{base}/v1/route", json={"prompt": "x", "aspect_ratio": "16:9"}).json()
+        bad = httpx.post(f"{base}/v1/route", json={"prompt": "x", "model": "nope/none"})
+    assert plan["candidates"][0] == {**plan["candidates"][0], "offering": SCHNELL, "size": "1024x576"}
+    assert Decimal(plan["candidates"][0]["estimated_cost_usd"]) > 0 and fake.generations == 0   # nothing paid
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_costs_show_a_team_only_its_own_calls_and_an_admin_everything(tmp_path, monkeypatch):
+    a, b = make_key(tmp_path, "team-a"), make_key(tmp_path, "team-b")
+    admin = make_key(tmp_path, "ops", "--admin")
+    with gateway(tmp_path, monkeypatch) as (base, _):
+        for key, n in ((a, 1), (b, 2)):
+            for _ in range(n):
+                client(base, key=key).images.generate(prompt="x")
+        mine = httpx.get(f"{base}/v1/costs", headers={"authorization": f"Bearer {b}"}).json()
+        every = httpx.get(f"{base}/v1/costs?by=tag:gateway_key", headers={"authorization": f"Bearer {admin}"}).json()
+    assert [g["key"] for g in mine["groups"]] == ["team-b"] and mine["total"]["calls"] == 2
+    assert {g["key"]: g["calls"] for g in every["groups"]} == {"team-a": 1, "team-b": 2}
+    assert Decimal(every["total"]["cost_usd"]) == Decimal("0.002831155") * 3
+
+
+def test_metrics_count_calls_cost_and_latency_by_offering(tmp_path, monkeypatch):
+    with gateway(tmp_path, monkeypatch, script=["ok", "ok", "refuse"]) as (base, _):
+        c = client(base)
+        c.images.generate(prompt="x", n=2)
+        c.images.generate(prompt="y")
+        with pytest.raises(openai.BadRequestError):
+            c.images.generate(prompt="z")
+        text = httpx.get(f"{base}/metrics").text
+    label = f'offering="{SCHNELL}"'
+    assert f'imagebroker_calls_total{{{label},status="ok"}} 2.0' in text
+    assert f"imagebroker_images_total{{{label}}} 3.0" in text
+    assert 'status="400"' in text and 'imagebroker_breaker_open{provider="together"} 0.0' in text
+    assert f'imagebroker_call_latency_seconds_count{{{label},status="ok"}} 2.0' in text

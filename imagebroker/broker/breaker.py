@@ -30,6 +30,12 @@ class CircuitBreaker:
         s.probing = True  # half-open: one probe at a time
         return True
 
+    def is_open(self, provider: str) -> bool:
+        """Whether calls to it are being skipped now (read only: no probe is let through)."""
+        s = self._states.get(provider)
+        return s is not None and s.failures >= self.failure_threshold and (
+            self.clock() < s.open_until or s.probing)  # type: ignore[operator]
+
     def success(self, provider: str) -> None:
         self._states.pop(provider, None)
 

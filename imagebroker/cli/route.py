@@ -32,19 +32,6 @@ from .common import (
 )
 from .output import Col, console, print_json, print_table, styled, usd
 
-
-def plan_json(plan: Plan) -> dict:
-    return {
-        "policy": plan.policy, "rule": plan.rule, "objective": plan.objective,
-        "candidates": [{"offering": c.offering, "estimated_cost_usd": c.estimated_cost.usd,
-                        "bound_usd": c.bound_usd, "cost_status": c.estimated_cost.status,
-                        "estimated_latency_s": c.estimated_latency_s, "dropped": list(c.dropped),
-                        "warnings": list(c.warnings), "size": c.size}
-                       for c in plan.candidates],
-        "rejected": [{"offering": r.offering, "reasons": list(r.reasons)} for r in plan.rejected],
-    }
-
-
 CANDIDATE_COLUMNS = (Col("#", right=True), Col("offering"), Col("size", hide=2), Col("est. cost", right=True),
                      Col("up to", right=True, hide=2), Col("est. latency", right=True, hide=1),
                      Col("dropped", wrap=True, hide=3))
@@ -84,7 +71,7 @@ def route(
     request = ImageRequest(prompt=prompt, **fields)
     plan = read_only_broker(policy, ledger).plan(request)
     if json_out:
-        print_json(plan_json(plan))
+        print_json(plan.as_json())
     else:
         print_plan(plan, wide=wide)
     if not plan.candidates:

@@ -23,12 +23,13 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..broker.core import AsyncBroker
 from ..errors import RequestError
 from .keys import KEY_TAG, GatewayKey, KeyStore, digest
+from .metrics import Metrics
 from .openai_shape import BadRequest, cost_headers, error_reply, images_response, request_fields
 
 log = logging.getLogger("imagebroker.gateway")
@@ -41,6 +42,7 @@ ENV_KEY = GatewayKey(name="env", prefix="(env)", admin=True)
 def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) -> Starlette:
     """The app; its broker is made when it starts (in the worker process) and closed when it stops."""
     state: dict[str, AsyncBroker] = {}
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -85,7 +87,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) ->
             return _reply(BadRequest("the body is not JSON"))
         if not isinstance(body, dict):
             return _reply(BadRequest("the body must be a JSON object"))
-        return await _generate(broker(), body, key)
+        return await _generate(broker(), body, key, metrics)
 
     async def edits(request: Request) -> JSONResponse:
         key = await caller(request)
@@ -105,7 +107,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) ->
         body["images"] = images
         if mask is not None and not isinstance(mask, str):
             body["mask"] = await mask.read()
-        return await _generate(broker(), body, key)
+        return await _generate(broker(), body, key, metrics)
 
     async def models(request: Request) -> JSONResponse:
         key = await caller(request)
@@ -116,6 +118,45 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) ->
                 for o in b.catalog if not o.retired(_today()) and b.provider(o.provider).availability(o) is None
                 and (key is None or key.allows(o.id))]
         return JSONResponse({"object": "list", "data": data})
+
+    async def route(request: Request) -> JSONResponse:
+        key = await caller(request)
+        if isinstance(key, JSONResponse):
+            return key
+        try:
+            body = await request.json()
+        except ValueError:
+            return _reply(BadRequest("the body is not JSON"))
+        try:
+            plan = broker().plan(**request_fields(body if isinstance(body, dict) else {}))
+        except Exception as exc:   # a bad field, an unknown model: OpenAI's 400
+            return _reply(exc)
+        return JSONResponse(_plain(plan.as_json()))
+
+    async def costs(request: Request) -> JSONResponse:
+        """`costs --format json`: an admin key (or an open gateway) may group by anything; another key sees
+        only its own calls' totals."""
+        key = await caller(request)
+        if isinstance(key, JSONResponse):
+            return key
+        from ..broker.report import cost_report, parse_when
+
+        q = request.query_params
+        mine = key is not None and not key.admin
+        try:
+            groups, total = await asyncio.to_thread(
+                cost_report, broker().ledger, since=parse_when(q.get("since")), until=parse_when(q.get("until")),
+                by=f"tag:{KEY_TAG}" if mine else q.get("by", "provider"))
+        except Exception as exc:
+            return _reply(exc)
+        if mine:
+            groups = [g for g in groups if g.key == key.name]
+            total = groups[0] if groups else None
+        return JSONResponse(_plain({"groups": [g.as_dict() for g in groups],
+                                    "total": total.as_dict() if total else None}))
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(broker()), media_type="text/plain; version=0.0.4")
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -131,12 +172,17 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) ->
         Route("/v1/images/generations", generations, methods=["POST"]),
         Route("/v1/images/edits", edits, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/route", route, methods=["POST"]),
+        Route("/v1/costs", costs, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ], lifespan=lifespan)
 
 
-async def _generate(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | None) -> JSONResponse:
+async def _generate(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | None,
+                    metrics: Metrics) -> JSONResponse:
+    started = time.perf_counter()
     try:
         fields = request_fields(body)
         for name in ("images", "mask"):
@@ -151,8 +197,23 @@ async def _generate(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey |
         if not isinstance(exc, (RequestError,)) and type(exc).__module__.split(".")[0] != "imagebroker" \
                 and type(exc).__name__ != "ValidationError":
             log.exception("gateway bug answering a request")
-        return _reply(exc)
+        reply = _reply(exc)
+        metrics.failed(body.get("model") if isinstance(body.get("model"), str) else None, reply.status_code,
+                       time.perf_counter() - started)
+        return reply
+    metrics.served(result)
     return JSONResponse(images_response(result), headers=cost_headers(result))
+
+
+def _plain(data: Any) -> Any:
+    """Decimals as strings (exact), for JSON."""
+    from decimal import Decimal
+
+    if isinstance(data, dict):
+        return {k: _plain(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_plain(v) for v in data]
+    return format(data, "f") if isinstance(data, Decimal) else data
 
 
 def _reply(exc: Exception) -> JSONResponse:

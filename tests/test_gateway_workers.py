@@ -1,0 +1,148 @@
+"""The gateway as teams run it: two `imagebroker serve` processes (as two hosts behind a load balancer would be)
+on the local PostgreSQL ledger, the official async SDK as 200 concurrent clients spread over both, the Together
+fake behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import func, select
+
+from imagebroker.broker.ledger.schema import calls, reservations
+from imagebroker.broker.ledger.store import Ledger
+from imagebroker.testing.fakes import fakes
+from tests.conftest import builtin_providers
+
+pytest.importorskip("uvicorn")
+ROOT = Path(__file__).parents[1]
+SCHNELL = "together/black-forest-labs/FLUX.1-schnell"
+EACH = Decimal("0.002831155")   # 1.048576 MP x $0.0027 (its bound too: per-MP prices are exact)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gateway(tmp_path: Path, fake, pg_url: str, **policy_extra) -> tuple[subprocess.Popen, str]:
+    """One gateway process (`--workers 1`: the server runs in the process started, whose pid it is)."""
+    policy = tmp_path / "team.yaml"
+    policy.write_text(json.dumps({
+        "name": "team", "deny": [p for p in builtin_providers() if p != "together"], "prefer": [SCHNELL],
+        "objective": "ordered", "providers": {"together": {"base_url": fake.base_url}},
+        "fallback": {"max_offerings": 1}, **policy_extra}))
+    port = free_port()
+    env = {**os.environ, "IMAGEBROKER_LEDGER_URL": pg_url, "TOGETHER_API_KEY": fakes()["together"].key,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen([sys.executable, "-m", "imagebroker.cli", "serve", "--policy", str(policy), "--port",
+                               str(port), "--workers", "1"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the gateway did not start: {server.stderr.read() if server.stderr else ''}")
+        time.sleep(0.1)
+
+
+def stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+@pytest.mark.postgres
+def test_two_gateways_hold_one_budget_exactly_and_survive_a_killed_one(tmp_path, pg_url):
+    k = 37
+    limit = EACH * k + EACH / 2   # admits exactly 37 calls
+    budget = [{"name": "team", "period": "total", "limit_usd": str(limit), "on_exceed": "reject"}]
+    with fakes()["together"](["ok"]) as fake:
+        gateways = [start_gateway(tmp_path, fake, pg_url, budgets=budget) for _ in range(2)]
+        try:
+            async def burst() -> list[object]:
+                clients = [openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+                           for _, base in gateways]
+
+                async def one(i: int) -> object:
+                    try:
+                        return await clients[i % 2].images.generate(prompt=f"call {i}")
+                    except openai.APIStatusError as exc:
+                        return exc.status_code
+                try:
+                    return await asyncio.gather(*(one(i) for i in range(200)))
+                finally:
+                    for c in clients:
+                        await c.close()
+
+            results = asyncio.run(burst())
+        finally:
+            for server, _ in gateways:
+                stop(server)
+        served = [r for r in results if not isinstance(r, int)]
+        assert len(served) == k and sorted({r for r in results if isinstance(r, int)}) == [429]
+        ledger = Ledger(pg_url)
+        with ledger.engine.connect() as conn:
+            ok = conn.execute(select(calls.c.cost_nusd).where(calls.c.status == "ok")).scalars().all()
+            pids = set(conn.execute(select(reservations.c.pid)).scalars())
+        assert len(ok) == k and sum(ok) == int(EACH * k * 10**9) <= int(limit * 10**9)   # never over
+        assert pids == {server.pid for server, _ in gateways}   # both processes served and reserved
+
+        # one gateway killed mid-call (the budget raised so that calls are admitted again): the other keeps
+        # serving, and the killed one's call is reconciled (abandoned, its reservation released)
+        raised = [{**budget[0], "limit_usd": str(limit + 1)}]
+        fake.script, fake.generations, fake.timeout_s = ["timeout", "ok"], 0, 20.0
+        (a, a_base), (b, b_base) = gateways = [start_gateway(tmp_path, fake, pg_url, budgets=raised)
+                                               for _ in range(2)]
+        try:
+            def slow_call() -> None:
+                with contextlib.suppress(httpx.HTTPError):   # its gateway is killed under it
+                    httpx.post(f"{a_base}/v1/images/generations", json={"prompt": "slow"}, timeout=60)
+
+            stuck = threading.Thread(target=slow_call)
+            stuck.start()
+            deadline, held = time.monotonic() + 20, None
+            while held is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                with ledger.engine.connect() as conn:   # reserved, and its pending row written
+                    held = conn.execute(select(reservations.c.pid, reservations.c.request_id)
+                                        .join(calls, calls.c.request_id == reservations.c.request_id)
+                                        .where(reservations.c.status == "held", calls.c.status == "pending")).first()
+            assert held is not None and held.pid == a.pid, "the slow call never reserved its budget"
+            os.killpg(a.pid, signal.SIGKILL)
+            a.wait()
+            stuck.join(60)
+            other = httpx.post(f"{b_base}/v1/images/generations", json={"prompt": "meanwhile"}, timeout=60)
+            assert other.status_code == 200   # the other gateway kept serving
+        finally:
+            stop(b)
+        a, a_base = start_gateway(tmp_path, fake, pg_url, budgets=raised)   # a restart reconciles
+        stop(a)
+    with ledger.engine.connect() as conn:
+        row = conn.execute(select(calls.c.status).where(calls.c.request_id == held.request_id)).one()
+        still_held = conn.execute(select(reservations.c.id).where(reservations.c.status == "held")).all()
+        counts = dict(conn.execute(select(calls.c.status, func.count()).group_by(calls.c.status)).all())
+    assert row.status == "abandoned" and still_held == []
+    assert counts == {"ok": k + 1, "rejected": 200 - k, "abandoned": 1}   # every call has its row
