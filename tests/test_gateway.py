@@ -257,3 +257,45 @@ def test_metrics_count_calls_cost_and_latency_by_offering(tmp_path, monkeypatch)
     assert f"imagebroker_images_total{{{label}}} 3.0" in text
     assert 'status="400"' in text and 'imagebroker_breaker_open{provider="together"} 0.0' in text
     assert f'imagebroker_call_latency_seconds_count{{{label},status="ok"}} 2.0' in text
+
+
+# -- links, idempotency, access log ---------------------------------------------------------------------------
+def test_response_format_url_is_a_signed_expiring_link_to_the_stored_image(tmp_path, monkeypatch):
+    import hashlib
+
+    import imagebroker.gateway.links as links
+
+    with gateway(tmp_path, monkeypatch) as (base, _):
+        result = client(base).images.generate(prompt="x", response_format="url", size="512x512")
+        url = result.data[0].url
+        got = httpx.get(url)
+        tampered = httpx.get(url.replace("sig=", "sig=0"))
+        monkeypatch.setattr(links, "LINK_TTL_S", -1)
+        expired = httpx.get(base + links.signed_path(hashlib.sha256(got.content).hexdigest(), "png"))
+    assert url.startswith(f"{base}/v1/images/files/") and result.data[0].b64_json is None
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(got.content)).size == (512, 512)
+    assert (tampered.status_code, expired.status_code) == (403, 403)
+    assert "expired" in expired.json()["error"]["message"]
+
+
+def test_an_idempotency_key_header_answers_a_repeat_without_paying_again(tmp_path, monkeypatch):
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        c = client(base)
+        first = c.images.with_raw_response.generate(prompt="x", extra_headers={"Idempotency-Key": "order-17"})
+        again = c.images.with_raw_response.generate(prompt="x", extra_headers={"Idempotency-Key": "order-17"})
+        with pytest.raises(openai.BadRequestError):   # the same key for another request is refused
+            c.images.generate(prompt="something else", extra_headers={"Idempotency-Key": "order-17"})
+    assert fake.generations == 1
+    assert again.headers["x-request-id"] == first.headers["x-request-id"]
+    assert again.parse().data[0].b64_json == first.parse().data[0].b64_json
+
+
+def test_each_call_is_logged_with_its_key_name_offering_and_cost_never_the_key(tmp_path, monkeypatch, caplog):
+    key = make_key(tmp_path, "team-log")
+    caplog.set_level("INFO", logger="imagebroker.gateway.access")
+    with gateway(tmp_path, monkeypatch) as (base, _):
+        client(base, key=key).images.generate(prompt="x")
+    lines = [r.getMessage() for r in caplog.records if r.name == "imagebroker.gateway.access"]
+    assert len(lines) == 1 and "key=team-log" in lines[0] and f"offering={SCHNELL}" in lines[0]
+    assert "status=200" in lines[0] and "cost=0.002831155 priced" in lines[0] and key not in lines[0]

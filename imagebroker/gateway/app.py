@@ -28,25 +28,32 @@ from starlette.routing import Route
 
 from ..broker.core import AsyncBroker
 from ..errors import RequestError
+from ..policies.loader import load_policy
+from . import links
 from .keys import KEY_TAG, GatewayKey, KeyStore, digest
 from .metrics import Metrics
 from .openai_shape import BadRequest, cost_headers, error_reply, images_response, request_fields
 
 log = logging.getLogger("imagebroker.gateway")
+access = logging.getLogger("imagebroker.gateway.access")
 KEY_ENV = "IMAGEBROKER_GATEWAY_KEY"
 MAX_UPLOAD_BYTES = 64 << 20   # an edit's images, all of them
 KEY_TTL_S = 5.0               # how long a key found stays found (a revocation takes this long at most)
 ENV_KEY = GatewayKey(name="env", prefix="(env)", admin=True)
 
 
-def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) -> Starlette:
-    """The app; its broker is made when it starts (in the worker process) and closed when it stops."""
+def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> Starlette:
+    """The app; its broker is made when it starts (in the worker process) and closed when it stops. `store`:
+    the broker's image store (None: on, as for the command line, unless the policy says `store.enabled: false`),
+    which `response_format=url` and idempotent replays read."""
     state: dict[str, AsyncBroker] = {}
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state["broker"] = AsyncBroker(policy, ledger, store=store)
+        chosen = load_policy(policy)
+        kept = store if store is not None else (False if chosen.store.enabled is False else chosen.store.url or True)
+        state["broker"] = AsyncBroker(chosen, ledger, store=kept)   # images kept, as the command line keeps them
         try:
             yield
         finally:
@@ -87,7 +94,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) ->
             return _reply(BadRequest("the body is not JSON"))
         if not isinstance(body, dict):
             return _reply(BadRequest("the body must be a JSON object"))
-        return await _generate(broker(), body, key, metrics)
+        return await _generate(broker(), body, key, metrics, request)
 
     async def edits(request: Request) -> JSONResponse:
         key = await caller(request)
@@ -107,7 +114,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) ->
         body["images"] = images
         if mask is not None and not isinstance(mask, str):
             body["mask"] = await mask.read()
-        return await _generate(broker(), body, key, metrics)
+        return await _generate(broker(), body, key, metrics, request)
 
     async def models(request: Request) -> JSONResponse:
         key = await caller(request)
@@ -155,6 +162,20 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) ->
         return JSONResponse(_plain({"groups": [g.as_dict() for g in groups],
                                     "total": total.as_dict() if total else None}))
 
+    async def image_file(request: Request) -> Response:
+        """A stored image behind a signed, expiring link (`links.py`): no key needed, the signature is one."""
+        name = request.path_params["name"]
+        why = links.check(name, request.query_params.get("expires"), request.query_params.get("sig"))
+        store = broker().store
+        if why is None and store is not None:
+            data = await asyncio.to_thread(store.get, name.split(".")[0])
+            if data is not None:
+                return Response(data, media_type=links.MEDIA[name.rsplit(".", 1)[1]],
+                                headers={"cache-control": "private, max-age=3600"})
+            why = "the image is no longer in the store"
+        return JSONResponse({"error": {"message": why or "no image store", "type": "invalid_request_error",
+                                       "param": None, "code": "invalid_link"}}, status_code=403)
+
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(broker()), media_type="text/plain; version=0.0.4")
 
@@ -174,20 +195,37 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = False) ->
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/route", route, methods=["POST"]),
         Route("/v1/costs", costs, methods=["GET"]),
+        Route("/v1/images/files/{name}", image_file, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ], lifespan=lifespan)
 
 
-async def _generate(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | None,
-                    metrics: Metrics) -> JSONResponse:
+async def _generate(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | None, metrics: Metrics,
+                    request: Request) -> JSONResponse:
     started = time.perf_counter()
+    reply = await _answer(broker, body, key, metrics, request, started)
+    access.info("%s %s key=%s offering=%s status=%s cost=%s %s latency_ms=%.1f", request.method, request.url.path,
+                key.name if key else "-", reply.headers.get("x-imagebroker-offering", "-"), reply.status_code,
+                reply.headers.get("x-imagebroker-cost-usd", "-"), reply.headers.get("x-imagebroker-cost-status", "-"),
+                (time.perf_counter() - started) * 1000, extra={"request_id": reply.headers.get("x-request-id")})
+    return reply
+
+
+async def _answer(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | None, metrics: Metrics,
+                  request: Request, started: float) -> JSONResponse:
+    as_url = body.get("response_format") == "url"
+    if as_url and broker.store is None:
+        return _reply(BadRequest("response_format=url needs the image store: set store.enabled in the policy "
+                                 "(or IMAGEBROKER_STORE_URL)"))
     try:
         fields = request_fields(body)
         for name in ("images", "mask"):
             if name in body:
                 fields[name] = body[name]
+        if request.headers.get("idempotency-key"):   # the same call on any worker: the ledger knows it
+            fields["idempotency_key"] = request.headers["idempotency-key"]
         if key is not None:
             fields["tags"] = {**fields.get("tags", {}), **key.tags, KEY_TAG: key.name}
             if key.allow and (denied := _allowed(broker, key, fields)) is not None:
@@ -202,7 +240,11 @@ async def _generate(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey |
                        time.perf_counter() - started)
         return reply
     metrics.served(result)
-    return JSONResponse(images_response(result), headers=cost_headers(result))
+    urls = None
+    if as_url:
+        root = str(request.base_url).rstrip("/")
+        urls = [root + links.signed_path(img.sha256, img.format) for img in result.images]
+    return JSONResponse(images_response(result, urls), headers=cost_headers(result))
 
 
 def _plain(data: Any) -> Any:

@@ -17,6 +17,7 @@ from ..errors import (
     CallTimedOut,
     ConfigError,
     ContentRejected,
+    DuplicateRequest,
     ImageBrokerError,
     NoRouteError,
     RequestError,
@@ -43,9 +44,8 @@ def request_fields(body: dict[str, Any]) -> dict[str, Any]:
     for name, why in NOT_SERVED.items():
         if body.get(name):
             raise BadRequest(f"{name}: {why}")
-    if body.get("response_format") not in (None, "b64_json"):
-        raise BadRequest("response_format: only b64_json is served by this gateway yet (url needs the image store's "
-                         "signed links)")
+    if body.get("response_format") not in (None, "b64_json", "url"):
+        raise BadRequest("response_format: b64_json or url")
     fields: dict[str, Any] = {"prompt": prompt}
     model = body.get("model")
     if model not in (None, "", "auto"):
@@ -73,13 +73,16 @@ def _number(name: str, value: Any) -> int | float:
     return number
 
 
-def images_response(result: ImageResult) -> dict[str, Any]:
-    """OpenAI's `ImagesResponse`: `created`, `data[].b64_json`, and `usage` where the call was token-billed;
-    imagebroker's own account of the call under `imagebroker` (the SDK ignores fields it does not know)."""
+def images_response(result: ImageResult, urls: list[str] | None = None) -> dict[str, Any]:
+    """OpenAI's `ImagesResponse`: `created`, `data[].b64_json` (or `data[].url`, given `urls`), and `usage` where
+    the call was token-billed; imagebroker's own account of the call under `imagebroker` (the SDK ignores
+    fields it does not know)."""
     first = result.images[0] if result.images else None
+    data = ([{"url": u} for u in urls] if urls is not None else
+            [{"b64_json": base64.b64encode(img.data).decode()} for img in result.images])
     body: dict[str, Any] = {
         "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(img.data).decode()} for img in result.images],
+        "data": data,
         "output_format": first.format if first else None,
         "size": f"{first.width}x{first.height}" if first else None,
         "imagebroker": {"request_id": result.request_id, "offering": result.offering,
@@ -120,6 +123,8 @@ def error_reply(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
         return 400, _error(f"{where or 'request'}: {first.get('msg')}", "invalid_request_error", None, param=where), {}
     if isinstance(exc, ContentRejected):
         return 400, _error(message, "invalid_request_error", "content_policy_violation"), {}
+    if isinstance(exc, DuplicateRequest):   # an Idempotency-Key already served, its images not kept: 409
+        return 409, _error(message, "invalid_request_error", "idempotency_key_reused"), {}
     if isinstance(exc, (BadRequest, RequestError, ConfigError)):
         return 400, _error(message, "invalid_request_error", None, param=getattr(exc, "field", None)), {}
     if isinstance(exc, NoRouteError):
