@@ -299,3 +299,15 @@ def test_each_call_is_logged_with_its_key_name_offering_and_cost_never_the_key(t
     lines = [r.getMessage() for r in caplog.records if r.name == "imagebroker.gateway.access"]
     assert len(lines) == 1 and "key=team-log" in lines[0] and f"offering={SCHNELL}" in lines[0]
     assert "status=200" in lines[0] and "cost=0.002831155 priced" in lines[0] and key not in lines[0]
+
+
+def test_a_streaming_client_gets_openais_completed_events_whatever_the_policy_picks(tmp_path, monkeypatch):
+    with gateway(tmp_path, monkeypatch) as (base, _):
+        c = client(base)
+        events = list(c.images.generate(prompt="x", stream=True, partial_images=2, size="512x512"))
+        edits = list(c.images.edit(model="together/black-forest-labs/FLUX.1-kontext-pro", prompt="bluer",
+                                   image=("init.png", png(), "image/png"), stream=True))
+    assert [e.type for e in events] == ["image_generation.completed"]   # FLUX on Together: no partial images
+    assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).size == (512, 512)
+    assert events[0].size == "512x512" and events[0].model_extra["imagebroker"]["offering"] == SCHNELL
+    assert [e.type for e in edits] == ["image_edit.completed"]

@@ -23,7 +23,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..broker.core import AsyncBroker
@@ -32,7 +32,7 @@ from ..policies.loader import load_policy
 from . import links
 from .keys import KEY_TAG, GatewayKey, KeyStore, digest
 from .metrics import Metrics
-from .openai_shape import BadRequest, cost_headers, error_reply, images_response, request_fields
+from .openai_shape import BadRequest, cost_headers, error_reply, images_response, request_fields, stream_events
 
 log = logging.getLogger("imagebroker.gateway")
 access = logging.getLogger("imagebroker.gateway.access")
@@ -84,7 +84,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         return JSONResponse({"error": {"message": "Incorrect gateway key provided.", "type": "invalid_request_error",
                                        "param": None, "code": "invalid_api_key"}}, status_code=401)
 
-    async def generations(request: Request) -> JSONResponse:
+    async def generations(request: Request) -> Response:
         key = await caller(request)
         if isinstance(key, JSONResponse):
             return key
@@ -96,7 +96,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
             return _reply(BadRequest("the body must be a JSON object"))
         return await _generate(broker(), body, key, metrics, request)
 
-    async def edits(request: Request) -> JSONResponse:
+    async def edits(request: Request) -> Response:
         key = await caller(request)
         if isinstance(key, JSONResponse):
             return key
@@ -203,7 +203,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
 
 
 async def _generate(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | None, metrics: Metrics,
-                    request: Request) -> JSONResponse:
+                    request: Request) -> Response:
     started = time.perf_counter()
     reply = await _answer(broker, body, key, metrics, request, started)
     access.info("%s %s key=%s offering=%s status=%s cost=%s %s latency_ms=%.1f", request.method, request.url.path,
@@ -214,7 +214,7 @@ async def _generate(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey |
 
 
 async def _answer(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | None, metrics: Metrics,
-                  request: Request, started: float) -> JSONResponse:
+                  request: Request, started: float) -> Response:
     as_url = body.get("response_format") == "url"
     if as_url and broker.store is None:
         return _reply(BadRequest("response_format=url needs the image store: set store.enabled in the policy "
@@ -240,6 +240,9 @@ async def _answer(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | N
                        time.perf_counter() - started)
         return reply
     metrics.served(result)
+    if body.get("stream") in (True, "true", "True"):
+        events = stream_events(result, edit="images" in body)
+        return StreamingResponse(iter(events), media_type="text/event-stream", headers=cost_headers(result))
     urls = None
     if as_url:
         root = str(request.base_url).rstrip("/")

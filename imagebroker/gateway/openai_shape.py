@@ -5,6 +5,7 @@ error JSON with the status codes its SDK maps onto its exception classes."""
 from __future__ import annotations
 
 import base64
+import json
 import time
 from decimal import Decimal
 from typing import Any
@@ -27,8 +28,6 @@ from ..types import ImageResult, SkipReason
 # OpenAI's fields, and what each becomes; `model: auto` (or none) leaves the choice to the policy
 PASSED = ("n", "quality", "background", "output_format", "seed", "negative_prompt", "aspect_ratio",
           "resolution", "strength", "idempotency_key")
-NOT_SERVED = {"stream": "streaming is not served by this gateway yet",
-              "partial_images": "streaming is not served by this gateway yet"}
 IGNORED = ("moderation", "output_compression", "input_fidelity", "style")   # passed to OpenAI offerings only
 
 
@@ -41,9 +40,6 @@ def request_fields(body: dict[str, Any]) -> dict[str, Any]:
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRequest("prompt: a non-empty string is required")
-    for name, why in NOT_SERVED.items():
-        if body.get(name):
-            raise BadRequest(f"{name}: {why}")
     if body.get("response_format") not in (None, "b64_json", "url"):
         raise BadRequest("response_format: b64_json or url")
     fields: dict[str, Any] = {"prompt": prompt}
@@ -146,3 +142,21 @@ def error_reply(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
 
 def _error(message: str, kind: str, code: str | None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def stream_events(result: ImageResult, edit: bool) -> list[str]:
+    """`stream: true`: OpenAI's image streaming events over SSE. Partial images are not passed through yet, so
+    every offering streams the same way: one `...completed` event per image (a streaming client works whatever
+    the policy picks). `usage` is the call's tokens where it was token-billed, else zeros."""
+    body = images_response(result)
+    usage = body.get("usage") or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                                  "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}
+    kind = "image_edit.completed" if edit else "image_generation.completed"
+    events = []
+    for item, image in zip(body["data"], result.images, strict=True):
+        event = {"type": kind, "b64_json": item["b64_json"], "created_at": body["created"],
+                 "size": f"{image.width}x{image.height}", "quality": body.get("quality") or "auto",
+                 "background": "auto", "output_format": image.format, "usage": usage,
+                 "imagebroker": body["imagebroker"]}
+        events.append(f"event: {kind}\ndata: {json.dumps(event)}\n\n")
+    return events
