@@ -8,6 +8,8 @@ import asyncio
 import base64
 import io
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -311,3 +313,50 @@ def test_a_streaming_client_gets_openais_completed_events_whatever_the_policy_pi
     assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).size == (512, 512)
     assert events[0].size == "512x512" and events[0].model_extra["imagebroker"]["offering"] == SCHNELL
     assert [e.type for e in edits] == ["image_edit.completed"]
+
+
+# -- async jobs ----------------------------------------------------------------------------------------------
+def wait_job(base: str, job: str, key: str = "x", timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = httpx.get(f"{base}/v1/images/jobs/{job}", headers={"authorization": f"Bearer {key}"}).json()
+        if body.get("status") in ("done", "failed") or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
+
+
+def test_prefer_respond_async_answers_202_and_the_job_the_sync_body(tmp_path, monkeypatch):
+    key, other = make_key(tmp_path, "team-jobs"), make_key(tmp_path, "team-other")
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        auth = {"authorization": f"Bearer {key}", "prefer": "respond-async"}
+        accepted = httpx.post(f"{base}/v1/images/generations", headers=auth, json={"prompt": "x", "size": "512x512"})
+        job = accepted.json()["id"]
+        done = wait_job(base, job, key)
+        hidden = httpx.get(f"{base}/v1/images/jobs/{job}", headers={"authorization": f"Bearer {other}"})
+        bad = httpx.post(f"{base}/v1/images/generations", headers=auth, json={"prompt": "x", "n": 0})
+    assert accepted.status_code == 202 and accepted.headers["location"] == f"/v1/images/jobs/{job}"
+    assert done["status"] == "done" and done["imagebroker"]["offering"] == SCHNELL
+    assert Image.open(io.BytesIO(base64.b64decode(done["data"][0]["b64_json"]))).size == (512, 512)
+    assert hidden.status_code == 404   # another team's job is not there for it
+    assert bad.status_code == 400 and fake.generations == 1   # a bad request is refused at once, never queued
+
+
+def test_jobs_survive_their_worker_a_queued_one_and_one_whose_worker_died_both_run(tmp_path, monkeypatch):
+    from sqlalchemy import update
+
+    from imagebroker.broker.ledger.schema import gateway_jobs
+    from imagebroker.broker.ledger.store import HOST, Ledger
+    from imagebroker.gateway.jobs import JobQueue
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    queue = JobQueue(ledger)
+    for job in ("job_left_queued", "job_worker_died"):
+        queue.submit(job, {"prompt": job, "idempotency_key": job}, None)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()   # a pid that no longer runs
+    with ledger.engine.begin() as conn:
+        conn.execute(update(gateway_jobs).where(gateway_jobs.c.id == "job_worker_died")
+                     .values(status="running", worker=f"{HOST}:{dead.pid}"))
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        results = [wait_job(base, job) for job in ("job_left_queued", "job_worker_died")]
+    assert [r["status"] for r in results] == ["done", "done"] and fake.generations == 2

@@ -61,6 +61,9 @@ EXPECTED_SCHEMA = {
     "gateway_keys": {"name": "VARCHAR(200)", "key_sha256": "VARCHAR(64)", "prefix": "VARCHAR(16)",
                      "tags_json": "TEXT", "budget_nusd": "BIGINT", "budget_period": "VARCHAR(8)",
                      "admin": "INTEGER", "allow_json": "TEXT", "created_at": "FLOAT", "revoked_at": "FLOAT"},
+    "gateway_jobs": {"id": "VARCHAR(40)", "key_name": "VARCHAR(200)", "status": "VARCHAR(16)",
+                     "request_json": "TEXT", "created_at": "FLOAT", "started_at": "FLOAT", "finished_at": "FLOAT",
+                     "worker": "VARCHAR(200)", "http_status": "INTEGER", "response_json": "TEXT"},
 }
 
 

@@ -13,8 +13,10 @@ revocation takes effect within that."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
+import json
 import logging
 import os
 import time
@@ -27,9 +29,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..broker.core import AsyncBroker
-from ..errors import RequestError
+from ..errors import NoRouteError, RequestError
 from ..policies.loader import load_policy
 from . import links
+from .jobs import JobQueue, new_id
 from .keys import KEY_TAG, GatewayKey, KeyStore, digest
 from .metrics import Metrics
 from .openai_shape import BadRequest, cost_headers, error_reply, images_response, request_fields, stream_events
@@ -38,6 +41,7 @@ log = logging.getLogger("imagebroker.gateway")
 access = logging.getLogger("imagebroker.gateway.access")
 KEY_ENV = "IMAGEBROKER_GATEWAY_KEY"
 MAX_UPLOAD_BYTES = 64 << 20   # an edit's images, all of them
+JOB_POLL_S = 0.2             # how often an idle worker looks for queued jobs
 KEY_TTL_S = 5.0               # how long a key found stays found (a revocation takes this long at most)
 ENV_KEY = GatewayKey(name="env", prefix="(env)", admin=True)
 
@@ -54,10 +58,41 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         chosen = load_policy(policy)
         kept = store if store is not None else (False if chosen.store.enabled is False else chosen.store.url or True)
         state["broker"] = AsyncBroker(chosen, ledger, store=kept)   # images kept, as the command line keeps them
+        runner = asyncio.create_task(run_jobs())
         try:
             yield
         finally:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
             await state.pop("broker").aclose()
+
+    async def run_jobs() -> None:
+        """Take queued jobs (this worker's share: whoever claims first runs it) and run them one at a time."""
+        queue = JobQueue(broker().ledger)
+        await asyncio.to_thread(queue.requeue_orphans)
+        while True:
+            try:
+                claimed = await asyncio.to_thread(queue.claim)
+            except Exception:   # the ledger away for a moment: try again shortly
+                log.warning("could not read the job queue", exc_info=True)
+                claimed = None
+            if claimed is None:
+                await asyncio.sleep(JOB_POLL_S)
+                continue
+            job, fields, key_name = claimed
+            key = await asyncio.to_thread(KeyStore(broker().ledger).named, key_name) if key_name else None
+            if key is not None and (budget := key.budget()) is not None:
+                broker().add_budgets([budget])
+            try:
+                result = await broker().generate(**fields)
+            except Exception as exc:
+                status, body, _ = error_reply(exc)
+            else:
+                metrics.served(result)
+                status, body = 200, images_response(result)
+                body["data"] = [{"sha256": img.sha256, "format": img.format} for img in result.images]
+            await asyncio.to_thread(queue.finish, job, status, _plain(body))
 
     def broker() -> AsyncBroker:
         return state["broker"]
@@ -94,7 +129,55 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
             return _reply(BadRequest("the body is not JSON"))
         if not isinstance(body, dict):
             return _reply(BadRequest("the body must be a JSON object"))
+        if "respond-async" in request.headers.get("prefer", "").lower():
+            return await submit(body, key)
         return await _generate(broker(), body, key, metrics, request)
+
+    async def submit(body: dict[str, Any], key: GatewayKey | None) -> JSONResponse:
+        """202 and a job id at once; the call runs on whichever worker claims it. Bad requests are found now."""
+        b = broker()
+        if b.store is None:
+            return _reply(BadRequest("async jobs keep their images in the image store: enable store in the policy"))
+        job = new_id()
+        try:
+            fields = request_fields(body)
+            if key is not None:
+                fields["tags"] = {**fields.get("tags", {}), **key.tags, KEY_TAG: key.name}
+                if key.allow and (denied := _allowed(b, key, fields)) is not None:
+                    return denied
+            fields["idempotency_key"] = job   # a job run again after a crash is not paid for twice
+            plan = b.plan(**fields)
+            if not plan.candidates:
+                raise NoRouteError(f"no offering can serve this request under policy {b.policy.name!r}",
+                                   plan.rejected)
+        except Exception as exc:
+            return _reply(exc)
+        await asyncio.to_thread(JobQueue(b.ledger).submit, job, fields, key.name if key else None)
+        return JSONResponse({"id": job, "object": "image.job", "status": "queued"}, status_code=202,
+                            headers={"location": f"/v1/images/jobs/{job}"})
+
+    async def job_status(request: Request) -> JSONResponse:
+        key = await caller(request)
+        if isinstance(key, JSONResponse):
+            return key
+        row = await asyncio.to_thread(JobQueue(broker().ledger).get, request.path_params["job"])
+        if row is None or (key is not None and not key.admin and row["key_name"] != key.name):
+            return JSONResponse({"error": {"message": "no such job", "type": "invalid_request_error", "param": None,
+                                           "code": "job_not_found"}}, status_code=404)
+        head = {"id": row["id"], "object": "image.job", "status": row["status"]}
+        if row["status"] in ("queued", "running"):
+            return JSONResponse(head)
+        body = json.loads(row["response_json"])
+        if row["status"] == "failed":
+            return JSONResponse({**head, "http_status": row["http_status"], **body})
+        store = broker().store
+        data = []
+        for item in body["data"]:
+            image = await asyncio.to_thread(store.get, item["sha256"]) if store is not None else None
+            if image is None:
+                return _reply(BadRequest(f"job {row['id']}: its image {item['sha256'][:12]} is no longer stored"))
+            data.append({"b64_json": base64.b64encode(image).decode()})
+        return JSONResponse({**head, **body, "data": data})
 
     async def edits(request: Request) -> Response:
         key = await caller(request)
@@ -196,6 +279,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         Route("/v1/route", route, methods=["POST"]),
         Route("/v1/costs", costs, methods=["GET"]),
         Route("/v1/images/files/{name}", image_file, methods=["GET"]),
+        Route("/v1/images/jobs/{job}", job_status, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

@@ -118,6 +118,10 @@ class KeyStore:
         with self.ledger.engine.connect() as conn:
             return conn.execute(select(gateway_keys.c.name).limit(1)).first() is not None
 
+    def named(self, name: str) -> GatewayKey | None:
+        """The active key of this name (a job's worker reads its budget by it), or None."""
+        return next((k for k in self.all() if k.name == name and k.revoked_at is None), None)
+
     def find(self, key: str) -> GatewayKey | None:
         """The active key this is, or None."""
         with self.ledger.engine.connect() as conn:

@@ -366,3 +366,29 @@ def m009_gateway_keys(conn: Connection) -> None:
     """The team gateway's keys: a name, the SHA-256 of the key (shown once, never stored), the tags and the
     budget its calls carry, whether it is an admin key, and the offerings it may use."""
     _v9_gateway_keys(MetaData()).create(conn)
+
+
+def _v10_gateway_jobs(md: MetaData) -> Table:
+    return Table(
+        "gateway_jobs", md,
+        Column("id", String(40), primary_key=True),
+        Column("key_name", String(200)),                     # the gateway key it was submitted with
+        Column("status", String(16), nullable=False, index=True),   # queued running done failed
+        Column("request_json", Text, nullable=False),        # generate()'s fields (tags and all)
+        Column("created_at", Float, nullable=False),
+        Column("started_at", Float),
+        Column("finished_at", Float),
+        Column("worker", String(200)),                       # host:pid of the process running it
+        Column("http_status", Integer),                      # what the call would have answered
+        Column("response_json", Text),                       # that answer (images by SHA-256, in the store)
+    )
+
+
+TABLES["gateway_jobs"] = gateway_jobs = _v10_gateway_jobs(metadata)   # m010
+
+
+@migration
+def m010_gateway_jobs(conn: Connection) -> None:
+    """The gateway's async jobs (`Prefer: respond-async`): kept in the ledger so that they survive a worker's
+    restart and are run by whichever worker is free."""
+    _v10_gateway_jobs(MetaData()).create(conn)
