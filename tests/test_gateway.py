@@ -360,3 +360,48 @@ def test_jobs_survive_their_worker_a_queued_one_and_one_whose_worker_died_both_r
     with gateway(tmp_path, monkeypatch) as (base, fake):
         results = [wait_job(base, job) for job in ("job_left_queued", "job_worker_died")]
     assert [r["status"] for r in results] == ["done", "done"] and fake.generations == 2
+
+
+def test_a_finished_job_is_announced_to_the_keys_webhook_signed(tmp_path, monkeypatch):
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from typer.testing import CliRunner
+
+    from imagebroker.cli import app
+    from imagebroker.gateway.webhooks import SIGNATURE_HEADER, verify
+
+    received: list[tuple[dict, bytes]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(204 if len(received) > 1 else 503)   # the first delivery fails: tried again
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{receiver.server_address[1]}/hooks/images"
+    made = CliRunner().invoke(app, ["keys", "create", "team-hook", "--webhook", hook, "--json", "--ledger",
+                                    f"sqlite:///{tmp_path / 'l.db'}"])
+    created = json.loads(made.stdout)
+    try:
+        with gateway(tmp_path, monkeypatch) as (base, _):
+            accepted = httpx.post(f"{base}/v1/images/generations", json={"prompt": "x"},
+                                  headers={"authorization": f"Bearer {created['key']}", "prefer": "respond-async"})
+            job = accepted.json()["id"]
+            assert wait_job(base, job, created["key"])["status"] == "done"
+            deadline = time.monotonic() + 10
+            while len(received) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        receiver.shutdown()
+    headers, body = received[-1]
+    assert json.loads(body) == {"id": job, "object": "image.job", "status": "done", "http_status": 200}
+    assert verify(created["webhook_secret"], headers[SIGNATURE_HEADER.lower()], body)
+    assert not verify("another-secret", headers[SIGNATURE_HEADER.lower()], body)
+    assert created["webhook_secret"] not in body.decode() and created["key"] not in body.decode()

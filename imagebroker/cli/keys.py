@@ -28,14 +28,19 @@ def create(name: Annotated[str, typer.Argument(help="The key's name (a team, an 
            admin: Annotated[bool, typer.Option("--admin", help="May read every team's costs.")] = False,
            allow: Annotated[list[str] | None, typer.Option("--allow", help="An offering (or glob) it may use; "
                                                                            "repeatable (default: any).")] = None,
+           webhook: Annotated[str | None, typer.Option(help="A URL its finished async jobs are POSTed to, signed "
+                                                            "with a secret printed now.")] = None,
            json_out: JsonOpt = False, ledger: LedgerOpt = None) -> None:
     """Make a key and print it, this once: only its SHA-256 is kept."""
     key, record = _store(ledger).create(name, tags=parse_tags(tag), budget=budget, admin=admin,
-                                        allow=tuple(allow or ()))
+                                        allow=tuple(allow or ()), webhook=webhook)
     if json_out:
-        print_json({"key": key, **record.as_json()})
+        print_json({"key": key, **record.as_json(), "webhook_secret": record.webhook_secret})
         return
     console.print(f"key {record.name}: {key}", markup=False, soft_wrap=True)
+    if record.webhook_secret:
+        console.print(f"webhook secret (verifies X-Imagebroker-Signature): {record.webhook_secret}", markup=False,
+                      soft_wrap=True)
     console.print("it is shown this once; only its hash is kept in the ledger", markup=False)
 
 

@@ -31,7 +31,7 @@ from starlette.routing import Route
 from ..broker.core import AsyncBroker
 from ..errors import NoRouteError, RequestError
 from ..policies.loader import load_policy
-from . import links
+from . import links, webhooks
 from .jobs import JobQueue, new_id
 from .keys import KEY_TAG, GatewayKey, KeyStore, digest
 from .metrics import Metrics
@@ -93,6 +93,10 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
                 status, body = 200, images_response(result)
                 body["data"] = [{"sha256": img.sha256, "format": img.format} for img in result.images]
             await asyncio.to_thread(queue.finish, job, status, _plain(body))
+            if key is not None and key.webhook_url and key.webhook_secret:
+                done = {"id": job, "object": "image.job", "status": "done" if status == 200 else "failed",
+                        "http_status": status}
+                await webhooks.announce(key.webhook_url, key.webhook_secret, done)
 
     def broker() -> AsyncBroker:
         return state["broker"]

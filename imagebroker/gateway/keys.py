@@ -39,6 +39,8 @@ class GatewayKey:
     allow: tuple[str, ...] = ()
     created_at: float = 0.0
     revoked_at: float | None = None
+    webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
 
     def allows(self, offering: str) -> bool:
         return not self.allow or any(fnmatch.fnmatchcase(offering, p) for p in self.allow)
@@ -54,7 +56,7 @@ class GatewayKey:
         return {"name": self.name, "prefix": self.prefix, "tags": self.tags,
                 "budget": None if self.budget_usd is None else f"{self.budget_usd}/{self.budget_period}",
                 "admin": self.admin, "allow": list(self.allow), "created_at": self.created_at,
-                "revoked": self.revoked_at is not None}
+                "revoked": self.revoked_at is not None, "webhook_url": self.webhook_url}
 
 
 def parse_budget(text: str) -> tuple[Decimal, str]:
@@ -81,22 +83,26 @@ class KeyStore:
         self.ledger = ledger
 
     def create(self, name: str, *, tags: dict[str, str] | None = None, budget: str | None = None,
-               admin: bool = False, allow: tuple[str, ...] = ()) -> tuple[str, GatewayKey]:
-        """A new key: (the key, shown this once; its record)."""
+               admin: bool = False, allow: tuple[str, ...] = (), webhook: str | None = None) -> tuple[str, GatewayKey]:
+        """A new key: (the key, shown this once; its record, whose `webhook_secret` is shown this once too)."""
         if not _NAME.match(name):
             raise ConfigError(f"key name {name!r}: letters, digits, '.', '_' and '-', at most 100 characters")
         if KEY_TAG in (tags or {}):
             raise ConfigError(f"--tag {KEY_TAG}=...: that tag is the key's own name")
         usd, period = parse_budget(budget) if budget else (None, None)
+        if webhook is not None and not webhook.startswith(("https://", "http://")):
+            raise ConfigError(f"--webhook {webhook!r}: an http(s) URL")
         key = PREFIX + secrets.token_urlsafe(32)
-        record = GatewayKey(name, key[:12], dict(tags or {}), usd, period, admin, tuple(allow), time.time())
+        record = GatewayKey(name, key[:12], dict(tags or {}), usd, period, admin, tuple(allow), time.time(),
+                            webhook_url=webhook, webhook_secret=secrets.token_hex(32) if webhook else None)
         with self.ledger.engine.begin() as conn:
             if conn.execute(select(gateway_keys.c.name).where(gateway_keys.c.name == name)).first():
                 raise ConfigError(f"a key named {name!r} exists: revoke it first, or choose another name")
             conn.execute(insert(gateway_keys).values(
                 name=name, key_sha256=digest(key), prefix=record.prefix, tags_json=json.dumps(record.tags),
                 budget_nusd=to_nusd(usd), budget_period=period, admin=int(admin),
-                allow_json=json.dumps(list(allow)) if allow else None, created_at=record.created_at))
+                allow_json=json.dumps(list(allow)) if allow else None, created_at=record.created_at,
+                webhook_url=webhook, webhook_secret=record.webhook_secret))
         return key, record
 
     def revoke(self, name: str) -> GatewayKey:
@@ -134,4 +140,4 @@ def _record(row: Any) -> GatewayKey:
     return GatewayKey(row["name"], row["prefix"], json.loads(row["tags_json"]), from_nusd(row["budget_nusd"]),
                       row["budget_period"], bool(row["admin"]),
                       tuple(json.loads(row["allow_json"])) if row["allow_json"] else (), row["created_at"],
-                      row["revoked_at"])
+                      row["revoked_at"], row["webhook_url"], row["webhook_secret"])

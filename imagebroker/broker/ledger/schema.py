@@ -353,6 +353,8 @@ def _v9_gateway_keys(md: MetaData) -> Table:
         Column("budget_period", String(8)),
         Column("admin", Integer, nullable=False, server_default="0"),
         Column("allow_json", Text),                          # offering patterns it may use (None: any)
+        Column("webhook_url", Text),                         # where its finished jobs are announced
+        Column("webhook_secret", String(64)),                # what signs those announcements (HMAC-SHA256)
         Column("created_at", Float, nullable=False),
         Column("revoked_at", Float),
     )
@@ -364,7 +366,8 @@ TABLES["gateway_keys"] = gateway_keys = _v9_gateway_keys(metadata)   # m009
 @migration
 def m009_gateway_keys(conn: Connection) -> None:
     """The team gateway's keys: a name, the SHA-256 of the key (shown once, never stored), the tags and the
-    budget its calls carry, whether it is an admin key, and the offerings it may use."""
+    budget its calls carry, whether it is an admin key, the offerings it may use, and the webhook its finished
+    jobs are announced to (with the secret that signs them)."""
     _v9_gateway_keys(MetaData()).create(conn)
 
 
