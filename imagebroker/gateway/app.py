@@ -80,23 +80,29 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
             if claimed is None:
                 await asyncio.sleep(JOB_POLL_S)
                 continue
-            job, fields, key_name = claimed
-            key = await asyncio.to_thread(KeyStore(broker().ledger).named, key_name) if key_name else None
-            if key is not None and (budget := key.budget()) is not None:
-                broker().add_budgets([budget])
             try:
-                result = await broker().generate(**fields)
-            except Exception as exc:
-                status, body, _ = error_reply(exc)
-            else:
-                metrics.served(result)
-                status, body = 200, images_response(result)
-                body["data"] = [{"sha256": img.sha256, "format": img.format} for img in result.images]
-            await asyncio.to_thread(queue.finish, job, status, _plain(body))
-            if key is not None and key.webhook_url and key.webhook_secret:
-                done = {"id": job, "object": "image.job", "status": "done" if status == 200 else "failed",
-                        "http_status": status}
-                await webhooks.announce(key.webhook_url, key.webhook_secret, done)
+                await run_job(queue, *claimed)
+            except Exception:   # the job stays `running`; a restart of this worker queues it again
+                log.exception("job %s could not be finished", claimed[0])
+                await asyncio.sleep(JOB_POLL_S)
+
+    async def run_job(queue: JobQueue, job: str, fields: dict[str, Any], key_name: str | None) -> None:
+        key = await asyncio.to_thread(KeyStore(broker().ledger).named, key_name) if key_name else None
+        if key is not None and (budget := key.budget()) is not None:
+            broker().add_budgets([budget])
+        try:
+            result = await broker().generate(**fields)
+        except Exception as exc:
+            status, body, _ = error_reply(exc)
+        else:
+            metrics.served(result)
+            status, body = 200, images_response(result)
+            body["data"] = [{"sha256": img.sha256, "format": img.format} for img in result.images]
+        await asyncio.to_thread(queue.finish, job, status, _plain(body))
+        if key is not None and key.webhook_url and key.webhook_secret:
+            done = {"id": job, "object": "image.job", "status": "done" if status == 200 else "failed",
+                    "http_status": status}
+            await webhooks.announce(key.webhook_url, key.webhook_secret, done)
 
     def broker() -> AsyncBroker:
         return state["broker"]
