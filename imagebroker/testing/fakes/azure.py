@@ -8,7 +8,6 @@ and captured answers show. gpt-image tokens: gpt-image-1's output tokens per qua
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .base import Reply, multipart, seen_image
@@ -38,13 +37,9 @@ class FakeAzure(FakeImagesApi):
                                      "or wrong API endpoint. Make sure to provide a valid key for an active "
                                      "subscription and use a correct regional API endpoint for your resource."}})
 
-    def dispatch(self, req: dict[str, Any]) -> Reply:
-        reply = super().dispatch(req)
-        if reply.status == 429:
-            reply.body = json.dumps({"error": {"code": "429", "message": "Requests to the Images_Generations "
-                                               "Operation have exceeded the rate limit. Try again in 1 seconds."}
-                                     }).encode()
-        return reply
+    def rate_limited(self) -> Reply:
+        return Reply(429, {"error": {"code": "429", "message": "Requests to the Images_Generations Operation have "
+                                     "exceeded the rate limit. Try again in 1 seconds."}}, {"Retry-After": "1"})
 
     def answer(self, req: dict[str, Any], step: str) -> Reply:
         _, _, _, deployment, *rest = req["path"].split("/")

@@ -163,7 +163,7 @@ class FakeServer:
         if not self.authorised(req) or step == "badkey":
             return self.bad_key()
         if step == "429":
-            return Reply(429, self.error_body("rate limit exceeded"), {"Retry-After": "1"})
+            return self.rate_limited()
         if step == "500":
             return Reply(500, self.error_body("internal error"))
         if step == "timeout":
@@ -182,6 +182,10 @@ class FakeServer:
 
     def bad_key(self) -> Reply:
         return Reply(401, self.error_body("invalid api key"))
+
+    def rate_limited(self) -> Reply:
+        """The `429` step: the protocol's rate-limit answer, with Retry-After: 1."""
+        return Reply(429, self.error_body("rate limit exceeded"), {"Retry-After": "1"})
 
     def error_body(self, message: str) -> Any:
         return {"error": {"message": message}}

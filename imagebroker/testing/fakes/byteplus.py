@@ -31,12 +31,9 @@ class FakeBytePlus(FakeImagesApi):
     def bad_key(self) -> Reply:
         return error(401, "AuthenticationError", "The API key in the request is missing or invalid.")
 
-    def dispatch(self, req: dict[str, Any]) -> Reply:
-        reply = super().dispatch(req)
-        if reply.status == 429:
-            return Reply(429, error(429, "RateLimitExceeded.EndpointRPMExceeded",
-                                    "Your account has exceeded the RPM limit.").body, {"Retry-After": "1"})
-        return reply
+    def rate_limited(self) -> Reply:
+        reply = error(429, "RateLimitExceeded.EndpointRPMExceeded", "Your account has exceeded the RPM limit.")
+        return Reply(429, reply.body, {"Retry-After": "1"})
 
     def answer(self, req: dict[str, Any], step: str) -> Reply:
         body = self.json_body(req)

@@ -29,12 +29,9 @@ class FakeDashScope(FakeImagesApi):
     def bad_key(self) -> Reply:
         return Reply(401, {"code": "InvalidApiKey", "message": "Invalid API-key provided.", "request_id": REQUEST_ID})
 
-    def dispatch(self, req: dict[str, Any]) -> Reply:
-        reply = super().dispatch(req)
-        if reply.status == 429:
-            return Reply(429, {"code": "Throttling.RateQuota", "message": "Requests rate limit exceeded, please "
-                               "try again later.", "request_id": REQUEST_ID}, {"Retry-After": "1"})
-        return reply
+    def rate_limited(self) -> Reply:
+        return Reply(429, {"code": "Throttling.RateQuota", "message": "Requests rate limit exceeded, please try "
+                           "again later.", "request_id": REQUEST_ID}, {"Retry-After": "1"})
 
     def answer(self, req: dict[str, Any], step: str) -> Reply:
         body = json.loads(req["body"])

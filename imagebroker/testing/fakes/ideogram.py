@@ -26,12 +26,9 @@ class FakeIdeogram(FakeImagesApi):
     def error_body(self, message: str) -> Any:
         return {"error": message}
 
-    def dispatch(self, req: dict[str, Any]) -> Reply:
-        reply = super().dispatch(req)
-        if reply.status == 429:
-            return Reply(429, {"error": "Too many requests in flight", "reject_reason": "inflight_limit"},
-                         {"Retry-After": "1"})
-        return reply
+    def rate_limited(self) -> Reply:
+        return Reply(429, {"error": "Too many requests in flight", "reject_reason": "inflight_limit"},
+                     {"Retry-After": "1"})
 
     def answer(self, req: dict[str, Any], step: str) -> Reply:
         if "multipart/form-data" not in req["headers"].get("content-type", ""):
