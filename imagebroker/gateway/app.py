@@ -133,12 +133,9 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         key = await caller(request)
         if isinstance(key, JSONResponse):
             return key
-        try:
-            body = await request.json()
-        except ValueError:
-            return _reply(BadRequest("the body is not JSON"))
-        if not isinstance(body, dict):
-            return _reply(BadRequest("the body must be a JSON object"))
+        body = await _json_object(request)
+        if isinstance(body, Response):
+            return body
         if "respond-async" in request.headers.get("prefer", "").lower():
             return await submit(body, key)
         return await _generate(broker(), body, key, metrics, request)
@@ -151,10 +148,8 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         job = new_id()
         try:
             fields = request_fields(body)
-            if key is not None:
-                fields["tags"] = {**fields.get("tags", {}), **key.tags, KEY_TAG: key.name}
-                if key.allow and (denied := _allowed(b, key, fields)) is not None:
-                    return denied
+            if (denied := _for_key(b, key, fields)) is not None:
+                return denied
             fields["idempotency_key"] = job   # a job run again after a crash is not paid for twice
             plan = b.plan(**fields)
             if not plan.candidates:
@@ -223,12 +218,11 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         key = await caller(request)
         if isinstance(key, JSONResponse):
             return key
+        body = await _json_object(request)
+        if isinstance(body, Response):
+            return body
         try:
-            body = await request.json()
-        except ValueError:
-            return _reply(BadRequest("the body is not JSON"))
-        try:
-            plan = broker().plan(**request_fields(body if isinstance(body, dict) else {}))
+            plan = broker().plan(**request_fields(body))
         except Exception as exc:   # a bad field, an unknown model: OpenAI's 400
             return _reply(exc)
         return JSONResponse(_plain(plan.as_json()))
@@ -320,10 +314,8 @@ async def _answer(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | N
                 fields[name] = body[name]
         if request.headers.get("idempotency-key"):   # the same call on any worker: the ledger knows it
             fields["idempotency_key"] = request.headers["idempotency-key"]
-        if key is not None:
-            fields["tags"] = {**fields.get("tags", {}), **key.tags, KEY_TAG: key.name}
-            if key.allow and (denied := _allowed(broker, key, fields)) is not None:
-                return denied
+        if (denied := _for_key(broker, key, fields)) is not None:
+            return denied
         result = await broker.generate(**fields)
     except Exception as exc:   # every failure answers in OpenAI's shape; a bug is logged with its traceback
         if not isinstance(exc, (RequestError,)) and type(exc).__module__.split(".")[0] != "imagebroker" \
@@ -360,9 +352,24 @@ def _reply(exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _allowed(broker: AsyncBroker, key: GatewayKey, fields: dict[str, Any]) -> JSONResponse | None:
-    """A key with an allow-list: the offering asked must be on it; with `auto`, the first planned offering on
-    it is asked for (fallback within the allow-list is not done yet). None: go on; else the 403."""
+async def _json_object(request: Request) -> dict[str, Any] | Response:
+    """The request's JSON object body, or the 400 to answer."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return _reply(BadRequest("the body is not JSON"))
+    return body if isinstance(body, dict) else _reply(BadRequest("the body must be a JSON object"))
+
+
+def _for_key(broker: AsyncBroker, key: GatewayKey | None, fields: dict[str, Any]) -> JSONResponse | None:
+    """The call as the key makes it: its tags (and its name) on the call; with an allow-list, the offering asked
+    must be on it, and with `auto` the first planned offering on it is asked for (fallback within the
+    allow-list is not done yet). None: go on; else the 403."""
+    if key is None:
+        return None
+    fields["tags"] = {**fields.get("tags", {}), **key.tags, KEY_TAG: key.name}
+    if not key.allow:
+        return None
     if "model" in fields:
         offering = broker.catalog.resolve(fields["model"]).id
         if key.allows(offering):

@@ -126,13 +126,16 @@ class KeyStore:
 
     def named(self, name: str) -> GatewayKey | None:
         """The active key of this name (a job's worker reads its budget by it), or None."""
-        return next((k for k in self.all() if k.name == name and k.revoked_at is None), None)
+        return self._active(gateway_keys.c.name == name)
 
     def find(self, key: str) -> GatewayKey | None:
         """The active key this is, or None."""
+        return self._active(gateway_keys.c.key_sha256 == digest(key))
+
+    def _active(self, match: Any) -> GatewayKey | None:
         with self.ledger.engine.connect() as conn:
-            row = conn.execute(select(gateway_keys).where(gateway_keys.c.key_sha256 == digest(key),
-                                                          gateway_keys.c.revoked_at.is_(None))).mappings().first()
+            active = select(gateway_keys).where(match, gateway_keys.c.revoked_at.is_(None))
+            row = conn.execute(active).mappings().first()
         return None if row is None else _record(row)
 
 
