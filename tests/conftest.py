@@ -5,6 +5,7 @@ refuses any connection or name lookup that is not loopback, failing the test tha
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import tempfile
@@ -107,3 +108,23 @@ def mock_policy(*offerings: dict[str, Any], **extra: Any) -> Any:
 
     return Policy.model_validate({"name": "test", "deny": builtin_providers(), "offerings": list(offerings),
                                   **extra})
+
+
+def png(size: tuple[int, int], colour: tuple[int, ...] = (200, 30, 30), mode: str = "RGB") -> bytes:
+    """A plain PNG of this size: an input image for edits."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def left_half_mask(size: tuple[int, int]) -> bytes:
+    """White (change) on the left half, black (keep) on the right: imagebroker's convention."""
+    from PIL import Image
+
+    image = Image.new("L", size, 0)
+    image.paste(255, (0, 0, size[0] // 2, size[1]))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

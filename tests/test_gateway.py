@@ -24,6 +24,7 @@ from imagebroker.gateway import create_app
 from imagebroker.policies.schema import Policy
 from imagebroker.providers.catalog import builtin_catalog
 from imagebroker.testing.fakes import fakes
+from tests.conftest import png
 
 uvicorn = pytest.importorskip("uvicorn")
 FAKES = fakes()
@@ -58,12 +59,6 @@ def gateway(tmp_path, monkeypatch, script=("ok",), **policy_extra):
 
 def client(base: str, key: str = "team-key", cls=openai.OpenAI):
     return cls(base_url=f"{base}/v1", api_key=key, max_retries=0)
-
-
-def png(size=(512, 512)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (30, 140, 60)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_the_openai_sdk_generates_through_the_gateway_with_the_cost_in_its_headers(tmp_path, monkeypatch):
@@ -308,7 +303,7 @@ def test_a_streaming_client_gets_openais_completed_events_whatever_the_policy_pi
         c = client(base)
         events = list(c.images.generate(prompt="x", stream=True, partial_images=2, size="512x512"))
         edits = list(c.images.edit(model="together/black-forest-labs/FLUX.1-kontext-pro", prompt="bluer",
-                                   image=("init.png", png(), "image/png"), stream=True))
+                                   image=("init.png", png((512, 512)), "image/png"), stream=True))
     assert [e.type for e in events] == ["image_generation.completed"]   # FLUX on Together: no partial images
     assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).size == (512, 512)
     assert events[0].size == "512x512" and events[0].model_extra["imagebroker"]["offering"] == SCHNELL

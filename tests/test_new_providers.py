@@ -20,22 +20,9 @@ from imagebroker.providers.catalog import builtin_catalog
 from imagebroker.providers.registry import provider_class
 from imagebroker.testing.fakes import fakes
 from imagebroker.testing.fakes.base import multipart, seen_image
+from tests.conftest import left_half_mask, png
 
 FAKES = fakes()
-
-
-def png(size: tuple[int, int], colour: tuple[int, ...] = (200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def left_half_mask(size: tuple[int, int]) -> bytes:
-    image = Image.new("L", size, 0)
-    image.paste(255, (0, 0, size[0] // 2, size[1]))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def call(provider: str, tmp_path, monkeypatch, *, script=("ok",), settings=None, policy=None, **request):
