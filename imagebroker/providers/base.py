@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..logs import remember_secret
-from ..types import ImageRequest
+from ..types import ImageRequest, parse_size
 from .offering import Offering
 from .settings import ProviderSettings
 
@@ -75,6 +75,14 @@ def sampling_fields(request: ImageRequest, offering: Offering, *, steps: str, gu
     if negative_prompt and request.negative_prompt and caps.negative_prompt:
         out[negative_prompt] = request.negative_prompt
     return out
+
+
+def reported_size(value: Any) -> tuple[int, int] | None:
+    """A size a provider's answer states (`"1344x768"`), or None when it is not one."""
+    try:
+        return parse_size(str(value))
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import httpx
 
 from ..errors import BadProviderResponse, ContentRejected, ProviderError
 from ..types import ImageRequest
-from .base import RawImage, sampling_fields
+from .base import RawImage, reported_size, sampling_fields
 from .http import status_error
 from .images_api import ImagesApiProvider
 from .offering import Offering
@@ -67,9 +67,9 @@ class BytePlusProvider(ImagesApiProvider):
         made = (data.get("usage") or {}).get("generated_images")
         if isinstance(made, int) and not isinstance(made, bool):
             usage["images"] = made   # what is billed: images actually generated
-        sizes = [d.get("size") for d in data.get("data") or [] if isinstance(d, dict) and d.get("size")]
-        if sizes and all(isinstance(s, str) and "x" in s for s in sizes):
-            usage["width"], usage["height"] = (int(v) for v in sizes[0].split("x"))
+        sizes = [reported_size(d.get("size")) for d in data.get("data") or [] if isinstance(d, dict)]
+        if sizes and all(sizes):
+            usage["width"], usage["height"] = sizes[0]   # type: ignore[misc]
         return usage
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import BadProviderResponse, ContentRejected
 from ..inputs import black_mask
 from ..types import ImageRequest
-from .base import CallContext, ProviderResult, RawImage, report_usage
+from .base import CallContext, ProviderResult, RawImage, report_usage, reported_size
 from .http import HttpProvider
 from .offering import Offering, request_size
 
@@ -69,16 +69,8 @@ class IdeogramProvider(HttpProvider):
             raise ContentRejected(f"Ideogram's safety check refused {len(items) - len(safe)} of {len(items)} "
                                   "image(s)", **where)
         images = [RawImage(await self.download(i["url"], where, base_url=base), i.get("seed")) for i in safe]
-        w, h = _resolution(safe[0].get("resolution") if safe else None) or size
+        w, h = reported_size(safe[0].get("resolution") if safe else None) or size
         usage = {"images": len(items), "width": w, "height": h}
         applied = {k: v for k, v in fields.items() if k not in ("prompt", "text_prompt")} | {"route": path}
         return ProviderResult(images, usage, None, applied)
 
-
-def _resolution(value: Any) -> tuple[int, int] | None:
-    """`"1344x768"` as (1344, 768); None for anything else."""
-    try:
-        w, h = (int(v) for v in str(value).split("x"))
-    except ValueError:
-        return None
-    return (w, h) if w > 0 and h > 0 else None
