@@ -172,10 +172,12 @@ class CallTimedOut(ImageBrokerError):
 
 class AllAttemptsFailed(ImageBrokerError):
     """Every planned offering failed or was skipped. `attempts` holds the tries in order, `skipped`
-    the offerings passed over without a try (circuit open, price unknown, over budget)."""
+    the offerings passed over without a try (circuit open, price unknown, over budget, rate limited)."""
 
-    def __init__(self, attempts: Sequence[Attempt], skipped: Sequence[Skip] = ()) -> None:
+    def __init__(self, attempts: Sequence[Attempt], skipped: Sequence[Skip] = (), *,
+                 retry_after: float | None = None) -> None:
         self.attempts, self.skipped = tuple(attempts), tuple(skipped)
+        self.retry_after = retry_after   # nothing tried, every provider at its rate limit: when one frees
         lines = [f"all {len(self.attempts)} attempts failed:" if self.attempts else "nothing was tried:"]
         lines += [f"  {a.offering}: {a.error_type}: {a.error}" for a in self.attempts]
         lines += [f"  {s.offering}: skipped ({s.reason}): {s.detail}" for s in self.skipped]

@@ -325,6 +325,7 @@ class SkipReason(StrEnum):
     CIRCUIT_OPEN = "circuit_open"      # its provider failed repeatedly; cooling down
     PRICE_UNKNOWN = "price_unknown"    # a budget applies, and without a price it cannot be checked
     OVER_BUDGET = "over_budget"        # a `restrict` budget refused its reservation
+    RATE_LIMITED = "rate_limited"      # its provider's `rate_limit` had no slot within the call's timeout
 
 
 class Skip(_Frozen):

@@ -95,6 +95,27 @@ def pg_url() -> Iterator[str]:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+REDIS_URL = os.environ.get("IMAGEBROKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_state() -> Iterator[dict[str, str]]:
+    """The `state:` section of a policy on the local Redis server, under a prefix of its own, deleted afterwards."""
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError:
+        pytest.skip(f"Redis not reachable at {REDIS_URL}")
+    prefix = f"ibtest-{uuid.uuid4().hex[:10]}"
+    try:
+        yield {"url": REDIS_URL, "prefix": prefix}
+    finally:
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
+        client.close()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":

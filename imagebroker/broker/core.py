@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -24,7 +25,6 @@ from ..providers.base import AttemptCallback, ProgressCallback, Provider
 from ..providers.catalog import Catalog, builtin_catalog
 from ..providers.registry import provider_class, provider_names
 from ..types import ImageRequest, ImageResult, Plan
-from .breaker import CircuitBreaker
 from .budgets import period_key
 from .cache import replay
 from .execution import CallView, execute
@@ -32,6 +32,7 @@ from .images import STORE_ENV, ImageStore
 from .ledger.lookups import ServedCall
 from .ledger.store import Ledger
 from .retries import RetryRules
+from .shared import shared_state
 
 LATENCY_MIN_SAMPLES = 20
 LATENCY_REFRESH_S = 30.0
@@ -40,6 +41,8 @@ UNAVAILABLE_REFRESH_S = 1.0
 PLAN_CACHE_SIZE = 1024
 IDEMPOTENCY_TTL_S = 24 * 3600
 IDEMPOTENCY_MEMORY = 256  # results kept per broker, for repeats of a key
+CLAIM_TTL_S = 15.0        # a shared claim on a key under way lapses this long after its worker stops
+CLAIM_POLL_S = 0.05       # how often a repeat of a key another worker is calling looks again
 
 
 def new_request_id() -> str:
@@ -93,8 +96,7 @@ class AsyncBroker:
         self._classes = dict(providers or {})
         self._providers: dict[str, Provider] = {}
         self._stateful: list[Provider] = []  # providers whose `state_epoch` is their own
-        self.breaker = CircuitBreaker(self.policy.breaker.failure_threshold,
-                                      self.policy.breaker.cooldown_s)
+        self.shared_state = shared_state(self.policy)   # breakers, rate limits, keys under way (Redis if set)
         self._latency: dict[str, tuple[float, float]] = {}
         self._latency_at = -LATENCY_REFRESH_S
         self._unavail: dict[str, str] = {}
@@ -113,7 +115,7 @@ class AsyncBroker:
         return f"<AsyncBroker policy={self.policy.name!r} ledger={self.ledger!r}>"
 
     def _call_view(self) -> CallView:
-        return CallView(self.policy, self.catalog, self.ledger, self.provider, self.breaker, self.secrets,
+        return CallView(self.policy, self.catalog, self.ledger, self.provider, self.shared_state, self.secrets,
                         lambda: self.in_flight > 1, RetryRules.of(self.policy.retry), self.store)
 
     def add_budgets(self, budgets: Iterable[Budget]) -> None:
@@ -269,9 +271,11 @@ class AsyncBroker:
                     on_attempt: AttemptCallback | None) -> ImageResult:
         """At most one paid call per idempotency key: a repeat waits for the call under way or gets
         its result again (this broker remembers the last few hundred for a day); a key another
-        process already served raises DuplicateRequest. A failed call is not remembered: a repeat
-        tries again. The call runs as a task of its own, so a caller that gives up (a timeout of
-        theirs) does not cancel it, and their retry with the same key gets its result."""
+        process already served is answered again from the image store, or raises DuplicateRequest
+        without it; a key another worker is calling now (shared state) waits for that call's row.
+        A failed call is not remembered: a repeat tries again. The call runs as a task of its own, so a
+        caller that gives up (a timeout of theirs) does not cancel it, and their retry with the same key
+        gets its result."""
         known = self._keyed.get(key)
         if known is not None:
             if known[0] != req:
@@ -280,27 +284,64 @@ class AsyncBroker:
             if time.time() - known[2] > IDEMPOTENCY_TTL_S:
                 known = None  # too old to stand for this one
         if known is None:
-            served = self.ledger.served(key, time.time() - IDEMPOTENCY_TTL_S)
-            if served is not None:
-                if _differs(served, req):
-                    raise RequestError(f"idempotency_key {key!r} was used for a different request (call "
-                                       f"{served.request_id}); a key stands for one request")
-                replayed = replay(self.store, served, self._plan(req)) if self.store is not None else None
-                if replayed is not None:   # the same request id and bytes, from the image store
-                    return replayed
-                rid, hashes = served.request_id, served.image_sha256s
-                when = datetime.fromtimestamp(served.created_at, UTC).isoformat(timespec="seconds")
-                raise DuplicateRequest(
-                    f"idempotency_key {key!r} was served by request {rid} at {when} (images "
-                    f"{', '.join(h[:12] for h in hashes)}); its images are not in this broker's image store, so "
-                    "it cannot be answered again without paying again: use a new key to generate anew", rid)
-            task = asyncio.ensure_future(self._generate(req, progress, on_attempt))
+            owner = uuid.uuid4().hex
+            while True:   # the ledger knows what was served; the shared state what is being served
+                if (done := self._served_before(key, req)) is not None:
+                    return done
+                if await self.shared_state.claim(key, owner, CLAIM_TTL_S):
+                    if self.shared_state.shared and (done := self._served_before(key, req)) is not None:
+                        # it ended between the look and the claim
+                        await self.shared_state.unclaim(key, owner)
+                        return done
+                    break
+                while await self.shared_state.claimed(key):   # another worker is calling it: wait for its row
+                    await asyncio.sleep(CLAIM_POLL_S)
+                if (known := self._keyed.get(key)) is not None:   # a call of this process began meanwhile
+                    return await asyncio.shield(known[1])
+            task = asyncio.ensure_future(self._claimed(req, key, owner, progress, on_attempt))
             self._keyed.pop(key, None)  # (an expired entry) the new one goes to the end, the newest
             known = self._keyed[key] = (req, task, time.time())
             task.add_done_callback(lambda t: self._forget_failed(key, t))
             while len(self._keyed) > IDEMPOTENCY_MEMORY:
                 self._keyed.pop(next(iter(self._keyed)))
         return await asyncio.shield(known[1])
+
+    def _served_before(self, key: str, req: ImageRequest) -> ImageResult | None:
+        """The call the ledger says `key` was served by, answered again from the image store; None when it was
+        not served; DuplicateRequest when it was but its images are not here to answer with."""
+        served = self.ledger.served(key, time.time() - IDEMPOTENCY_TTL_S)
+        if served is None:
+            return None
+        if _differs(served, req):
+            raise RequestError(f"idempotency_key {key!r} was used for a different request (call "
+                               f"{served.request_id}); a key stands for one request")
+        replayed = replay(self.store, served, self._plan(req)) if self.store is not None else None
+        if replayed is not None:   # the same request id and bytes, from the image store
+            return replayed
+        rid, hashes = served.request_id, served.image_sha256s
+        when = datetime.fromtimestamp(served.created_at, UTC).isoformat(timespec="seconds")
+        raise DuplicateRequest(
+            f"idempotency_key {key!r} was served by request {rid} at {when} (images "
+            f"{', '.join(h[:12] for h in hashes)}); its images are not in this broker's image store, so "
+            "it cannot be answered again without paying again: use a new key to generate anew", rid)
+
+    async def _claimed(self, req: ImageRequest, key: str, owner: str, progress: ProgressCallback | None,
+                       on_attempt: AttemptCallback | None) -> ImageResult:
+        """The call of a key this process claimed; with shared state the claim is kept alive while it runs
+        (a worker that dies lets it lapse within CLAIM_TTL_S) and given up once its row is written."""
+        if not self.shared_state.shared:
+            return await self._generate(req, progress, on_attempt)
+        keeper = asyncio.ensure_future(self._keep_claim(key, owner))
+        try:
+            return await self._generate(req, progress, on_attempt)
+        finally:
+            keeper.cancel()
+            await self.shared_state.unclaim(key, owner)
+
+    async def _keep_claim(self, key: str, owner: str) -> None:
+        while True:
+            await asyncio.sleep(CLAIM_TTL_S / 3)
+            await self.shared_state.extend(key, owner, CLAIM_TTL_S)
 
     def _forget_failed(self, key: str, task: asyncio.Future[ImageResult]) -> None:
         entry = self._keyed.get(key)
@@ -321,6 +362,7 @@ class AsyncBroker:
             await p.aclose()
         self._providers.clear()
         self._stateful.clear()
+        await self.shared_state.aclose()
         self.ledger.writer.flush_backlog()  # rows that could not be written when their call ended
 
     async def __aenter__(self) -> AsyncBroker:

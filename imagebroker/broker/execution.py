@@ -6,7 +6,9 @@
                                          refused by a `restrict` budget: Skip(OVER_BUDGET);
                                          by a `reject` budget: Refused (the call stops)
         try it, retrying what is retryable (tenacity's stop and wait rules; Retry-After wins)
-                                      -> Success, or Failure with its attempts
+                                      -> Success, or Failure with its attempts; each try waits its turn
+                                         under the provider's rate limit, and none within the
+                                         timeout: Skip(RATE_LIMITED)
         settle or release the reservation
         a refusal (ContentRejected) stops the call unless `fallback.on_refusal: next`
 
@@ -51,12 +53,12 @@ from ..providers.base import (
 from ..providers.catalog import Catalog
 from ..providers.offering import Offering, offering_warnings
 from ..types import Candidate, Cost, GeneratedImage, ImageRequest, ImageResult, Plan, SkipReason
-from .breaker import CircuitBreaker
 from .budgets import applicable
 from .images import ImageStore
 from .ledger.store import Ledger
 from .record import CallLog, Served
 from .retries import RetryRules
+from .shared import SharedState, wait_turn
 from .split import chunks, combined
 from .stored import from_cache, keep
 from .validate import validate_images
@@ -73,7 +75,7 @@ class CallView:
     catalog: Catalog
     ledger: Ledger
     provider: Callable[[str], Provider]
-    breaker: CircuitBreaker
+    state: SharedState         # circuit breakers, rate limits: this process's, or shared through Redis
     secrets: Callable[[], list[str | None]]
     busy: Callable[[], bool]   # other calls are under way on this broker (their rows commit together)
     rules: RetryRules          # the policy's retry settings as tenacity's rules (built once)
@@ -148,7 +150,8 @@ async def execute(view: CallView, request: ImageRequest, plan: Plan, request_id:
     elif not log.attempts and log.refusals:  # nothing was tried: every candidate was over budget
         error = log.refusals[-1]
     else:
-        error = AllAttemptsFailed(log.attempts, log.skips)
+        waits = log.rate_waits if not log.attempts and len(log.rate_waits) == len(log.skips) else ()
+        error = AllAttemptsFailed(log.attempts, log.skips, retry_after=min(waits) if waits else None)
     await log.record("rejected" if isinstance(error, BudgetExceeded) else "error", error=error,
                      together=view.busy())
     for fault in log.ledger_faults:
@@ -182,7 +185,7 @@ async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult
 async def _candidate(view: CallView, log: CallLog, rules: RetryRules, cand: Candidate, offering: Offering,
                      progress: ProgressCallback | None) -> Outcome:
     """One planned offering: its budget reservation around its attempts."""
-    if not view.breaker.allow(offering.provider):
+    if not await view.state.allow(offering.provider):
         log.skip(offering, SkipReason.CIRCUIT_OPEN, "provider skipped: circuit open after repeated failures")
         return Skipped(SkipReason.CIRCUIT_OPEN)
     limits = [(b.name, period, b.limit_usd) for b, period in applicable(view.policy.budgets, log.request, offering)]
@@ -249,14 +252,14 @@ def _budget(policy: Policy, name: str) -> Budget:
 
 
 async def _in_parts(view: CallView, log: CallLog, rules: RetryRules, cand: Candidate, offering: Offering,
-                    progress: ProgressCallback | None) -> Success | Failure:
+                    progress: ProgressCallback | None) -> Success | Failure | Skipped:
     """n above the offering's per-call maximum: one part after another (`split.py`). A part that fails
     ends the candidate; the parts already made were paid for: their cost is counted and their images kept
     in the store."""
     done: list[tuple[Served, ProviderResult]] = []
     for part in chunks(log.request, offering.capabilities.max_n):
         outcome = await _attempts(view, log, rules, cand, offering, progress, part)
-        if isinstance(outcome, Failure):
+        if not isinstance(outcome, Success):
             for served, _ in done:
                 log.maybe_billed.append(served.cost)
                 await keep(view, log, served)
@@ -267,12 +270,12 @@ async def _in_parts(view: CallView, log: CallLog, rules: RetryRules, cand: Candi
 
 
 async def _attempts(view: CallView, log: CallLog, rules: RetryRules, cand: Candidate, offering: Offering,
-                    progress: ProgressCallback | None, request: ImageRequest) -> Success | Failure:
+                    progress: ProgressCallback | None, request: ImageRequest) -> Success | Failure | Skipped:
     """Try one offering until it succeeds or the retry rules say stop."""
     number = 1
     while True:
         outcome = await _attempt(view, log, cand, offering, progress, request)
-        if isinstance(outcome, Success):
+        if not isinstance(outcome, Failure):
             return outcome
         wait = rules.delay(outcome.error, number)
         if wait is None:
@@ -284,10 +287,32 @@ async def _attempts(view: CallView, log: CallLog, rules: RetryRules, cand: Candi
 
 
 async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offering,
-                   progress: ProgressCallback | None, request: ImageRequest) -> Success | Failure:
-    """One request to one offering: its images checked, its cost settled, its attempt written down."""
+                   progress: ProgressCallback | None, request: ImageRequest) -> Success | Failure | Skipped:
+    """One request to one offering, once its provider's rate limit (if it has one) gives it a turn; the wait
+    counts against the attempt's timeout."""
     provider = view.provider(offering.provider)
     timeout = provider.settings.timeout_s or view.policy.timeout_s
+    limit = provider.settings.rate_limit
+    if limit is None:
+        return await _send(view, log, cand, offering, progress, request, provider, timeout)
+    turn = await wait_turn(view.state, offering.provider, limit, timeout)
+    if turn.token is None:
+        log.rate_waits.append(turn.retry_after)
+        log.skip(offering, SkipReason.RATE_LIMITED, f"{offering.provider}'s rate limit ({limit}) had no slot "
+                 f"within {timeout:g} s; the next is likely in {turn.retry_after:.1f} s")
+        return Skipped(SkipReason.RATE_LIMITED)
+    if turn.waited_s >= 0.05:
+        logger.info("call %s waited %.2f s for %s's rate limit (%s)", log.request_id, turn.waited_s,
+                    offering.provider, limit)
+    try:
+        return await _send(view, log, cand, offering, progress, request, provider, timeout - turn.waited_s)
+    finally:
+        await view.state.give_back(offering.provider, turn.token)
+
+
+async def _send(view: CallView, log: CallLog, cand: Candidate, offering: Offering, progress: ProgressCallback | None,
+                request: ImageRequest, provider: Provider, timeout: float) -> Success | Failure:
+    """The request itself: its images checked, its cost settled, its attempt written down."""
     sub = track_submission()
     ctx = CallContext(timeout_s=timeout, api_key=provider.api_key(), progress=progress,
                       attempt=len(log.attempts) + 1)
@@ -320,7 +345,7 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
         cost = settle_checked(result.usage, offering, request, cand.bound_usd)
         if "reported" in cost.units:  # the provider's usage was not believed
             logger.warning("call %s on %s: %s", log.request_id, offering.id, log.redact(cost.detail))
-        view.breaker.success(offering.provider)
+        await view.state.success(offering.provider)
         log.attempt(offering, started, t0, cost=cost, request_id=result.request_id)
         logger.debug("call %s settled on %s: %s", log.request_id, offering.id, cost)
         served = Served(offering, images, cost, cand.estimated_cost, cand.bound_usd)
@@ -330,7 +355,7 @@ async def _attempt(view: CallView, log: CallLog, cand: Candidate, offering: Offe
         return Success(served, cand, result)
     unknown = isinstance(error, OutcomeUnknown)
     if error.retryable or unknown:
-        view.breaker.failure(offering.provider)
+        await view.state.failure(offering.provider)
     if result is not None:   # it answered (and billed); its images were refused
         paid = settle_checked(result.usage, offering, request, cand.bound_usd)
         cost: Cost | None = paid.model_copy(update={"detail": f"answer refused, billed: {paid.detail}"})

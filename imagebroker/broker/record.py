@@ -86,6 +86,7 @@ class CallLog:
     # attempts without a result that cost something: an unknown outcome (its estimate), a failed or cancelled
     # canvas run (the seconds it used), an answer whose images were refused (what it billed)
     maybe_billed: list[Cost] = field(default_factory=list)
+    rate_waits: list[float] = field(default_factory=list)   # seconds until a rate-limited provider frees
     started: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
     cache_key: str | None = None    # what a later identical request finds this call by (deterministic)

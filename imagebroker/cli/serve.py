@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import MissingExtra
+from ..gateway.drain import DRAIN_ENV
 from ..policies.loader import POLICY_ENV, load_policy
 from .common import PolicyOpt, handle_errors
 
@@ -19,6 +20,8 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes (each with its own broker).")] = 1,
     policy: PolicyOpt = None,
+    drain_timeout: Annotated[float, typer.Option(min=0, help="On SIGTERM, seconds to let calls under way finish "
+                                                            "(new requests get 503) before stopping.")] = 30.0,
 ) -> None:
     """Serve OpenAI's Images API (`/v1/images/generations`, `/v1/images/edits`, `/v1/models`) routed by the
     policy, with `/healthz` and `/readyz`. Set IMAGEBROKER_GATEWAY_KEY to require a Bearer key."""
@@ -29,5 +32,6 @@ def serve(
     if policy:
         load_policy(policy)   # a bad policy is a clear error here, before any worker starts
         os.environ[POLICY_ENV] = policy
+    os.environ[DRAIN_ENV] = str(drain_timeout)   # the workers read it (`gateway/drain.py`)
     uvicorn.run("imagebroker.gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="info", access_log=False, timeout_graceful_shutdown=30)
+                log_level="info", access_log=False, timeout_graceful_shutdown=max(5, int(drain_timeout) + 5))

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -32,6 +33,7 @@ from ..broker.core import AsyncBroker
 from ..errors import NoRouteError, RequestError
 from ..policies.loader import load_policy
 from . import links, webhooks
+from .drain import DEFAULT_DRAIN_S, DRAIN_ENV, Drain, DrainMiddleware
 from .jobs import JobQueue, new_id
 from .keys import KEY_TAG, GatewayKey, KeyStore, digest
 from .metrics import Metrics
@@ -52,6 +54,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
     which `response_format=url` and idempotent replays read."""
     state: dict[str, AsyncBroker] = {}
     metrics = Metrics()
+    drain = Drain(float(os.environ.get(DRAIN_ENV) or DEFAULT_DRAIN_S))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -59,9 +62,11 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         kept = store if store is not None else (False if chosen.store.enabled is False else chosen.store.url or True)
         state["broker"] = AsyncBroker(chosen, ledger, store=kept)   # images kept, as the command line keeps them
         runner = asyncio.create_task(run_jobs())
+        drain.install()
         try:
             yield
         finally:
+            drain.uninstall()
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
@@ -72,6 +77,9 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         queue = JobQueue(broker().ledger)
         await asyncio.to_thread(queue.requeue_orphans)
         while True:
+            if drain.draining:   # another worker takes what is queued
+                await asyncio.sleep(JOB_POLL_S)
+                continue
             try:
                 claimed = await asyncio.to_thread(queue.claim)
             except Exception:   # the ledger away for a moment: try again shortly
@@ -80,11 +88,14 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
             if claimed is None:
                 await asyncio.sleep(JOB_POLL_S)
                 continue
+            drain.in_flight += 1   # a drain waits for it
             try:
                 await run_job(queue, *claimed)
             except Exception:   # the job stays `running`; a restart of this worker queues it again
                 log.exception("job %s could not be finished", claimed[0])
                 await asyncio.sleep(JOB_POLL_S)
+            finally:
+                drain.in_flight -= 1
 
     async def run_job(queue: JobQueue, job: str, fields: dict[str, Any], key_name: str | None) -> None:
         key = await asyncio.to_thread(KeyStore(broker().ledger).named, key_name) if key_name else None
@@ -264,17 +275,24 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
                                        "param": None, "code": "invalid_link"}}, status_code=403)
 
     async def prometheus(request: Request) -> Response:
-        return Response(metrics.render(broker()), media_type="text/plain; version=0.0.4")
+        return Response(await metrics.render(broker()), media_type="text/plain; version=0.0.4")
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> JSONResponse:
+        """200 while the ledger and the shared state answer; 503 while draining, so a load balancer looks away."""
+        if drain.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         try:
             await asyncio.to_thread(broker().ledger.served, "readyz-probe", 0.0)
         except Exception as exc:
             return JSONResponse({"status": "not ready", "ledger": type(exc).__name__}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        try:
+            await broker().shared_state.ping()
+        except Exception as exc:
+            return JSONResponse({"status": "not ready", "state": type(exc).__name__}, status_code=503)
+        return JSONResponse({"status": "ready", "state": broker().shared_state.where})
 
     return Starlette(routes=[
         Route("/v1/images/generations", generations, methods=["POST"]),
@@ -287,7 +305,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-    ], lifespan=lifespan)
+    ], middleware=[Middleware(DrainMiddleware, drain=drain)], lifespan=lifespan)
 
 
 async def _generate(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | None, metrics: Metrics,

@@ -40,7 +40,7 @@ class Metrics:
         self.calls.labels(offering or "(none)", label).inc()
         self.latency.labels(offering or "(none)", label).observe(latency_s)
 
-    def render(self, broker: AsyncBroker) -> bytes:
+    async def render(self, broker: AsyncBroker) -> bytes:
         for provider in broker.catalog.providers():
-            self.breaker.labels(provider).set(1 if broker.breaker.is_open(provider) else 0)
+            self.breaker.labels(provider).set(1 if await broker.shared_state.is_open(provider) else 0)
         return generate_latest(self.registry)

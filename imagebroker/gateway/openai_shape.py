@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from decimal import Decimal
 from typing import Any
@@ -130,6 +131,9 @@ def error_reply(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
     if isinstance(exc, CallTimedOut):
         return 504, _error(message, "timeout", "timeout"), {}
     if isinstance(exc, AllAttemptsFailed):
+        if exc.retry_after is not None:   # nothing sent: every provider's rate limit was full for the call's timeout
+            return 429, _error(message, "rate_limit_exceeded", "rate_limit_exceeded"), {
+                "Retry-After": str(max(1, math.ceil(exc.retry_after)))}
         if not exc.attempts and exc.skipped and all(s.reason == SkipReason.OVER_BUDGET for s in exc.skipped):
             return 429, _error(message, "budget_exceeded", "budget_exceeded"), {"Retry-After": "60"}
         unavailable = all(a.error_type in ("ProviderUnavailable", "RateLimited", "OutcomeUnknown")

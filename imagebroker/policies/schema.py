@@ -137,6 +137,15 @@ class ResultCache(_Strict):
     offerings: tuple[str, ...] = ()   # patterns it applies to; empty: every deterministic offering
 
 
+class StateSettings(_Strict):
+    """Where the fast state several workers share lives (`broker/shared.py`): circuit breakers, provider rate
+    limits and calls under way by idempotency key. `url: redis://...` (or $IMAGEBROKER_STATE_URL); unset,
+    each process keeps its own."""
+
+    url: str | None = Field(default=None, max_length=2000)
+    prefix: str = Field(default="imagebroker", min_length=1, max_length=100)   # of every Redis key
+
+
 class LedgerSettings(_Strict):
     url: str | None = None
     store_prompts: bool = False
@@ -163,6 +172,7 @@ class Policy(_Strict):
     images: ImageChecks = Field(default_factory=ImageChecks)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
     cache: ResultCache = Field(default_factory=ResultCache)
     offerings: tuple[dict[str, Any], ...] = ()   # catalog additions and overrides
     # the files it was read from (`_yaml.Located`), so that later checks name their lines

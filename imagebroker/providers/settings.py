@@ -11,11 +11,30 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RateLimit(_Strict):
+    """How much of a provider this policy may use at once, across every process that shares its state
+    (`state.url`): at most `rpm` requests in any 60 s and at most `concurrency` under way. A call waits its
+    turn, bounded by its timeout, instead of collecting 429s."""
+
+    rpm: int | None = Field(default=None, ge=1)
+    concurrency: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _something(self) -> RateLimit:
+        if self.rpm is None and self.concurrency is None:
+            raise ValueError("a rate_limit needs rpm, concurrency or both")
+        return self
+
+    def __str__(self) -> str:
+        parts = [f"{self.rpm} rpm" if self.rpm else "", f"{self.concurrency} at once" if self.concurrency else ""]
+        return ", ".join(p for p in parts if p)
 
 
 class ProviderSettings(_Strict):
@@ -28,6 +47,7 @@ class ProviderSettings(_Strict):
     poll_interval_s: float | None = Field(default=None, gt=0)
     max_response_bytes: int | None = Field(default=None, ge=1)   # one answer or result (default 128 MiB)
     options: dict[str, Any] = Field(default_factory=dict)   # provider-specific (ComfyUI workflow, ...)
+    rate_limit: RateLimit | None = None
 
 
 class LocalModel(_Strict):

@@ -104,11 +104,13 @@ class FakeServer:
     prefix: ClassVar[str] = ""  # what the provider's base URL adds to the host (Together: /v1)
     unsupported: ClassVar[set[str]] = set()  # steps the protocol has no way to express
     timeout_s = 30.0
+    latency_s = 0.0   # how long each generation takes to answer (to see how many a client runs at once)
 
     def __init__(self, script: list[str] | None = None, port: int = 0) -> None:
         self.script = list(script or ["ok"])
         self.requests: list[dict[str, Any]] = []
         self.generations = 0
+        self.in_flight = self.max_in_flight = 0   # generations being answered now, and the most at once
         self.state: dict[str, Any] = {}
         self._lock = threading.Lock()
         fake = self
@@ -160,6 +162,18 @@ class FakeServer:
         if not self.is_generation(req):
             return self.other(req)
         step = self.next_step()
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.latency_s:
+                time.sleep(self.latency_s)
+            return self._answer(req, step)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(self, req: dict[str, Any], step: str) -> Reply:
         if not self.authorised(req) or step == "badkey":
             return self.bad_key()
         if step == "429":
