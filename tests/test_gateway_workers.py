@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 
@@ -39,12 +40,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(tmp_path: Path, fake, pg_url: str, **policy_extra) -> tuple[subprocess.Popen, str]:
+def start_gateway(tmp_path: Path, fake, pg_url: str, together: dict | None = None,
+                  **policy_extra) -> tuple[subprocess.Popen, str]:
     """One gateway process (`--workers 1`: the server runs in the process started, whose pid it is)."""
     policy = tmp_path / "team.yaml"
     policy.write_text(json.dumps({
         "name": "team", "deny": [p for p in builtin_providers() if p != "together"], "prefer": [SCHNELL],
-        "objective": "ordered", "providers": {"together": {"base_url": fake.base_url}},
+        "objective": "ordered", "providers": {"together": {"base_url": fake.base_url, **(together or {})}},
         "fallback": {"max_offerings": 1}, **policy_extra}))
     port = free_port()
     env = {**os.environ, "IMAGEBROKER_LEDGER_URL": pg_url, "TOGETHER_API_KEY": fakes()["together"].key,
@@ -146,3 +148,85 @@ def test_two_gateways_hold_one_budget_exactly_and_survive_a_killed_one(tmp_path,
         counts = dict(conn.execute(select(calls.c.status, func.count()).group_by(calls.c.status)).all())
     assert row.status == "abandoned" and still_held == []
     assert counts == {"ok": k + 1, "rejected": 200 - k, "abandoned": 1}   # every call has its row
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_two_gateways_share_one_rate_limit_and_one_idempotent_call_through_redis(tmp_path, pg_url, redis_state):
+    r = 12
+    shared = {"state": redis_state, "store": {"enabled": True, "url": str(tmp_path / "images")}, "timeout_s": 2.0}
+    with fakes()["together"](["ok"]) as fake:
+        gateways = [start_gateway(tmp_path, fake, pg_url, together={"rate_limit": {"rpm": r}}, **shared)
+                    for _ in range(2)]
+        try:
+            assert all(httpx.get(f"{base}/readyz").json()["state"].startswith("redis://") for _, base in gateways)
+
+            async def burst() -> list[object]:
+                clients = [openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+                           for _, base in gateways]
+
+                async def one(i: int) -> object:
+                    try:
+                        return await clients[i % 2].images.generate(prompt=f"call {i}")
+                    except openai.RateLimitError as exc:
+                        return ("refused", exc.response)
+                try:
+                    return await asyncio.gather(*(one(i) for i in range(30)))
+                finally:
+                    for c in clients:
+                        await c.close()
+
+            results = asyncio.run(burst())
+            refused = [x[1] for x in results if isinstance(x, tuple)]
+            assert len(results) - len(refused) == r and fake.generations == r   # R a minute, whichever worker
+            assert len(refused) == 30 - r and fake.max_in_flight <= r
+            assert all(x.status_code == 429 and int(x.headers["retry-after"]) >= 50 for x in refused)
+            assert all(x.json()["error"]["code"] == "rate_limit_exceeded" for x in refused)
+
+            # one Idempotency-Key sent to both workers at once: one paid call, the same answer from both
+            fake.latency_s = 0.5
+            redis = pytest.importorskip("redis").Redis.from_url(redis_state["url"])
+            for key in redis.scan_iter(f"{redis_state['prefix']}:rate:*"):
+                redis.delete(key)   # a fresh minute for the limit
+
+            def keyed(base: str) -> httpx.Response:
+                return httpx.post(f"{base}/v1/images/generations", json={"prompt": "a cat", "seed": 5},
+                                  headers={"Idempotency-Key": "order-17"}, timeout=60)
+
+            with ThreadPoolExecutor(2) as pool:
+                first, second = pool.map(keyed, [base for _, base in gateways])
+            assert first.status_code == second.status_code == 200 and fake.generations == r + 1
+            assert first.headers["x-request-id"] == second.headers["x-request-id"]
+            assert first.json()["data"] == second.json()["data"]
+        finally:
+            for server, _ in gateways:
+                stop(server)
+
+
+def test_sigterm_drains_the_calls_under_way_and_turns_new_ones_away(tmp_path, sqlite_url):
+    with fakes()["together"](["ok"]) as fake:
+        fake.latency_s = 2.0
+        server, base = start_gateway(tmp_path, fake, sqlite_url)
+        try:
+            answers: list[httpx.Response] = []
+            slow = threading.Thread(target=lambda: answers.append(httpx.post(
+                f"{base}/v1/images/generations", json={"prompt": "under way"}, timeout=60)))
+            slow.start()
+            deadline = time.monotonic() + 20
+            while fake.in_flight == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(server.pid, signal.SIGTERM)
+            time.sleep(0.2)
+            turned = httpx.post(f"{base}/v1/images/generations", json={"prompt": "too late"}, timeout=10)
+            ready = httpx.get(f"{base}/readyz", timeout=10)
+            slow.join(30)
+            code = server.wait(30)
+        finally:
+            if server.poll() is None:
+                stop(server)
+    assert turned.status_code == 503 and turned.headers["retry-after"] == "1"
+    assert turned.json()["error"]["code"] == "shutting_down" and ready.status_code == 503
+    assert answers and answers[0].status_code == 200 and fake.generations == 1   # finished, then stopped
+    assert code in (0, -signal.SIGTERM)   # uvicorn >= 0.29 raises the signal again once it has shut down
+    with Ledger(sqlite_url).engine.connect() as conn:
+        assert conn.execute(select(calls.c.status)).scalars().all() == ["ok"]   # its row committed
