@@ -120,6 +120,9 @@ class ImageRequest(_Frozen):
     max_cost_usd: Decimal | None = Field(default=None, ge=0)
     max_latency_s: float | None = Field(default=None, gt=0)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    # previews while it generates, for offerings that stream them (gpt-image: 0-3; each is billed as
+    # output tokens); others send only the final image. They reach a `progress` callback that takes 3 args
+    partial_images: int = Field(default=0, ge=0, le=3)
     extra: dict[str, dict[str, Any]] = Field(default_factory=dict)
     images: tuple[InputImage, ...] = Field(default=(), max_length=MAX_INPUT_IMAGES)
     mask: InputImage | None = None
@@ -326,6 +329,17 @@ class SkipReason(StrEnum):
     PRICE_UNKNOWN = "price_unknown"    # a budget applies, and without a price it cannot be checked
     OVER_BUDGET = "over_budget"        # a `restrict` budget refused its reservation
     RATE_LIMITED = "rate_limited"      # its provider's `rate_limit` had no slot within the call's timeout
+
+
+class PartialImage(_Frozen):
+    """A preview of an image still being made (`partial_images`): what a 3-argument `progress(index, total,
+    partial)` callback receives, index 1 to total, as the provider streams them."""
+
+    index: int
+    total: int
+    data: bytes = Field(repr=False)
+    format: str
+    offering: str
 
 
 class Skip(_Frozen):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import sqlite3
 import subprocess
 import sys
@@ -32,14 +33,17 @@ SCHNELL = "together/black-forest-labs/FLUX.1-schnell"
 
 
 @contextmanager
-def gateway(tmp_path, monkeypatch, script=("ok",), **policy_extra):
-    """The gateway in this process on a free loopback port, in front of the Together fake: (base URL, fake)."""
+def gateway(tmp_path, monkeypatch, script=("ok",), also=None, **policy_extra):
+    """The gateway in this process on a free loopback port, in front of the Together fake (and the fakes in `also`,
+    by provider name): (base URL, fake)."""
     monkeypatch.setenv("TOGETHER_API_KEY", FAKES["together"].key)
+    also = also or {}
     with FAKES["together"](list(script)) as fake:
         policy = Policy.model_validate({
-            "name": "gateway", "deny": [p for p in builtin_catalog().providers() if p != "together"],
+            "name": "gateway", "deny": [p for p in builtin_catalog().providers() if p != "together" and p not in also],
             "prefer": [SCHNELL], "objective": "ordered",
-            "providers": {"together": {"base_url": fake.base_url}},
+            "providers": {"together": {"base_url": fake.base_url},
+                          **{name: {"base_url": other.base_url} for name, other in also.items()}},
             "retry": {"max_attempts": 2, "initial_delay_s": 0.01}, **policy_extra})
         app = create_app(policy, f"sqlite:///{tmp_path / 'l.db'}")
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
@@ -308,6 +312,50 @@ def test_a_streaming_client_gets_openais_completed_events_whatever_the_policy_pi
     assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).size == (512, 512)
     assert events[0].size == "512x512" and events[0].model_extra["imagebroker"]["offering"] == SCHNELL
     assert [e.type for e in edits] == ["image_edit.completed"]
+
+
+def test_partial_images_from_gpt_image_stream_through_as_they_come(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", FAKES["openai"].key)
+    with FAKES["openai"](["ok", "ok", "cut"]) as upstream, \
+            gateway(tmp_path, monkeypatch, also={"openai": upstream}) as (base, _):
+        c = client(base)
+        events = list(c.images.generate(model="openai/gpt-image-2", prompt="a lighthouse", stream=True,
+                                        partial_images=2, quality="low"))
+        edits = list(c.images.edit(model="openai/gpt-image-2", prompt="bluer", stream=True, partial_images=1,
+                                   image=("init.png", png((512, 512)), "image/png")))
+        sent = json.loads(upstream.requests[0]["body"])
+        with pytest.raises(openai.APIError, match="completed event"):   # previews sent, then the stream broke
+            list(c.images.generate(model="openai/gpt-image-2", prompt="cut", stream=True, partial_images=2))
+    assert sent["stream"] is True and sent["partial_images"] == 2
+    assert [(e.type, getattr(e, "partial_image_index", None)) for e in events] == [
+        ("image_generation.partial_image", 0), ("image_generation.partial_image", 1),
+        ("image_generation.completed", None)]
+    previews = [Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events]
+    assert all(p.size == (1024, 1024) for p in previews) and events[0].b64_json != events[-1].b64_json
+    done = events[-1]
+    assert done.usage.output_tokens == 196 + 2 * 100   # the previews are billed as output tokens
+    assert done.model_extra["imagebroker"]["offering"] == "openai/gpt-image-2"
+    assert [e.type for e in edits] == ["image_edit.partial_image", "image_edit.completed"]
+
+
+def test_the_library_progress_callback_gets_the_previews(tmp_path, monkeypatch):
+    from imagebroker import Broker
+
+    monkeypatch.setenv("OPENAI_API_KEY", FAKES["openai"].key)
+    with FAKES["openai"](["ok"]) as upstream:
+        policy = {"name": "p", "providers": {"openai": {"base_url": upstream.base_url}}}
+        seen, steps_only = [], []
+        broker = Broker(Policy.model_validate(policy), f"sqlite:///{tmp_path / 'p.db'}")
+        result = broker.generate("a cat", model="openai/gpt-image-2", partial_images=3, quality="low",
+                                 progress=lambda step, total, partial: seen.append((step, total, partial)))
+        broker.generate("a cat", model="openai/gpt-image-2", partial_images=1,
+                        progress=lambda step, total: steps_only.append(step))   # two arguments: no previews
+        broker.close()
+    assert [(s, t) for s, t, _ in seen] == [(1, 3), (2, 3), (3, 3)] and steps_only == []
+    assert all(p.offering == "openai/gpt-image-2" and p.data[:8] == b"\x89PNG\r\n\x1a\n" for _, _, p in seen)
+    assert result.applied["partial_images"] == 3
+    assert result.cost.units["output_image_tokens"] == 196 + 300   # settled from the usage, previews included
+    assert result.plan.candidates[0].bound_usd >= result.cost.usd
 
 
 # -- async jobs ----------------------------------------------------------------------------------------------

@@ -169,7 +169,8 @@ def test_property_no_candidate_breaks_a_hard_constraint(policy, request, catalog
 # The broker memoises plans by `request_key`. Fields the key leaves out (or reads only in part) must
 # not change a plan; a new ImageRequest field must be placed on one side or the other.
 KEYED = {"width", "height", "n", "steps", "scheduler", "quality", "output_format", "background", "adapters",
-         "model", "tags", "max_cost_usd", "max_latency_s", "strength", "aspect_ratio", "resolution"}
+         "model", "tags", "max_cost_usd", "max_latency_s", "strength", "aspect_ratio", "resolution",
+         "partial_images"}
 # length, presence, truthiness; input images by their sizes, the mask by its presence
 PARTLY = {"prompt", "negative_prompt", "seed", "guidance_scale", "images", "mask"}
 IGNORED = {"idempotency_key", "extra"}

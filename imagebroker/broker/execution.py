@@ -48,6 +48,7 @@ from ..providers.base import (
     Provider,
     ProviderResult,
     Submission,
+    preview_receiver,
     track_submission,
 )
 from ..providers.catalog import Catalog
@@ -315,7 +316,8 @@ async def _send(view: CallView, log: CallLog, cand: Candidate, offering: Offerin
     """The request itself: its images checked, its cost settled, its attempt written down."""
     sub = track_submission()
     ctx = CallContext(timeout_s=timeout, api_key=provider.api_key(), progress=progress,
-                      attempt=len(log.attempts) + 1)
+                      attempt=len(log.attempts) + 1,
+                      partial=preview_receiver(progress) if request.partial_images else None)
     log.announce(offering)
     started, t0 = datetime.now(UTC), time.perf_counter()
     where = {"provider": offering.provider, "offering": offering.id}

@@ -26,7 +26,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..broker.core import AsyncBroker
@@ -37,7 +37,8 @@ from .drain import DEFAULT_DRAIN_S, DRAIN_ENV, Drain, DrainMiddleware
 from .jobs import JobQueue, new_id
 from .keys import KEY_TAG, GatewayKey, KeyStore, digest
 from .metrics import Metrics
-from .openai_shape import BadRequest, cost_headers, error_reply, images_response, request_fields, stream_events
+from .openai_shape import BadRequest, cost_headers, error_reply, images_response, request_fields, streams
+from .streaming import stream_answer
 
 log = logging.getLogger("imagebroker.gateway")
 access = logging.getLogger("imagebroker.gateway.access")
@@ -334,24 +335,28 @@ async def _answer(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | N
             fields["idempotency_key"] = request.headers["idempotency-key"]
         if (denied := _for_key(broker, key, fields)) is not None:
             return denied
+        if streams(body):
+            return await stream_answer(broker, fields, body, metrics.served, lambda exc: _failed(
+                exc, body, metrics, started))
         result = await broker.generate(**fields)
     except Exception as exc:   # every failure answers in OpenAI's shape; a bug is logged with its traceback
-        if not isinstance(exc, (RequestError,)) and type(exc).__module__.split(".")[0] != "imagebroker" \
-                and type(exc).__name__ != "ValidationError":
-            log.exception("gateway bug answering a request")
-        reply = _reply(exc)
-        metrics.failed(body.get("model") if isinstance(body.get("model"), str) else None, reply.status_code,
-                       time.perf_counter() - started)
-        return reply
+        return _failed(exc, body, metrics, started)
     metrics.served(result)
-    if body.get("stream") in (True, "true", "True"):
-        events = stream_events(result, edit="images" in body)
-        return StreamingResponse(iter(events), media_type="text/event-stream", headers=cost_headers(result))
     urls = None
     if as_url:
         root = str(request.base_url).rstrip("/")
         urls = [root + links.signed_path(img.sha256, img.format) for img in result.images]
     return JSONResponse(images_response(result, urls), headers=cost_headers(result))
+
+
+def _failed(exc: Exception, body: dict[str, Any], metrics: Metrics, started: float) -> Response:
+    if not isinstance(exc, (RequestError,)) and type(exc).__module__.split(".")[0] != "imagebroker" \
+            and type(exc).__name__ != "ValidationError":
+        log.exception("gateway bug answering a request")
+    reply = _reply(exc)
+    metrics.failed(body.get("model") if isinstance(body.get("model"), str) else None, reply.status_code,
+                   time.perf_counter() - started)
+    return reply
 
 
 def _plain(data: Any) -> Any:

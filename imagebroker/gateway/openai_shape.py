@@ -24,7 +24,7 @@ from ..errors import (
     NoRouteError,
     RequestError,
 )
-from ..types import ImageResult, SkipReason
+from ..types import ImageResult, PartialImage, SkipReason
 
 # OpenAI's fields, and what each becomes; `model: auto` (or none) leaves the choice to the policy
 PASSED = ("n", "quality", "background", "output_format", "seed", "negative_prompt", "aspect_ratio",
@@ -53,12 +53,19 @@ def request_fields(body: dict[str, Any]) -> dict[str, Any]:
     for name in PASSED:
         if body.get(name) is not None:
             fields[name] = _number(name, body[name]) if name in ("n", "seed", "strength") else body[name]
+    if streams(body) and body.get("partial_images") not in (None, "", 0, "0"):
+        fields["partial_images"] = _number("partial_images", body["partial_images"])
     extra = {k: body[k] for k in IGNORED if body.get(k) is not None}
     if extra:
         fields["extra"] = {"openai": extra}
     if body.get("user"):
         fields["tags"] = {"user": str(body["user"])[:200]}
     return fields
+
+
+def streams(body: dict[str, Any]) -> bool:
+    """`stream: true` (JSON true, or the text a multipart form sends)."""
+    return body.get("stream") in (True, "true", "True")
 
 
 def _number(name: str, value: Any) -> int | float:
@@ -148,10 +155,26 @@ def _error(message: str, kind: str, code: str | None, param: str | None = None) 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def preview_event(partial: PartialImage, body: dict[str, Any], edit: bool) -> str:
+    """One streamed preview as OpenAI sends it: `image_generation.partial_image` (or `image_edit.`), index from 0."""
+    kind = "image_edit.partial_image" if edit else "image_generation.partial_image"
+    event = {"type": kind, "b64_json": base64.b64encode(partial.data).decode(), "created_at": int(time.time()),
+             "size": str(body.get("size") or "auto"), "quality": str(body.get("quality") or "auto"),
+             "background": str(body.get("background") or "auto"), "output_format": partial.format,
+             "partial_image_index": partial.index - 1}
+    return f"event: {kind}\ndata: {json.dumps(event)}\n\n"
+
+
+def error_event(exc: Exception) -> str:
+    """A failure after the stream began (its 200 already sent): OpenAI's `error` event, with the error JSON."""
+    status, body, _ = error_reply(exc)
+    return f"event: error\ndata: {json.dumps({**body, 'status': status})}\n\n"
+
+
 def stream_events(result: ImageResult, edit: bool) -> list[str]:
-    """`stream: true`: OpenAI's image streaming events over SSE. Partial images are not passed through yet, so
-    every offering streams the same way: one `...completed` event per image (a streaming client works whatever
-    the policy picks). `usage` is the call's tokens where it was token-billed, else zeros."""
+    """`stream: true`: one `...completed` event per image, OpenAI's streaming shape, whatever offering served it
+    (previews, where the offering streams them, come before: `preview_event`). `usage` is the call's tokens
+    where it was token-billed, else zeros."""
     body = images_response(result)
     usage = body.get("usage") or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
                                   "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}

@@ -257,7 +257,7 @@ def request_key(r: ImageRequest) -> tuple[object, ...]:
             r.quality, r.output_format, r.background, r.adapters, r.model, tuple(sorted(r.tags.items())),
             r.aspect_ratio, r.resolution,
             r.max_cost_usd, r.max_latency_s, tuple((i.width, i.height) for i in r.images), r.mask is None,
-            r.strength)
+            r.strength, r.partial_images)
 
 
 def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: PlannerState) -> Plan:

@@ -104,6 +104,11 @@ def _gpu_rate(price: GpuSecondsPrice, device: str) -> Decimal | None:
     return price.cpu_usd_per_hour if device == "cpu" else price.usd_per_gpu_hour
 
 
+def _preview_tokens(request: ImageRequest, offering: Offering, price: PerTokenPrice) -> int:
+    """The image-output tokens of the previews an offering that streams them will send (`partial_images`)."""
+    return price.partial_image_tokens * min(request.partial_images, offering.capabilities.partial_images)
+
+
 def _with_uplift(usd: Decimal, uplift: Decimal) -> Decimal:
     return usd * (1 + uplift) if uplift else usd
 
@@ -128,7 +133,7 @@ def estimate(request: ImageRequest, offering: Offering, *, device: str = "cuda")
             detail += (f" + {len(inputs)} input image(s), {input_megapixels(price, inputs)} MP at "
                        f"${price.input_usd_per_mp}/MP")
     elif isinstance(price, PerTokenPrice):
-        out = estimated_output_tokens(price, w, h, request.quality)
+        out = estimated_output_tokens(price, w, h, request.quality) + _preview_tokens(request, offering, price)
         prompt = math.ceil(len(request.prompt) / CHARS_PER_TOKEN)
         units.update(input_text_tokens=prompt * n, output_image_tokens=out * n)
         detail = f"~{prompt} prompt + {out} image tokens per image"
@@ -187,7 +192,8 @@ def bound(request: ImageRequest, offering: Offering, *, device: str = "cuda") ->
         worst = request.quality if request.quality in price.output_tokens else None
         table = price.output_tokens if worst is None else {worst: price.output_tokens[worst]}
         rw, rh = parse_size(price.output_tokens_size)
-        out = math.ceil(max(table.values(), default=0) * (w * h) / (rw * rh))
+        out = math.ceil(max(table.values(), default=0) * (w * h) / (rw * rh)) + _preview_tokens(request, offering,
+                                                                                                price)
         per_input = price.input_image_tokens_max
         per_input = price.input_image_tokens * 2 if per_input is None else per_input
         units = {"input_text_tokens": len(request.prompt.encode()) * n, "output_image_tokens": out * n,

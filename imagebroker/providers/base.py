@@ -6,6 +6,7 @@ in, and translates its failures into `imagebroker.errors` once, in its own modul
 
 from __future__ import annotations
 
+import inspect
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..logs import remember_secret
-from ..types import ImageRequest, parse_size
+from ..types import ImageRequest, PartialImage, parse_size
 from .offering import Offering
 from .settings import ProviderSettings
 
@@ -112,6 +113,21 @@ class ProviderResult:
     applied: dict[str, Any] = field(default_factory=dict)
 
 
+def preview_receiver(progress: ProgressCallback | None) -> Callable[[PartialImage], None] | None:
+    """Where a call's streamed previews go: a `progress` callback that takes a third argument receives each as
+    `progress(index, total, partial)`; one of two arguments (steps only) receives none."""
+    if progress is None:
+        return None
+    try:
+        params = inspect.signature(progress).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 3 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return lambda partial: progress(partial.index, partial.total, partial)   # type: ignore[call-arg]
+
+
 @dataclass
 class CallContext:
     """Per-call settings handed to `Provider.generate`. The key is kept out of repr."""
@@ -120,6 +136,7 @@ class CallContext:
     api_key: str | None = field(default=None, repr=False)
     progress: ProgressCallback | None = None
     attempt: int = 1
+    partial: Callable[[PartialImage], None] | None = None   # where streamed previews go (`partial_images`)
 
 
 class Provider(ABC):

@@ -71,6 +71,7 @@ class Capabilities(_Data):
     output_formats: tuple[str, ...] = ("png",)
     edit: EditCaps | None = None     # None: text-to-image only
     text_to_image: bool = True       # False: an edit-only endpoint (FLUX Fill, Stability inpaint)
+    partial_images: int = 0          # the most previews it streams while generating (gpt-image: 3)
 
     @model_validator(mode="after")
     def _sizes(self) -> Capabilities:
@@ -133,6 +134,8 @@ class PerTokenPrice(_PriceBase):
     # bound reserves `input_image_tokens_max` (default twice the estimate: high input fidelity)
     input_image_tokens: int = Field(default=0, ge=0)
     input_image_tokens_max: int | None = Field(default=None, ge=0)
+    # image-output tokens each streamed preview adds (`partial_images`)
+    partial_image_tokens: int = Field(default=0, ge=0)
 
 
 class PerSecondPrice(_PriceBase):

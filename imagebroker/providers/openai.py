@@ -5,13 +5,14 @@ regional host (`providers.openai.region: eu`), which also makes the offering's r
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from ..errors import BadProviderResponse, MissingExtra, OutcomeUnknown, ProviderUnavailable
 from ..inputs import alpha_mask
-from ..types import ImageRequest
+from ..types import ImageRequest, PartialImage
 from .base import CallContext, Provider, ProviderResult, RawImage, mark_submitted
 from .http import NOT_SENT, status_error
 from .offering import Offering, request_size
@@ -55,12 +56,17 @@ class OpenAIProvider(Provider):
         if request.background:
             params["background"] = request.background
         params.update(request.extra.get(self.name, {}))  # moderation, output_compression, user, ...
+        previews = min(request.partial_images, offering.capabilities.partial_images) if request.n == 1 else 0
+        if previews:   # one image streamed: its previews as events, then the image with the usage
+            params |= {"stream": True, "partial_images": previews}
         client = self._client(self.base_url_for(offering) or "", ctx.api_key or "")
         try:
             if request.is_edit:
                 resp = await client.images.edit(**_edit_params(request, params), timeout=ctx.timeout_s)
             else:
                 resp = await client.images.generate(**params, timeout=ctx.timeout_s)
+            if previews:
+                resp = await _streamed(resp, ctx, offering.id, previews)
         except openai.APIStatusError as exc:
             headers = httpx.Headers(list(exc.response.headers.items()))
             raise status_error(exc.status_code, exc.response.text, headers, **where) from None
@@ -71,6 +77,8 @@ class OpenAIProvider(Provider):
             raise OutcomeUnknown(f"no answer after sending: {cause}", **where) from None
         except (openai.APIResponseValidationError, ValueError) as exc:  # ValueError: JSON that is not
             raise BadProviderResponse(f"malformed response: {type(exc).__name__}", **where) from None
+        except _NoImage:
+            raise BadProviderResponse("the stream ended without its completed event", **where) from None
         try:
             images = [RawImage(base64.b64decode(d.b64_json), None) for d in resp.data or []]
         except (TypeError, ValueError) as exc:
@@ -93,6 +101,39 @@ class OpenAIProvider(Provider):
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
+
+
+class _NoImage(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Streamed:
+    """A streamed call's final event, in the shape of an ImagesResponse."""
+
+    data: list[Any]
+    usage: Any
+    quality: str | None
+    _request_id: str | None
+
+
+async def _streamed(stream: Any, ctx: CallContext, offering: str, total: int) -> _Streamed:
+    """Read the SSE stream (`image_generation.*` or `image_edit.*` events): each preview to `ctx.partial`,
+    then the completed event's image and usage."""
+    done = None
+    async for event in stream:
+        kind = getattr(event, "type", "")
+        if kind.endswith(".partial_image") and ctx.partial is not None:
+            ctx.partial(PartialImage(index=event.partial_image_index + 1, total=total,
+                                     data=base64.b64decode(event.b64_json), format=event.output_format,
+                                     offering=offering))
+        elif kind.endswith(".completed"):
+            done = event
+    if done is None:
+        raise _NoImage
+    response = getattr(stream, "response", None)
+    return _Streamed([done], done.usage, getattr(done, "quality", None),
+                     response.headers.get("x-request-id") if response is not None else None)
 
 
 def _edit_params(request: ImageRequest, params: dict[str, Any]) -> dict[str, Any]:

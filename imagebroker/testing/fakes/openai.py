@@ -18,6 +18,7 @@ from .base import FakeServer, Reply, multipart, seen_image
 # image-output tokens reported per quality; with `auto` the fake picks between medium and high, as the real
 # service may: a call estimated at medium settles dearer (the budget must have reserved the bound)
 TOKENS = {"low": 196, "medium": 1756, "high": 7024, "auto": 4168}
+PREVIEW_TOKENS = 100   # image-output tokens each streamed preview adds
 
 
 class FakeOpenAI(FakeServer):
@@ -58,17 +59,38 @@ class FakeOpenAI(FakeServer):
         if step == "c2pa":   # as OpenAI signs its images: content credentials in the file
             images = [with_c2pa(b) for b in images]
         quality = body.get("quality", "auto")  # the real default
-        out_tokens = TOKENS.get(quality, 1756) * len(images)
+        streamed = str(body.get("stream", "")).lower() == "true"
+        previews = int(body.get("partial_images") or 0) if streamed else 0
+        out_tokens = TOKENS.get(quality, 1756) * len(images) + PREVIEW_TOKENS * previews
         prompt_tokens = max(1, len(body["prompt"]) // 4) + 15 * len(inputs)
         image_tokens = sum(min(1536, -(-i.width // 32) * -(-i.height // 32)) for i in inputs)
+        usage = {"input_tokens": prompt_tokens + image_tokens, "output_tokens": out_tokens,
+                 "total_tokens": prompt_tokens + image_tokens + out_tokens,
+                 "input_tokens_details": {"text_tokens": prompt_tokens, "image_tokens": image_tokens}}
+        headers = {"x-request-id": f"req_{self.generations}"}
+        if streamed:
+            return self.stream(req, step, images, previews, w, h, fmt, quality, usage, headers)
         return Reply(200, {
             "created": 1763700000, "size": body.get("size"), "quality": quality, "output_format": fmt,
             "data": [{"b64_json": base64.b64encode(b).decode()} for b in images],
-            "usage": {"input_tokens": prompt_tokens + image_tokens, "output_tokens": out_tokens,
-                      "total_tokens": prompt_tokens + image_tokens + out_tokens,
-                      "input_tokens_details": {"text_tokens": prompt_tokens, "image_tokens": image_tokens},
-                      "output_tokens_details": {"image_tokens": out_tokens, "text_tokens": 0}}},
-            {"x-request-id": f"req_{self.generations}"})
+            "usage": {**usage, "output_tokens_details": {"image_tokens": out_tokens, "text_tokens": 0}}}, headers)
+
+    def stream(self, req: dict[str, Any], step: str, images: list[bytes], previews: int, w: int, h: int, fmt: str,
+               quality: str, usage: dict[str, Any], headers: dict[str, str]) -> Reply:
+        """`stream: true`: server-sent events, `partial_images` previews then one completed event with the usage
+        (no output_tokens_details there, as the real event has none). Step `cut`: the stream ends after the
+        previews, without its completed event."""
+        kind = "image_edit" if req["path"].endswith("/edits") else "image_generation"
+        common = {"created_at": 1763700000, "size": f"{w}x{h}", "quality": quality, "background": "auto",
+                  "output_format": fmt}
+        events = [(f"{kind}.partial_image", {**common, "type": f"{kind}.partial_image", "partial_image_index": i,
+                   "b64_json": base64.b64encode(make_image(w, h, seed=1000 + i, fmt=fmt)).decode()})
+                  for i in range(previews)]
+        if step != "cut":
+            events += [(f"{kind}.completed", {**common, "type": f"{kind}.completed", "usage": usage,
+                                               "b64_json": base64.b64encode(b).decode()}) for b in images]
+        body = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+        return Reply(200, body.encode(), headers, content_type="text/event-stream")
 
     def edit_form(self, req: dict[str, Any]) -> tuple[Any, list[Any]]:
         """The edit's fields and its input images as read, or a 400 Reply saying what the real API says."""
