@@ -15,6 +15,7 @@ import threading
 from .errors import redact
 
 logger = logging.getLogger("imagebroker")
+GATEWAY_LOG_ENV = "IMAGEBROKER_GATEWAY_LOG"   # set by `imagebroker serve`: "access" (a line per request) or "warnings"
 _secrets: set[str] = set()
 _lock = threading.Lock()
 
@@ -50,11 +51,33 @@ class RedactingFilter(logging.Filter):
 logger.addFilter(RedactingFilter())
 
 
+def _stderr_handler() -> logging.Handler:
+    """One handler to stderr, redacting at the handler too: a logger's own filter does not see the records
+    of its children (`imagebroker.gateway`), which reach this handler by propagation."""
+    for h in logger.handlers:
+        if getattr(h, "_imagebroker", False):
+            return h
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(RedactingFilter())
+    handler._imagebroker = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    return handler
+
+
 def enable_cli_logging(verbosity: int) -> None:
     """`-v`: INFO, `-vv`: DEBUG, to stderr."""
     if verbosity <= 0:
         return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
+    _stderr_handler()
     logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+
+
+def enable_gateway_logging(access: bool) -> None:
+    """A gateway worker's logs to stderr: warnings and above (more with -v), and with `access` one line per
+    request (`imagebroker.gateway.access`). Called in each worker process, which inherits no handler."""
+    _stderr_handler()
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+    if access:
+        logging.getLogger("imagebroker.gateway.access").setLevel(logging.INFO)

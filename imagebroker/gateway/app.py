@@ -31,6 +31,8 @@ from starlette.routing import Route
 
 from ..broker.core import AsyncBroker
 from ..errors import NoRouteError, RequestError
+from ..logs import GATEWAY_LOG_ENV as LOG_ENV
+from ..logs import enable_gateway_logging
 from ..policies.loader import load_policy
 from . import links, webhooks
 from .drain import DEFAULT_DRAIN_S, DRAIN_ENV, Drain, DrainMiddleware
@@ -59,6 +61,8 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if os.environ.get(LOG_ENV):   # a worker of `imagebroker serve` (a process of its own with --workers N)
+            enable_gateway_logging(access=os.environ[LOG_ENV] == "access")
         chosen = load_policy(policy)
         kept = store if store is not None else (False if chosen.store.enabled is False else chosen.store.url or True)
         state["broker"] = AsyncBroker(chosen, ledger, store=kept)   # images kept, as the command line keeps them

@@ -15,8 +15,9 @@ from typing import Any
 from ..images import make_image, with_c2pa
 from .base import FakeServer, Reply, multipart, seen_image
 
-# image-output tokens reported per quality; with `auto` the fake picks between medium and high, as the real
-# service may: a call estimated at medium settles dearer (the budget must have reserved the bound)
+# image-output tokens reported per quality at 1024x1024 (in proportion to the area at other sizes); with `auto`
+# the fake picks between medium and high, as the real service may: a call estimated at medium settles dearer
+# (the budget must have reserved the bound)
 TOKENS = {"low": 196, "medium": 1756, "high": 7024, "auto": 4168}
 PREVIEW_TOKENS = 100   # image-output tokens each streamed preview adds
 
@@ -61,7 +62,8 @@ class FakeOpenAI(FakeServer):
         quality = body.get("quality", "auto")  # the real default
         streamed = str(body.get("stream", "")).lower() == "true"
         previews = int(body.get("partial_images") or 0) if streamed else 0
-        out_tokens = TOKENS.get(quality, 1756) * len(images) + PREVIEW_TOKENS * previews
+        per_image = -(-TOKENS.get(quality, 1756) * w * h // (1024 * 1024))   # image tokens grow with the area
+        out_tokens = per_image * len(images) + PREVIEW_TOKENS * previews
         prompt_tokens = max(1, len(body["prompt"]) // 4) + 15 * len(inputs)
         image_tokens = sum(min(1536, -(-i.width // 32) * -(-i.height // 32)) for i in inputs)
         usage = {"input_tokens": prompt_tokens + image_tokens, "output_tokens": out_tokens,
