@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -448,3 +449,22 @@ def test_a_finished_job_is_announced_to_the_keys_webhook_signed(tmp_path, monkey
     assert verify(created["webhook_secret"], headers[SIGNATURE_HEADER.lower()], body)
     assert not verify("another-secret", headers[SIGNATURE_HEADER.lower()], body)
     assert created["webhook_secret"] not in body.decode() and created["key"] not in body.decode()
+
+
+def test_the_dashboard_is_the_report_page_live_for_an_admin_key(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    with gateway(tmp_path, monkeypatch) as (base, _):
+        admin, team = make_key(tmp_path, "ops", "--admin"), make_key(tmp_path, "team-a")
+        for i in range(3):
+            client(base, team).images.generate(prompt=f"call {i}")
+        refused = httpx.get(f"{base}/dashboard", headers={"authorization": f"Bearer {team}"})
+        page = httpx.get(f"{base}/dashboard", headers={"authorization": f"Bearer {admin}"}, timeout=60)
+        nobody = httpx.get(f"{base}/dashboard")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_only"
+    assert nobody.status_code == 401
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    figures = dict(re.findall(r'data-figure="([\w-]+)">([^<]*)<', page.text))
+    assert figures["total-calls"] == "3" and figures["total-images"] == "3"
+    assert figures["total-cost"] == "$0.008493" and figures["offering-0-0"] == SCHNELL
+    assert page.text.count("<svg") >= 2 and "<script" not in page.text   # the charts, inline; nothing fetched
+    # 3 x $0.002831155 = $0.008493465, shown to the micro-dollar as the report shows it

@@ -35,6 +35,7 @@ from ..logs import GATEWAY_LOG_ENV as LOG_ENV
 from ..logs import enable_gateway_logging
 from ..policies.loader import load_policy
 from . import links, webhooks
+from .dashboard import dashboard
 from .drain import DEFAULT_DRAIN_S, DRAIN_ENV, Drain, DrainMiddleware
 from .jobs import JobQueue, new_id
 from .keys import KEY_TAG, GatewayKey, KeyStore, digest
@@ -265,6 +266,12 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         return JSONResponse(_plain({"groups": [g.as_dict() for g in groups],
                                     "total": total.as_dict() if total else None}))
 
+    async def dashboard_page(request: Request) -> Response:
+        key = await caller(request)
+        if isinstance(key, JSONResponse):
+            return key
+        return await dashboard(broker(), key, request.query_params.get("since"))
+
     async def image_file(request: Request) -> Response:
         """A stored image behind a signed, expiring link (`links.py`): no key needed, the signature is one."""
         name = request.path_params["name"]
@@ -307,6 +314,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         Route("/v1/costs", costs, methods=["GET"]),
         Route("/v1/images/files/{name}", image_file, methods=["GET"]),
         Route("/v1/images/jobs/{job}", job_status, methods=["GET"]),
+        Route("/dashboard", dashboard_page, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
