@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import re
@@ -383,6 +384,20 @@ def test_prefer_respond_async_answers_202_and_the_job_the_sync_body(tmp_path, mo
     assert Image.open(io.BytesIO(base64.b64decode(done["data"][0]["b64_json"]))).size == (512, 512)
     assert hidden.status_code == 404   # another team's job is not there for it
     assert bad.status_code == 400 and fake.generations == 1   # a bad request is refused at once, never queued
+
+
+def test_an_edit_can_be_a_job_too_its_inputs_kept_in_the_store_by_hash(tmp_path, monkeypatch):
+    init = png((640, 480))
+    with gateway(tmp_path, monkeypatch) as (base, fake):
+        accepted = httpx.post(f"{base}/v1/images/edits", headers={"prefer": "respond-async"},
+                              data={"model": "together/black-forest-labs/FLUX.1-kontext-pro", "prompt": "make it blue"},
+                              files={"image": ("init.png", init, "image/png")})
+        done = wait_job(base, accepted.json()["id"])
+    assert accepted.status_code == 202 and done["status"] == "done", done
+    assert fake.state["edits"][0]["input"].width == 640   # the provider got the uploaded image back from the store
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        (stored,) = conn.execute("SELECT request_json FROM gateway_jobs").fetchone()
+    assert len(stored) < 2000 and hashlib.sha256(init).hexdigest() in stored   # named by hash, no bytes
 
 
 def test_jobs_survive_their_worker_a_queued_one_and_one_whose_worker_died_both_run(tmp_path, monkeypatch):

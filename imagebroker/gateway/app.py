@@ -37,7 +37,7 @@ from ..policies.loader import load_policy
 from . import links, webhooks
 from .dashboard import dashboard
 from .drain import DEFAULT_DRAIN_S, DRAIN_ENV, Drain, DrainMiddleware
-from .jobs import JobQueue, new_id
+from .jobs import JobQueue, new_id, stash_inputs, unstash_inputs
 from .keys import KEY_TAG, GatewayKey, KeyStore, digest
 from .metrics import Metrics
 from .openai_shape import BadRequest, cost_headers, error_reply, images_response, request_fields, streams
@@ -108,6 +108,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         if key is not None and (budget := key.budget()) is not None:
             broker().add_budgets([budget])
         try:
+            fields = await asyncio.to_thread(unstash_inputs, broker().store, fields)
             result = await broker().generate(**fields)
         except Exception as exc:
             status, body, _ = error_reply(exc)
@@ -168,12 +169,15 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
             if (denied := _for_key(b, key, fields)) is not None:
                 return denied
             fields["idempotency_key"] = job   # a job run again after a crash is not paid for twice
-            plan = b.plan(**fields)
+            inputs = {k: body[k] for k in ("images", "mask") if k in body}   # an edit: planned on its inputs
+            plan = b.plan(**fields, **inputs)
             if not plan.candidates:
                 raise NoRouteError(f"no offering can serve this request under policy {b.policy.name!r}",
                                    plan.rejected)
         except Exception as exc:
             return _reply(exc)
+        if inputs:
+            fields |= await asyncio.to_thread(stash_inputs, b.store, inputs)
         await asyncio.to_thread(JobQueue(b.ledger).submit, job, fields, key.name if key else None)
         return JSONResponse({"id": job, "object": "image.job", "status": "queued"}, status_code=202,
                             headers={"location": f"/v1/images/jobs/{job}"})
@@ -219,6 +223,8 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         body["images"] = images
         if mask is not None and not isinstance(mask, str):
             body["mask"] = await mask.read()
+        if "respond-async" in request.headers.get("prefer", "").lower():
+            return await submit(body, key)
         return await _generate(broker(), body, key, metrics, request)
 
     async def models(request: Request) -> JSONResponse:

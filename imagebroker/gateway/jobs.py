@@ -2,7 +2,8 @@
 worker is free, and read back at `GET /v1/images/jobs/{id}` with the body the synchronous call would have had.
 Jobs live in the ledger (`gateway_jobs`), so they survive a worker's restart: a job whose worker died is
 queued again, and its call runs under the job's id as its idempotency key, so a call already served is not
-paid for twice. Images are kept in the image store and read back from it by SHA-256."""
+paid for twice. Images are kept in the image store and read back from it by SHA-256, an edit's inputs too:
+the job's row names them by hash (`stash_inputs`), never holds their bytes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,32 @@ from sqlalchemy import insert, select, update
 
 from ..broker.ledger.schema import gateway_jobs
 from ..broker.ledger.store import HOST, Ledger, _pid_alive
+from ..errors import RequestError
+
+INPUTS = "input_sha256s"   # the job fields' name for an edit's images (and MASK for its mask), by hash
+MASK = "mask_sha256"
+
+
+def stash_inputs(store: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """An edit's uploaded images and mask put in the image store; the job fields that name them."""
+    named: dict[str, Any] = {INPUTS: [store.put(data) for data in body.get("images", ())]}
+    if body.get("mask") is not None:
+        named[MASK] = store.put(body["mask"])
+    return named
+
+
+def unstash_inputs(store: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """A job's fields with its edit inputs read back from the store (a RequestError if one is gone)."""
+    shas, mask = fields.pop(INPUTS, None), fields.pop(MASK, None)
+    for name, sha in [*(("images", s) for s in shas or ()), *((("mask", mask),) if mask else ())]:
+        data = store.get(sha)
+        if data is None:
+            raise RequestError(f"the edit's input {sha[:12]} is no longer in the image store")
+        if name == "images":
+            fields.setdefault("images", []).append(data)
+        else:
+            fields["mask"] = data
+    return fields
 
 
 def new_id() -> str:
