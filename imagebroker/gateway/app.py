@@ -38,9 +38,9 @@ from . import links, webhooks
 from .dashboard import dashboard
 from .drain import DEFAULT_DRAIN_S, DRAIN_ENV, Drain, DrainMiddleware
 from .jobs import JobQueue, new_id, stash_inputs, unstash_inputs
-from .keys import KEY_TAG, GatewayKey, KeyStore, digest
+from .keys import KEY_TAG, GatewayKey, KeyStore, digest, for_key
 from .metrics import Metrics
-from .openai_shape import BadRequest, cost_headers, error_reply, images_response, request_fields, streams
+from .openai_shape import BadRequest, cost_headers, error_reply, images_response, plain, request_fields, streams
 from .streaming import stream_answer
 
 log = logging.getLogger("imagebroker.gateway")
@@ -116,7 +116,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
             metrics.served(result)
             status, body = 200, images_response(result)
             body["data"] = [{"sha256": img.sha256, "format": img.format} for img in result.images]
-        await asyncio.to_thread(queue.finish, job, status, _plain(body))
+        await asyncio.to_thread(queue.finish, job, status, plain(body))
         if key is not None and key.webhook_url and key.webhook_secret:
             done = {"id": job, "object": "image.job", "status": "done" if status == 200 else "failed",
                     "http_status": status}
@@ -166,7 +166,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         job = new_id()
         try:
             fields = request_fields(body)
-            if (denied := _for_key(b, key, fields)) is not None:
+            if (denied := for_key(b, key, fields)) is not None:
                 return denied
             fields["idempotency_key"] = job   # a job run again after a crash is not paid for twice
             inputs = {k: body[k] for k in ("images", "mask") if k in body}   # an edit: planned on its inputs
@@ -248,7 +248,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
             plan = broker().plan(**request_fields(body))
         except Exception as exc:   # a bad field, an unknown model: OpenAI's 400
             return _reply(exc)
-        return JSONResponse(_plain(plan.as_json()))
+        return JSONResponse(plain(plan.as_json()))
 
     async def costs(request: Request) -> JSONResponse:
         """`costs --format json`: an admin key (or an open gateway) may group by anything; another key sees
@@ -269,7 +269,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         if mine:
             groups = [g for g in groups if g.key == key.name]
             total = groups[0] if groups else None
-        return JSONResponse(_plain({"groups": [g.as_dict() for g in groups],
+        return JSONResponse(plain({"groups": [g.as_dict() for g in groups],
                                     "total": total.as_dict() if total else None}))
 
     async def dashboard_page(request: Request) -> Response:
@@ -351,7 +351,7 @@ async def _answer(broker: AsyncBroker, body: dict[str, Any], key: GatewayKey | N
                 fields[name] = body[name]
         if request.headers.get("idempotency-key"):   # the same call on any worker: the ledger knows it
             fields["idempotency_key"] = request.headers["idempotency-key"]
-        if (denied := _for_key(broker, key, fields)) is not None:
+        if (denied := for_key(broker, key, fields)) is not None:
             return denied
         if streams(body):
             return await stream_answer(broker, fields, body, metrics.served, lambda exc: _failed(
@@ -377,17 +377,6 @@ def _failed(exc: Exception, body: dict[str, Any], metrics: Metrics, started: flo
     return reply
 
 
-def _plain(data: Any) -> Any:
-    """Decimals as strings (exact), for JSON."""
-    from decimal import Decimal
-
-    if isinstance(data, dict):
-        return {k: _plain(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_plain(v) for v in data]
-    return format(data, "f") if isinstance(data, Decimal) else data
-
-
 def _reply(exc: Exception) -> JSONResponse:
     status, body, headers = error_reply(exc)
     return JSONResponse(body, status_code=status, headers=headers)
@@ -400,30 +389,6 @@ async def _json_object(request: Request) -> dict[str, Any] | Response:
     except ValueError:
         return _reply(BadRequest("the body is not JSON"))
     return body if isinstance(body, dict) else _reply(BadRequest("the body must be a JSON object"))
-
-
-def _for_key(broker: AsyncBroker, key: GatewayKey | None, fields: dict[str, Any]) -> JSONResponse | None:
-    """The call as the key makes it: its tags (and its name) on the call; with an allow-list, the offering asked
-    must be on it, and with `auto` the first planned offering on it is asked for (fallback within the
-    allow-list is not done yet). None: go on; else the 403."""
-    if key is None:
-        return None
-    fields["tags"] = {**fields.get("tags", {}), **key.tags, KEY_TAG: key.name}
-    if not key.allow:
-        return None
-    if "model" in fields:
-        offering = broker.catalog.resolve(fields["model"]).id
-        if key.allows(offering):
-            return None
-    else:
-        allowed = [c.offering for c in broker.plan(**fields).candidates if key.allows(c.offering)]
-        if allowed:
-            fields["model"] = allowed[0]
-            return None
-        offering = "any planned offering"
-    return JSONResponse({"error": {"message": f"key {key.name!r} may not use {offering}", "type":
-                                   "invalid_request_error", "param": "model", "code": "model_not_allowed"}},
-                        status_code=403)
 
 
 def _today() -> Any:

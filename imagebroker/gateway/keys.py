@@ -13,7 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, select, update
 
@@ -21,6 +21,11 @@ from ..broker.ledger.schema import from_nusd, gateway_keys, to_nusd
 from ..broker.ledger.store import Ledger
 from ..errors import ConfigError
 from ..policies.schema import Budget, BudgetScope
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
+
+    from ..broker.core import AsyncBroker
 
 PREFIX = "ibk-"
 PERIODS = ("day", "week", "month", "total")
@@ -144,3 +149,29 @@ def _record(row: Any) -> GatewayKey:
                       row["budget_period"], bool(row["admin"]),
                       tuple(json.loads(row["allow_json"])) if row["allow_json"] else (), row["created_at"],
                       row["revoked_at"], row["webhook_url"], row["webhook_secret"])
+
+
+def for_key(broker: AsyncBroker, key: GatewayKey | None, fields: dict[str, Any]) -> Response | None:
+    """The call as the key makes it: its tags (and its name) on the call; with an allow-list, the offering asked
+    must be on it, and with `auto` the first planned offering on it is asked for (fallback within the
+    allow-list is not done yet). None: go on; else the 403."""
+    if key is None:
+        return None
+    fields["tags"] = {**fields.get("tags", {}), **key.tags, KEY_TAG: key.name}
+    if not key.allow:
+        return None
+    if "model" in fields:
+        offering = broker.catalog.resolve(fields["model"]).id
+        if key.allows(offering):
+            return None
+    else:
+        allowed = [c.offering for c in broker.plan(**fields).candidates if key.allows(c.offering)]
+        if allowed:
+            fields["model"] = allowed[0]
+            return None
+        offering = "any planned offering"
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": f"key {key.name!r} may not use {offering}", "type":
+                                   "invalid_request_error", "param": "model", "code": "model_not_allowed"}},
+                        status_code=403)

@@ -187,3 +187,12 @@ def stream_events(result: ImageResult, edit: bool) -> list[str]:
                  "imagebroker": body["imagebroker"]}
         events.append(f"event: {kind}\ndata: {json.dumps(event)}\n\n")
     return events
+
+
+def plain(data: Any) -> Any:
+    """Decimals as strings (exact), for JSON."""
+    if isinstance(data, dict):
+        return {k: plain(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [plain(v) for v in data]
+    return format(data, "f") if isinstance(data, Decimal) else data
