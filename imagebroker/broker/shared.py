@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from ..errors import ConfigError, MissingExtra
 from ..logs import logger
-from ..policies.schema import Policy, StateSettings
+from ..policies.schema import Policy
 from ..providers.settings import RateLimit
 from .breaker import CircuitBreaker
 
@@ -66,7 +66,7 @@ def shared_state(policy: Policy) -> SharedState:
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"state.url must be a redis://, rediss:// or unix:// URL, not {_safe(url)!r}",
                           field="state.url")
-    return RedisState(url, settings, policy, local)
+    return RedisState(url, settings.prefix, local)
 
 
 # -- this process ---------------------------------------------------------------------------------
@@ -146,14 +146,24 @@ class LocalState:
 # -- Redis --------------------------------------------------------------------------------------------
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000 "
 
-_ALLOW = _NOW + """
-local failures = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0')
-if failures < tonumber(ARGV[1]) then return 1 end
-local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
-local probe_until = tonumber(redis.call('HGET', KEYS[1], 'probe_until') or '0')
-if now < open_until or now < probe_until then return 0 end
+# KEYS: the provider's breaker hash; ARGV[1]: the failure threshold. `tripped`: enough failures in a row;
+# `blocked`: tripped, and cooling down or probing
+_BREAKER = _NOW + """
+local state = redis.call('HMGET', KEYS[1], 'failures', 'open_until', 'probe_until')
+local tripped = tonumber(state[1] or '0') >= tonumber(ARGV[1])
+local blocked = tripped and (now < tonumber(state[2] or '0') or now < tonumber(state[3] or '0'))
+"""
+
+_ALLOW = _BREAKER + """
+if not tripped then return 1 end
+if blocked then return 0 end
 redis.call('HSET', KEYS[1], 'probe_until', tostring(now + tonumber(ARGV[2])))
 return 1
+"""
+
+_IS_OPEN = _BREAKER + """
+if blocked then return 1 end
+return 0
 """
 
 _FAILURE = _NOW + """
@@ -164,15 +174,6 @@ if failures >= tonumber(ARGV[1]) then
 end
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 3600)
 return failures
-"""
-
-_IS_OPEN = _NOW + """
-local failures = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0')
-if failures < tonumber(ARGV[1]) then return 0 end
-local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
-local probe_until = tonumber(redis.call('HGET', KEYS[1], 'probe_until') or '0')
-if now < open_until or now < probe_until then return 1 end
-return 0
 """
 
 # KEYS: the provider's sends of the last minute, its calls under way; ARGV: rpm, concurrency (0: no limit),
@@ -220,15 +221,15 @@ class RedisState:
 
     shared = True
 
-    def __init__(self, url: str, settings: StateSettings, policy: Policy, fallback: LocalState) -> None:
+    def __init__(self, url: str, prefix: str, fallback: LocalState) -> None:
+        """`fallback`: this process's own state, used while Redis cannot be reached; its breaker settings are
+        the ones kept in Redis too."""
         try:
             import redis.asyncio as aioredis
         except ImportError:
             raise MissingExtra("redis", "redis") from None
         self.where = _safe(url)
-        self._prefix = settings.prefix
-        self._threshold, self._cooldown = policy.breaker.failure_threshold, policy.breaker.cooldown_s
-        self._probe_lease = policy.timeout_s
+        self._prefix = prefix
         self._local = fallback
         self._errors: tuple[type[BaseException], ...] = (aioredis.RedisError, OSError)
         self._redis: Any = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
@@ -255,7 +256,7 @@ class RedisState:
 
     async def allow(self, provider: str) -> bool:
         got = await self._run("the circuit breaker", self._allow(
-            keys=[self._key("breaker", provider)], args=[self._threshold, self._probe_lease]),
+            keys=[self._key("breaker", provider)], args=[self._local.failure_threshold, self._local.probe_lease_s]),
             lambda: self._local.allow(provider))
         return bool(int(got))
 
@@ -265,12 +266,13 @@ class RedisState:
 
     async def failure(self, provider: str) -> None:
         await self._run("the circuit breaker", self._failure(
-            keys=[self._key("breaker", provider)], args=[self._threshold, self._cooldown]),
+            keys=[self._key("breaker", provider)], args=[self._local.failure_threshold, self._local.cooldown_s]),
             lambda: self._local.failure(provider))
 
     async def is_open(self, provider: str) -> bool:
         got = await self._run("the circuit breaker", self._is_open(
-            keys=[self._key("breaker", provider)], args=[self._threshold]), lambda: self._local.is_open(provider))
+            keys=[self._key("breaker", provider)], args=[self._local.failure_threshold]),
+            lambda: self._local.is_open(provider))
         return bool(int(got))
 
     async def take(self, provider: str, limit: RateLimit, token: str, lease_s: float) -> float:
