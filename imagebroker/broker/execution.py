@@ -151,8 +151,9 @@ async def execute(view: CallView, request: ImageRequest, plan: Plan, request_id:
     elif not log.attempts and log.refusals:  # nothing was tried: every candidate was over budget
         error = log.refusals[-1]
     else:
-        waits = log.rate_waits if not log.attempts and len(log.rate_waits) == len(log.skips) else ()
-        error = AllAttemptsFailed(log.attempts, log.skips, retry_after=min(waits) if waits else None)
+        rate_limited = not log.attempts and all(s.reason == SkipReason.RATE_LIMITED for s in log.skips)
+        error = AllAttemptsFailed(log.attempts, log.skips,   # nothing sent: say when a slot is likely
+                                  retry_after=min(log.rate_waits) if rate_limited and log.rate_waits else None)
     await log.record("rejected" if isinstance(error, BudgetExceeded) else "error", error=error,
                      together=view.busy())
     for fault in log.ledger_faults:
