@@ -37,8 +37,9 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         secrets = known_secrets()
-        if not secrets:
+        if not secrets or getattr(record, "_redacted", False):   # (the logger's filter, then its handler's)
             return True
+        record._redacted = True  # type: ignore[attr-defined]
         record.msg, record.args = redact(record.getMessage(), secrets), None
         if record.exc_info:
             text = logging.Formatter().formatException(record.exc_info)
