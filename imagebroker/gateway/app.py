@@ -35,7 +35,7 @@ from ..logs import GATEWAY_LOG_ENV as LOG_ENV
 from ..logs import enable_gateway_logging
 from ..policies.loader import load_policy
 from . import links, webhooks
-from .dashboard import dashboard
+from .dashboard import Dashboard
 from .drain import DEFAULT_DRAIN_S, DRAIN_ENV, Drain, DrainMiddleware
 from .jobs import JobQueue, new_id, stash_inputs, unstash_inputs
 from .keys import KEY_TAG, GatewayKey, KeyStore, digest, for_key
@@ -59,6 +59,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
     state: dict[str, AsyncBroker] = {}
     metrics = Metrics()
     drain = Drain(float(os.environ.get(DRAIN_ENV) or DEFAULT_DRAIN_S))
+    pages = Dashboard()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -154,7 +155,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         body = await _json_object(request)
         if isinstance(body, Response):
             return body
-        if "respond-async" in request.headers.get("prefer", "").lower():
+        if _wants_job(request):
             return await submit(body, key)
         return await _generate(broker(), body, key, metrics, request)
 
@@ -223,7 +224,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         body["images"] = images
         if mask is not None and not isinstance(mask, str):
             body["mask"] = await mask.read()
-        if "respond-async" in request.headers.get("prefer", "").lower():
+        if _wants_job(request):
             return await submit(body, key)
         return await _generate(broker(), body, key, metrics, request)
 
@@ -276,7 +277,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         key = await caller(request)
         if isinstance(key, JSONResponse):
             return key
-        return await dashboard(broker(), key, request.query_params.get("since"))
+        return await pages.answer(broker(), key, request.query_params.get("since"))
 
     async def image_file(request: Request) -> Response:
         """A stored image behind a signed, expiring link (`links.py`): no key needed, the signature is one."""
@@ -375,6 +376,11 @@ def _failed(exc: Exception, body: dict[str, Any], metrics: Metrics, started: flo
     metrics.failed(body.get("model") if isinstance(body.get("model"), str) else None, reply.status_code,
                    time.perf_counter() - started)
     return reply
+
+
+def _wants_job(request: Request) -> bool:
+    """`Prefer: respond-async`: answer 202 and a job id now, the images later."""
+    return "respond-async" in request.headers.get("prefer", "").lower()
 
 
 def _reply(exc: Exception) -> JSONResponse:

@@ -16,31 +16,36 @@ from ..broker.core import AsyncBroker
 from ..errors import ImageBrokerError, MissingExtra
 
 FRESH_S = 30.0
-_drawing = threading.Lock()
-_kept: dict[str | None, tuple[float, str]] = {}
+_drawing = threading.Lock()   # pyplot's state is the process's: one page drawn at a time, whichever app
 
 
-def _draw(broker: AsyncBroker, since: str | None) -> str:
-    from ..broker.page import render
-    from ..broker.report import parse_when
+class Dashboard:
+    """One app's dashboard: its pages by `since`, each kept for FRESH_S."""
 
-    with _drawing:
-        hit = _kept.get(since)
-        if hit is not None and time.monotonic() - hit[0] < FRESH_S:
-            return hit[1]
-        page = render(broker.ledger, broker.policy, since=parse_when(since))
-        _kept[since] = (time.monotonic(), page)
-        return page
+    def __init__(self) -> None:
+        self._kept: dict[str | None, tuple[float, str]] = {}
 
+    def _draw(self, broker: AsyncBroker, since: str | None) -> str:
+        from ..broker.page import render
+        from ..broker.report import parse_when
 
-async def dashboard(broker: AsyncBroker, key: Any, since: str | None) -> Response:
-    if key is not None and not key.admin:
-        return JSONResponse({"error": {"message": "the dashboard needs an admin key", "type": "invalid_request_error",
-                                       "param": None, "code": "admin_only"}}, status_code=403)
-    try:
-        page = await asyncio.to_thread(_draw, broker, since)
-    except ImageBrokerError as exc:   # no matplotlib (the `report` extra), a bad --since
-        status = 501 if isinstance(exc, MissingExtra) else 400
-        return JSONResponse({"error": {"message": str(exc), "type": "invalid_request_error", "param": "since",
-                                       "code": None}}, status_code=status)
-    return HTMLResponse(page, headers={"cache-control": "private, max-age=30"})
+        with _drawing:
+            hit = self._kept.get(since)
+            if hit is not None and time.monotonic() - hit[0] < FRESH_S:
+                return hit[1]
+            page = render(broker.ledger, broker.policy, since=parse_when(since))
+            self._kept[since] = (time.monotonic(), page)
+            return page
+
+    async def answer(self, broker: AsyncBroker, key: Any, since: str | None) -> Response:
+        if key is not None and not key.admin:
+            return JSONResponse({"error": {"message": "the dashboard needs an admin key", "type":
+                                           "invalid_request_error", "param": None, "code": "admin_only"}},
+                                status_code=403)
+        try:
+            page = await asyncio.to_thread(self._draw, broker, since)
+        except ImageBrokerError as exc:   # no matplotlib (the `report` extra), a bad --since
+            status = 501 if isinstance(exc, MissingExtra) else 400
+            return JSONResponse({"error": {"message": str(exc), "type": "invalid_request_error", "param": "since",
+                                           "code": None}}, status_code=status)
+        return HTMLResponse(page, headers={"cache-control": "private, max-age=30"})

@@ -34,15 +34,18 @@ def stash_inputs(store: Any, body: dict[str, Any]) -> dict[str, Any]:
 def unstash_inputs(store: Any, fields: dict[str, Any]) -> dict[str, Any]:
     """A job's fields with its edit inputs read back from the store (a RequestError if one is gone)."""
     shas, mask = fields.pop(INPUTS, None), fields.pop(MASK, None)
-    for name, sha in [*(("images", s) for s in shas or ()), *((("mask", mask),) if mask else ())]:
-        data = store.get(sha)
-        if data is None:
-            raise RequestError(f"the edit's input {sha[:12]} is no longer in the image store")
-        if name == "images":
-            fields.setdefault("images", []).append(data)
-        else:
-            fields["mask"] = data
+    if shas:
+        fields["images"] = [_stored(store, sha) for sha in shas]
+    if mask:
+        fields["mask"] = _stored(store, mask)
     return fields
+
+
+def _stored(store: Any, sha: str) -> bytes:
+    data = store.get(sha)
+    if data is None:
+        raise RequestError(f"the edit's input {sha[:12]} is no longer in the image store")
+    return data
 
 
 def new_id() -> str:

@@ -27,14 +27,6 @@ async def stream_answer(broker: AsyncBroker, fields: dict[str, Any], body: dict[
     """`served(result)` once it is made (metrics); `refused(exc)` is the reply for a call that failed before
     anything was streamed."""
     edit = "images" in body
-    if not fields.get("partial_images"):
-        try:
-            result = await broker.generate(**fields)
-        except Exception as exc:
-            return refused(exc)
-        served(result)
-        return StreamingResponse(iter(stream_events(result, edit)), media_type=SSE, headers=cost_headers(result))
-
     previews: asyncio.Queue[PartialImage | None] = asyncio.Queue()
 
     def progress(step: int, total: int, partial: PartialImage | None = None) -> None:
@@ -44,8 +36,8 @@ async def stream_answer(broker: AsyncBroker, fields: dict[str, Any], body: dict[
     call = asyncio.ensure_future(broker.generate(**fields, progress=progress))
     call.add_done_callback(lambda _: previews.put_nowait(None))
     first = await previews.get()
-    if first is None:   # done (or failed) before any preview: headers can say what it cost
-        try:
+    if first is None:   # done (or failed) before any preview, as every call that sends none: the headers
+        try:            # can say what it cost
             result = call.result()
         except Exception as exc:
             return refused(exc)
