@@ -76,6 +76,27 @@ def stop(server: subprocess.Popen) -> None:
         server.wait()
 
 
+def spread(gateways: list[tuple[subprocess.Popen, str]], calls: int) -> list[object]:
+    """`calls` concurrent generations through the official async SDK, alternating between the gateways: each
+    one's answer, or the APIStatusError it raised."""
+    async def burst() -> list[object]:
+        clients = [openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+                   for _, base in gateways]
+
+        async def one(i: int) -> object:
+            try:
+                return await clients[i % len(clients)].images.generate(prompt=f"call {i}")
+            except openai.APIStatusError as exc:
+                return exc
+        try:
+            return await asyncio.gather(*(one(i) for i in range(calls)))
+        finally:
+            for c in clients:
+                await c.close()
+
+    return asyncio.run(burst())
+
+
 @pytest.mark.postgres
 def test_two_gateways_hold_one_budget_exactly_and_survive_a_killed_one(tmp_path, pg_url):
     k = 37
@@ -84,27 +105,12 @@ def test_two_gateways_hold_one_budget_exactly_and_survive_a_killed_one(tmp_path,
     with fakes()["together"](["ok"]) as fake:
         gateways = [start_gateway(tmp_path, fake, pg_url, budgets=budget) for _ in range(2)]
         try:
-            async def burst() -> list[object]:
-                clients = [openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
-                           for _, base in gateways]
-
-                async def one(i: int) -> object:
-                    try:
-                        return await clients[i % 2].images.generate(prompt=f"call {i}")
-                    except openai.APIStatusError as exc:
-                        return exc.status_code
-                try:
-                    return await asyncio.gather(*(one(i) for i in range(200)))
-                finally:
-                    for c in clients:
-                        await c.close()
-
-            results = asyncio.run(burst())
+            results = spread(gateways, 200)
         finally:
             for server, _ in gateways:
                 stop(server)
-        served = [r for r in results if not isinstance(r, int)]
-        assert len(served) == k and sorted({r for r in results if isinstance(r, int)}) == [429]
+        refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+        assert len(results) - len(refused) == k and sorted({r.status_code for r in refused}) == [429]
         ledger = Ledger(pg_url)
         with ledger.engine.connect() as conn:
             ok = conn.execute(select(calls.c.cost_nusd).where(calls.c.status == "ok")).scalars().all()
@@ -161,23 +167,10 @@ def test_two_gateways_share_one_rate_limit_and_one_idempotent_call_through_redis
         try:
             assert all(httpx.get(f"{base}/readyz").json()["state"].startswith("redis://") for _, base in gateways)
 
-            async def burst() -> list[object]:
-                clients = [openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
-                           for _, base in gateways]
-
-                async def one(i: int) -> object:
-                    try:
-                        return await clients[i % 2].images.generate(prompt=f"call {i}")
-                    except openai.RateLimitError as exc:
-                        return ("refused", exc.response)
-                try:
-                    return await asyncio.gather(*(one(i) for i in range(30)))
-                finally:
-                    for c in clients:
-                        await c.close()
-
-            results = asyncio.run(burst())
-            refused = [x[1] for x in results if isinstance(x, tuple)]
+            results = spread(gateways, 30)
+            errors = [x for x in results if isinstance(x, openai.APIStatusError)]
+            assert all(isinstance(x, openai.RateLimitError) for x in errors)
+            refused = [x.response for x in errors]
             assert len(results) - len(refused) == r and fake.generations == r   # R a minute, whichever worker
             assert len(refused) == 30 - r and fake.max_in_flight <= r
             assert all(x.status_code == 429 and int(x.headers["retry-after"]) >= 50 for x in refused)
