@@ -84,6 +84,41 @@ def test_whatif_groups_by_tag_and_replays_old_rows_as_partial():
     assert groups == {"(untagged)": 3, "growth": 1} and result.partial == 1
 
 
+def test_whatif_prices_as_of_a_day_replays_with_the_price_then(tmp_path):
+    build_ledger()
+    history = [{"unit": "per_megapixel", "usd_per_mp": "0.05", "since": "2026-03-01", "source": "t",
+                "checked": "2026-03-01", "confidence": "high"},
+               {"unit": "per_megapixel", "usd_per_mp": "0.08", "since": "2025-06-01", "source": "t",
+                "checked": "2025-06-01", "confidence": "high"}]
+    cheaper = team_policy(name="per-mp", prefer=[], objective="cheapest", deny=[*builtin_providers(), "mock/a"])
+    dumped = json.loads(cheaper.model_dump_json(exclude={"providers", "local"}))
+    mp = next(o for o in dumped["offerings"] if o["model"] == "mp")
+    mp["price_history"] = history
+    policy = tmp_path / "history.yaml"
+    policy.write_text(json.dumps(dumped))
+
+    def replay(day: str) -> dict:
+        out = CliRunner().invoke(app, ["whatif", "--policy", str(policy), "--prices-as-of", day, "--json"])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout)["whatif"]
+
+    catalog = effective_catalog(cheaper, builtin_catalog())
+    today = sum(estimate(ImageRequest(**r), catalog.offerings["mock/mp"]).usd for r in REQUESTS)
+    # each price is the per-MP rate times the same megapixels: the what-if scales with the rate of that day
+    assert Decimal(replay("2026-12-01")["cost_usd"]) == today                       # the current price (0.03)
+    assert Decimal(replay("2026-05-10")["cost_usd"]) == today * 5 / 3               # since 2026-03-01
+    assert Decimal(replay("2025-12-31")["cost_usd"]) == today * 8 / 3               # since 2025-06-01
+    before = replay("2024-01-01")   # older than anything recorded: today's price stands in, and it says so
+    assert Decimal(before["cost_usd"]) == today and before["prices_not_recorded"] == {"mock/mp": 4}
+    assert replay("2026-05-10")["prices_not_recorded"] == {}
+    bad = CliRunner().invoke(app, ["whatif", "--policy", str(policy), "--prices-as-of", "last spring"])
+    assert bad.exit_code == 2 and "--prices-as-of 'last spring' is not a date" in bad.output
+    mp["price_history"] = [{**history[0], "since": "2026-12-01"}]   # not before the current price's day
+    policy.write_text(json.dumps(dumped))
+    wrong = CliRunner().invoke(app, ["whatif", "--policy", str(policy)])
+    assert wrong.exit_code == 2 and "price_history" in wrong.output and "Traceback" not in wrong.output
+
+
 def test_breakeven_worked_examples():
     b = BreakEven(hosted_usd_per_image=Decimal("0.04"), gpu_usd_per_hour=Decimal("2.69"),
                   seconds_per_image=Decimal("3.5"), utilisation=Decimal("0.6"), fixed_usd_per_month=Decimal(0))
@@ -121,6 +156,40 @@ def test_breakeven_from_the_cli_with_a_catalog_price_and_the_ledgers_volume():
     bad = CliRunner().invoke(app, ["breakeven", "--gpu-usd-per-hour", "2.69", "--price-per-image", "abc",
                                    "--seconds-per-image", "3"])
     assert bad.exit_code == 2 and "--price-per-image 'abc' is not a number" in bad.output
+
+
+def test_breakeven_takes_the_seconds_from_the_gpu_benchmarks_results(tmp_path):
+    results = tmp_path / "gpu_pipelines.json"   # as benchmarks/gpu_pipelines.py writes it
+    shape = {"machine": "x86_64, 16 cores", "device": "NVIDIA H200", "tiny": False, "size": 1024,
+             "dtype": "torch.bfloat16", "torch": "2.13.0",
+             "sdxl": {"steps": 30, "eager_s_per_image": 2.4, "eager_images_per_s": 0.417, "compile_s": 61.0,
+                      "compiled_s_per_image": 1.9, "compiled_images_per_s": 0.526},
+             "flux": {"steps": 28, "eager_s_per_image": 6.1, "eager_images_per_s": 0.164, "compile_s": 90.0,
+                      "compiled_s_per_image": 4.8, "compiled_images_per_s": 0.208}}
+    results.write_text(json.dumps(shape))
+
+    def breakeven(*extra: str):
+        return CliRunner().invoke(app, ["breakeven", "--gpu-usd-per-hour", "3.6", "--price-per-image", "0.03",
+                                        "--benchmark-file", str(results), *extra])
+
+    compiled, eager = breakeven("--benchmark", "flux", "--json"), breakeven("--benchmark", "sdxl:eager", "--json")
+    assert compiled.exit_code == 0, compiled.output
+    d = json.loads(compiled.stdout)
+    assert Decimal(d["seconds_per_image"]) == Decimal("4.8")
+    # 3.6 x 4.8 / 3600 / 0.6 = 0.008; capacity 730 x 3600 / 4.8 x 0.6 = 328500
+    assert Decimal(d["self_hosted_usd_per_image"]) == Decimal("0.008")
+    assert d["capacity_images_per_gpu_month"] == 328_500
+    assert d["seconds_from"] == "flux compiled on NVIDIA H200 (1024px, 28 steps; gpu_pipelines.json)"
+    assert Decimal(json.loads(eager.stdout)["seconds_per_image"]) == Decimal("2.4")
+    shown = breakeven("--benchmark", "flux")
+    assert "seconds per image = 4.8 s, flux compiled on NVIDIA H200" in shown.output
+    results.write_text(json.dumps({**shape, "tiny": True}))   # a code-path check on a CPU: refused
+    tiny = breakeven("--benchmark", "flux")
+    assert tiny.exit_code == 2 and "--tiny run" in tiny.output
+    missing = breakeven("--benchmark", "flux", "--benchmark-file", str(tmp_path / "none.json"))
+    assert missing.exit_code == 2 and "run benchmarks/gpu_pipelines.py" in missing.output
+    wrong = breakeven("--benchmark", "sd3")
+    assert wrong.exit_code == 2 and "one of sdxl, flux" in wrong.output
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (CI installs it)")

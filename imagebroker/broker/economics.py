@@ -12,9 +12,11 @@ capacity, more GPUs are needed (and each adds its own month), which this says to
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
 from typing import Any
 
 from ..errors import RequestError
@@ -31,6 +33,7 @@ class BreakEven:
     utilisation: Decimal
     fixed_usd_per_month: Decimal
     monthly_images: int | None = None   # the ledger's own volume, to say which side of the line it is on
+    seconds_from: str = ""              # where the seconds per image come from, when not given by hand
 
     def __post_init__(self) -> None:
         if not self.hosted_usd_per_image > 0:
@@ -78,7 +81,8 @@ class BreakEven:
 
     def arithmetic(self) -> list[str]:
         g, s, u = self.gpu_usd_per_hour, self.seconds_per_image, self.utilisation
-        lines = [
+        lines = [f"seconds per image = {s} s, {self.seconds_from}"] if self.seconds_from else []
+        lines += [
             f"self-hosted per image = ${g}/h x {s} s / 3600 / {u} = ${_q(self.self_hosted_usd_per_image)}",
             f"dedicated GPU per month = ${g}/h x {HOURS_PER_MONTH} h + ${self.fixed_usd_per_month} fixed = "
             f"${_q(self.dedicated_gpu_usd_per_month)}",
@@ -96,7 +100,8 @@ class BreakEven:
 
     def as_dict(self) -> dict[str, Any]:
         return {"hosted_usd_per_image": self.hosted_usd_per_image, "gpu_usd_per_hour": self.gpu_usd_per_hour,
-                "seconds_per_image": self.seconds_per_image, "utilisation": self.utilisation,
+                "seconds_per_image": self.seconds_per_image, "seconds_from": self.seconds_from or None,
+                "utilisation": self.utilisation,
                 "fixed_usd_per_month": self.fixed_usd_per_month,
                 "self_hosted_usd_per_image": _q(self.self_hosted_usd_per_image),
                 "dedicated_gpu_usd_per_month": _q(self.dedicated_gpu_usd_per_month),
@@ -104,6 +109,34 @@ class BreakEven:
                 "breakeven_images_per_month": self.breakeven_images_per_month,
                 "gpus_needed_at_breakeven": self.gpus_needed_at_breakeven,
                 "monthly_images": self.monthly_images, "verdict": self.verdict(), "arithmetic": self.arithmetic()}
+
+
+BENCHMARKED = ("sdxl", "flux")
+
+
+def benchmark_seconds(path: Path, which: str) -> tuple[Decimal, str]:
+    """Seconds per image from `benchmarks/gpu_pipelines.py`'s results file: `sdxl` or `flux` (torch.compile'd,
+    the speed a tuned deployment gets) or `sdxl:eager` / `flux:eager`; and a line saying where they come from."""
+    kind, _, mode = which.partition(":")
+    mode = mode or "compiled"
+    if kind not in BENCHMARKED or mode not in ("compiled", "eager"):
+        raise RequestError(f"--benchmark {which!r}: one of sdxl, flux, sdxl:eager, flux:eager")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RequestError(f"--benchmark-file {path}: no such file; run benchmarks/gpu_pipelines.py on the GPU, "
+                           "or give the file it wrote") from None
+    except (OSError, ValueError) as exc:
+        raise RequestError(f"--benchmark-file {path}: not a results file ({exc})") from None
+    if results.get("tiny"):
+        raise RequestError(f"--benchmark-file {path}: results of a --tiny run (a check of the code path on a "
+                           "CPU): their seconds mean nothing")
+    seconds = (results.get(kind) or {}).get(f"{mode}_s_per_image")
+    if not isinstance(seconds, int | float) or seconds <= 0:
+        raise RequestError(f"--benchmark-file {path}: no {mode}_s_per_image for {kind}")
+    at = f"{results.get('size', '?')}px, {(results.get(kind) or {}).get('steps', '?')} steps"
+    return (Decimal(str(seconds)),
+            f"{kind} {mode} on {results.get('device', 'an unnamed device')} ({at}; {path.name})")
 
 
 def gpu_prices() -> dict[str, dict[str, Any]]:

@@ -3,7 +3,9 @@ have cost (the expected cost and the bound of the offering the plan would try fi
 
 Providers count as available (a what-if is about the policy, not about the keys on this machine) and local
 models as warm. A call recorded before the ledger kept its planning fields (m008) replays with the size, n and
-seed its row has, and is counted as `partial`."""
+seed its row has, and is counted as `partial`. With `prices_as_of`, each offering is priced as the catalog
+records it on that day (`Catalog.as_of`); calls routed to an offering whose price then is not recorded are
+counted by offering, since today's price stood in for theirs."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -59,6 +61,8 @@ class WhatIf:
     groups: dict[str, WhatIfGroup] = field(default_factory=dict)
     moves: Counter[tuple[str, str]] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
+    prices_as_of: date | None = None
+    prices_not_recorded: Counter[str] = field(default_factory=Counter)   # offering -> calls routed to it
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -67,7 +71,9 @@ class WhatIf:
             "whatif": {"cost_usd": self.whatif_usd, "bound_usd": self.whatif_bound_usd,
                        "calls_routed": self.routed, "calls_unroutable": self.unroutable,
                        "calls_unpriced": self.unpriced, "calls_local": self.local_calls,
-                       "local_gpu_seconds": round(self.local_gpu_seconds, 3)},
+                       "local_gpu_seconds": round(self.local_gpu_seconds, 3),
+                       "prices_as_of": self.prices_as_of.isoformat() if self.prices_as_of else None,
+                       "prices_not_recorded": dict(self.prices_not_recorded.most_common())},
             "calls_partial": self.partial,
             "groups": [g.as_dict() for g in sorted(self.groups.values(), key=lambda g: (-g.actual_usd, g.key))],
             "moves": [{"from": a, "to": b, "calls": n} for (a, b), n in self.moves.most_common()],
@@ -116,9 +122,12 @@ def _group_key(row: Any, by: str, tags: dict[str, str]) -> str:
 
 
 def whatif(ledger: Ledger, policy: Policy, catalog: Catalog, *, since: float | None = None,
-           until: float | None = None, by: str = "provider") -> WhatIf:
+           until: float | None = None, by: str = "provider", prices_as_of: date | None = None) -> WhatIf:
     """Every finished call since `since` and before `until`, planned again under `policy`."""
-    out = WhatIf(policy=policy.name)
+    out = WhatIf(policy=policy.name, prices_as_of=prices_as_of)
+    not_recorded: frozenset[str] = frozenset()
+    if prices_as_of is not None:
+        catalog, not_recorded = catalog.as_of(prices_as_of)
     state = PlannerState(today=datetime.now(UTC).date())
     where = [calls.c.status != "pending"]
     if since is not None:
@@ -152,6 +161,8 @@ def whatif(ledger: Ledger, policy: Policy, catalog: Catalog, *, since: float | N
         first = the_plan.candidates[0]
         out.routed += 1
         out.moves[(row.offering or "(none)", first.offering)] += 1
+        if first.offering in not_recorded:
+            out.prices_not_recorded[first.offering] += 1
         if first.estimated_cost.usd is None:
             out.unpriced += 1
         else:

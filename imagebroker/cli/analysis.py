@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from datetime import date
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 SinceOpt = Annotated[str | None, typer.Option(help="7d, 12h, 30m or a date (from its midnight UTC).")]
 UntilOpt = Annotated[str | None, typer.Option(help="A date or time, not included.")]
 MONTH_S = 30 * 86_400
+BENCHMARK_FILE = Path("benchmarks/results/gpu_pipelines.json")   # where benchmarks/gpu_pipelines.py writes
 
 
 def _decimal(name: str, value: str | None) -> Decimal | None:
@@ -39,7 +41,17 @@ def _ledger(ledger: str | None) -> Ledger:
     return Ledger(ledger, read_only=True)
 
 
-def _whatif(policy: str, led: Ledger, since: str | None, until: str | None, by: str) -> Any:
+def _day(name: str, value: str | None) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        fail(f"{name} {value!r} is not a date (YYYY-MM-DD)")
+
+
+def _whatif(policy: str, led: Ledger, since: str | None, until: str | None, by: str,
+            prices_as_of: date | None = None) -> Any:
     from ..broker.report import parse_when
     from ..broker.whatif import whatif as replay
     from ..policies.effective import effective_catalog
@@ -48,7 +60,7 @@ def _whatif(policy: str, led: Ledger, since: str | None, until: str | None, by: 
 
     target = load_policy(policy)
     return replay(led, target, effective_catalog(target, builtin_catalog()), since=parse_when(since),
-                  until=parse_when(until), by=by)
+                  until=parse_when(until), by=by, prices_as_of=prices_as_of)
 
 
 @handle_errors
@@ -56,10 +68,12 @@ def whatif(
     policy: Annotated[str, typer.Option("--policy", "-p", help="The policy to replay the ledger under.")],
     since: SinceOpt = None, until: UntilOpt = None,
     by: Annotated[str, typer.Option(help="provider, offering, day, policy, status or tag:KEY.")] = "provider",
+    prices_as_of: Annotated[str | None, typer.Option(help="Price each offering as the catalog records it on "
+                                                     "this day (YYYY-MM-DD), not today.")] = None,
     ledger: LedgerOpt = None, wide: WideOpt = False, json_out: JsonOpt = False,
 ) -> None:
     """What the recorded calls would have cost under another policy, with today's catalog."""
-    result = _whatif(policy, _ledger(ledger), since, until, by)
+    result = _whatif(policy, _ledger(ledger), since, until, by, _day("--prices-as-of", prices_as_of))
     if json_out:
         print_json(result.as_dict())
         return
@@ -80,6 +94,10 @@ def whatif(
     if result.local_calls:
         console.print(f"{result.local_calls} call(s) would run locally: about {d['whatif']['local_gpu_seconds']} "
                       "GPU-seconds", markup=False)
+    if result.prices_not_recorded:
+        missing = ", ".join(f"{o} ({n})" for o, n in result.prices_not_recorded.most_common())
+        console.print(styled(f"prices as of {result.prices_as_of}: the catalog records no price that day for "
+                             f"{missing}; today's price stood in", "yellow"))
     if result.partial:
         console.print(styled(f"{result.partial} call(s) were recorded before the ledger kept planning fields: "
                              "replayed with their size, n and seed only", "dim"))
@@ -87,9 +105,10 @@ def whatif(
 
 def breakeven_from(price_per_image: str | None, offering: str | None, size: str | None, gpu_usd_per_hour: str | None,
                    seconds_per_image: str | None, measured: str | None, utilisation: float,
-                   fixed_usd_per_month: str, led: Ledger) -> Any:
+                   fixed_usd_per_month: str, led: Ledger, benchmark: str | None = None,
+                   benchmark_file: Path = BENCHMARK_FILE) -> Any:
     """A BreakEven from the command's options (shared by `breakeven` and `report`)."""
-    from ..broker.economics import BreakEven
+    from ..broker.economics import BreakEven, benchmark_seconds
     from ..broker.ledger.schema import calls
     from ..policies.pricing import estimate
     from ..providers.catalog import builtin_catalog
@@ -106,18 +125,22 @@ def breakeven_from(price_per_image: str | None, offering: str | None, size: str 
         if cost.usd is None:
             fail(f"--offering {offering}: {cost.detail}")
         hosted = cost.usd
-    seconds = _decimal("--seconds-per-image", seconds_per_image)
+    seconds, seconds_from = _decimal("--seconds-per-image", seconds_per_image), ""
+    if seconds is None and benchmark is not None:
+        seconds, seconds_from = benchmark_seconds(benchmark_file, benchmark)
     from sqlalchemy import func, select
 
     with led.engine.connect() as conn:
         if seconds is None:
             if measured is None:
-                fail("give --seconds-per-image S or --measured OFFERING (its median latency in the ledger)")
+                fail("give --seconds-per-image S, --measured OFFERING (its median latency in the ledger) or "
+                     "--benchmark sdxl|flux (benchmarks/gpu_pipelines.py's results)")
             latencies = conn.execute(select(calls.c.latency_s, calls.c.images).where(
                 calls.c.offering == measured, calls.c.status == "ok", calls.c.cached == 0)).all()
             if not latencies:
                 fail(f"--measured {measured}: no successful calls of it in the ledger")
             seconds = Decimal(str(round(statistics.median(lat / max(1, n) for lat, n in latencies), 3)))
+            seconds_from = f"the median of {len(latencies)} call(s) of {measured} in the ledger"
         monthly = conn.execute(select(func.coalesce(func.sum(calls.c.images), 0)).where(
             calls.c.status == "ok", calls.c.created_at >= time.time() - MONTH_S)).scalar()
     if gpu_usd_per_hour is None:
@@ -126,7 +149,7 @@ def breakeven_from(price_per_image: str | None, offering: str | None, size: str 
     return BreakEven(hosted_usd_per_image=hosted, gpu_usd_per_hour=rate, seconds_per_image=seconds,
                      utilisation=Decimal(str(utilisation)),
                      fixed_usd_per_month=_decimal("--fixed-usd-per-month", fixed_usd_per_month) or Decimal(0),
-                     monthly_images=int(monthly or 0))
+                     monthly_images=int(monthly or 0), seconds_from=seconds_from)
 
 
 @handle_errors
@@ -139,6 +162,9 @@ def breakeven(
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT for --offering's price.")] = None,
     seconds_per_image: Annotated[str | None, typer.Option(help="GPU-seconds one image takes.")] = None,
     measured: Annotated[str | None, typer.Option(help="Or a local offering: its median in the ledger.")] = None,
+    benchmark: Annotated[str | None, typer.Option(help="Or sdxl, flux (compiled) or sdxl:eager, flux:eager from "
+                                                  "benchmarks/gpu_pipelines.py's results.")] = None,
+    benchmark_file: Annotated[Path, typer.Option(help="That benchmark's results file.")] = BENCHMARK_FILE,
     utilisation: Annotated[float, typer.Option(help="Share of the GPU's hours that make images.")] = 0.6,
     fixed_usd_per_month: Annotated[str, typer.Option(help="Ops, storage, ... per month.")] = "0",
     ledger: LedgerOpt = None, json_out: JsonOpt = False,
@@ -149,7 +175,7 @@ def breakeven(
     if gpu is not None:
         gpu_usd_per_hour = str(known_rate(gpu))
     result = breakeven_from(price_per_image, offering, size, gpu_usd_per_hour, seconds_per_image, measured,
-                            utilisation, fixed_usd_per_month, _ledger(ledger))
+                            utilisation, fixed_usd_per_month, _ledger(ledger), benchmark, benchmark_file)
     if json_out:
         print_json(result.as_dict())
         return

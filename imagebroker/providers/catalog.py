@@ -97,6 +97,17 @@ class Catalog:
     def active(self, today: date) -> list[Offering]:
         return [o for o in self if not o.retired(today)]
 
+    def as_of(self, day: date) -> tuple[Catalog, frozenset[str]]:
+        """The catalog priced as on `day` (`Offering.price_on`), and the offerings whose price that day it does
+        not record (today's price stands in for theirs)."""
+        priced, unknown = [], set()
+        for o in self:
+            rule, known = o.price_on(day)
+            if not known:
+                unknown.add(o.id)
+            priced.append(o if rule is o.price else o.model_copy(update={"price": rule}))
+        return Catalog(priced, f"{self.version}@{day}"), frozenset(unknown)
+
     def with_overrides(self, items: list[dict[str, Any]], located: Located | None = None,
                        base_path: tuple[str | int, ...] = ("offerings",)) -> Catalog:
         """User additions and overrides: an item whose id exists is merged over it (a negotiated

@@ -93,6 +93,7 @@ class Capabilities(_Data):
 class _PriceBase(_Data):
     source: str
     checked: date
+    since: date | None = None      # the day this price took effect, when known (else it held on `checked`)
     confidence: Confidence
     note: str = ""
     uplift: Decimal = Decimal(0)   # set from a region option: +10% for OpenAI data residency
@@ -195,6 +196,8 @@ class Offering(_Data):
     aliases: tuple[str, ...] = ()
     capabilities: Capabilities
     price: PriceRule | None = None
+    # earlier prices, each with the day it took effect (`since`): what `whatif --prices-as-of` replays with
+    price_history: tuple[PriceRule, ...] = ()
     license: License
     regions: tuple[str, ...]
     latency: Latency
@@ -214,7 +217,25 @@ class Offering(_Data):
     def _id(self) -> Offering:
         if self.id != f"{self.provider}/{self.model}":
             raise ValueError(f"id must be provider/model, i.e. {self.provider}/{self.model}")
+        if self.price_history and self.price is None:
+            raise ValueError("price_history needs a current price")
+        for old in self.price_history:
+            if old.since is None or self.price is None or old.since >= _took_effect(self.price):
+                raise ValueError("each price_history entry needs `since`, a day before the current price's "
+                                 "(its `since`, else its `checked`)")
         return self
+
+    def price_on(self, day: date) -> tuple[PriceRule | None, bool]:
+        """The price in effect on `day`, and whether the catalog records it: the latest of the current price
+        and `price_history` that had taken effect by then. Before all of them, today's price stands in (not
+        recorded). A GPU-seconds price is the policy's own rate, so it holds on any day."""
+        if self.price is None or isinstance(self.price, GpuSecondsPrice):
+            return self.price, True
+        held = [r for r in (self.price, *self.price_history) if _took_effect(r) <= day]
+        if not held:
+            return self.price, False
+        rule = max(held, key=_took_effect)
+        return (rule if rule is self.price else rule.model_copy(update={"uplift": self.price.uplift})), True
 
     def retired(self, today: date) -> bool:
         return self.status == "shutdown" or (self.shutdown is not None and self.shutdown <= today)
@@ -228,6 +249,10 @@ class Offering(_Data):
             return None
         plural = "s" if days != 1 else ""
         return f"{self.id} shuts down on {self.shutdown} (in {days} day{plural}): move to another offering"
+
+
+def _took_effect(rule: PriceRule) -> date:
+    return rule.since or rule.checked
 
 
 def offering_warnings(request: ImageRequest, offering: Offering) -> tuple[str, ...]:
