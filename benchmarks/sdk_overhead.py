@@ -331,7 +331,10 @@ def install(st: Stages) -> None:
         "plan": [f"{core}:AsyncBroker._plan"],  # state() + memoised plan
         "callrun_init": [f"{ex}:CallRun.__init__", f"{rec}:CallLog.__init__"],
         "provider_total": ["imagebroker.providers.openai:OpenAIProvider.generate"],
-        "sdk_call": ["openai.resources.images:AsyncImages.generate"],  # HTTP round trip + response model
+        # the provider's HTTP round trip and JSON parse (the SDK's call, as raw, before the provider spoke
+        # HTTP itself)
+        "sdk_call": ["imagebroker.providers.openai:OpenAIProvider.post",
+                     "openai.resources.images:AsyncImages.generate"],
         "sdk_call_sync": ["openai.resources.images:Images.generate"],
         "validate": [f"{ex}:validate_images"],
         "validate_pil_load": ["PIL.ImageFile:ImageFile.load"],  # the full decode inside validate
@@ -362,8 +365,8 @@ def breakdown(st: Stages, per: int, sync: bool) -> dict[str, Any]:
         "request_build": m("request_build"),
         "plan": m("plan"),
         "callrun_init": m("callrun_init"),
-        "sdk_call (HTTP round trip + SDK response parsing, as in raw)": sdk,
-        "provider_own (provider.generate minus sdk_call)": round(m("provider_total") - sdk, 3),
+        "provider_http (the provider's HTTP round trip + JSON parse; raw: the SDK's)": sdk,
+        "provider_own (provider.generate minus provider_http)": round(m("provider_total") - sdk, 3),
         "validate_images": m("validate"),
         "  of which PIL full decode (ImageFile.load)": m("validate_pil_load"),
         "  of which GeneratedImage model": m("generated_image_model"),

@@ -75,6 +75,22 @@ def test_openai_usage_settles_the_cost_with_the_residency_uplift(tmp_path, monke
     assert r.cost.status == "priced" and r.cost.units["output_image_tokens"] == 196
 
 
+def test_openai_sends_the_organization_and_project_as_the_sdk_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", fakes()["openai"].key)
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-from-env")
+    with fakes()["openai"](["ok", "ok"]) as fake:
+        policy = {"name": "t", "deny": [p for p in HOSTED if p != "openai"],
+                  "providers": {"openai": {"base_url": fake.base_url}}}
+        with Broker(Policy.model_validate(policy), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+            b.generate("x", model="openai/gpt-image-2")
+        policy["providers"]["openai"]["options"] = {"organization": "org-team", "project": "proj_images"}
+        with Broker(Policy.model_validate(policy), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+            b.generate("x", model="openai/gpt-image-2")
+    first, second = (r["headers"] for r in fake.requests)
+    assert first["openai-organization"] == "org-from-env" and "openai-project" not in first
+    assert (second["openai-organization"], second["openai-project"]) == ("org-team", "proj_images")
+
+
 @pytest.mark.parametrize("status, body, headers, cls", [
     (429, '{"error": "rate_limit_exceeded", "retry_after": 5}', {}, RateLimited),
     (429, "slow down", {"retry-after-ms": "1500"}, RateLimited),

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-import httpx
+import httpx2
 
 SIGNATURE_HEADER = "X-Imagebroker-Signature"
 ATTEMPTS = 3
@@ -38,7 +38,7 @@ def verify(secret: str, header: str, body: bytes, *, max_age_s: float = 300, now
 
 async def announce(url: str, secret: str, payload: dict[str, Any]) -> bool:
     body = json.dumps(payload).encode()
-    async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
+    async with httpx2.AsyncClient(timeout=10, follow_redirects=False) as client:
         for attempt in range(ATTEMPTS):
             headers = {"content-type": "application/json",
                        SIGNATURE_HEADER: signature(secret, int(time.time()), body)}
@@ -47,7 +47,7 @@ async def announce(url: str, secret: str, payload: dict[str, Any]) -> bool:
                 if resp.is_success:
                     return True
                 why = f"HTTP {resp.status_code}"
-            except httpx.HTTPError as exc:
+            except httpx2.HTTPError as exc:
                 why = type(exc).__name__
             if attempt + 1 < ATTEMPTS:
                 await asyncio.sleep(0.5 * 2**attempt)

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..inputs import alpha_mask
 from ..types import ImageRequest
-from .base import RawImage
-from .images_api import ImagesApiProvider
 from .offering import Offering
+from .openai import OpenAIProvider
 
 API_VERSION = "2025-04-01-preview"   # the version that added gpt-image-1 (learn.microsoft.com)
 
 
-class AzureProvider(ImagesApiProvider):
+class AzureProvider(OpenAIProvider):
+    """OpenAI's wire format (multipart edits, usage) on Azure's URLs, key header and deployments."""
+
     name = "azure"
     api_key_env = "AZURE_OPENAI_API_KEY"
+    default_base_url = None
 
     def headers(self, key: str | None) -> dict[str, str]:
         return {"api-key": key} if key else {}
@@ -53,21 +54,3 @@ class AzureProvider(ImagesApiProvider):
         if offering.model.startswith("dall-e"):
             body["response_format"] = "b64_json"
         return body
-
-    def send_kwargs(self, body: dict[str, Any], request: ImageRequest) -> dict[str, Any]:
-        if not request.is_edit:
-            return {"json": body}
-        files = [("image[]", (f"image-{i}.{img.format}", img.data, img.mime)) for i, img in enumerate(request.images)]
-        if request.mask is not None:
-            files.append(("mask", ("mask.png", alpha_mask(request.mask), "image/png")))
-        return {"data": {k: str(v) for k, v in body.items()}, "files": files}
-
-    def usage(self, data: dict[str, Any], images: list[RawImage], size: tuple[int, int]) -> dict[str, Any]:
-        usage = super().usage(data, images, size) | {"quality": data.get("quality")}
-        u = data.get("usage")
-        if isinstance(u, dict):
-            details = u.get("input_tokens_details") or {}
-            usage |= {"input_text_tokens": details.get("text_tokens", u.get("input_tokens", 0)),
-                      "input_image_tokens": details.get("image_tokens", 0),
-                      "output_image_tokens": u.get("output_tokens", 0)}
-        return usage

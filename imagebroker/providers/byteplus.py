@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import httpx2
 
 from ..errors import BadProviderResponse, ContentRejected, ProviderError
 from ..types import ImageRequest
@@ -43,7 +43,7 @@ class BytePlusProvider(ImagesApiProvider):
                                     negative_prompt=None)
         return body
 
-    def error(self, resp: httpx.Response, where: dict[str, Any]) -> ProviderError:
+    def error(self, resp: httpx2.Response, where: dict[str, Any]) -> ProviderError:
         code = _code(resp)
         if SENSITIVE in code:
             return ContentRejected(f"BytePlus refused: {code}", status=resp.status_code, **where)
@@ -73,7 +73,7 @@ class BytePlusProvider(ImagesApiProvider):
         return usage
 
 
-def _code(resp: httpx.Response) -> str:
+def _code(resp: httpx2.Response) -> str:
     try:
         body = resp.json()
     except ValueError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import httpx2
 
 from ..errors import (
     BadProviderResponse,
@@ -123,7 +123,7 @@ def _failure(code: str, message: str, where: dict[str, Any]) -> ProviderError:
     return ProviderUnavailable(f"DashScope task failed: {code}: {message[:200]}", **where)
 
 
-def _error(resp: httpx.Response, data: Any, where: dict[str, Any]) -> ProviderError:
+def _error(resp: httpx2.Response, data: Any, where: dict[str, Any]) -> ProviderError:
     code = str(data.get("code", "")) if isinstance(data, dict) else ""
     if code in REFUSED:
         return ContentRejected(f"DashScope refused: {code}", status=resp.status_code, **where)

@@ -1,4 +1,4 @@
-"""Google Gemini image models over REST `generateContent` (httpx): inline base64 results, cost from
+"""Google Gemini image models over REST `generateContent` (httpx2): inline base64 results, cost from
 `usageMetadata` image tokens. One image per call (no sampleCount on Gemini image models).
 
 Vertex AI (for EU processing): set `providers.google.options.project` (and `location`, default `eu`

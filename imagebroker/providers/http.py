@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, ClassVar, TypeVar
 
-import httpx
+import httpx2
 
 from ..errors import (
     AuthError,
@@ -47,7 +47,7 @@ from .base import Provider, mark_submitted
 _TRANSFER_HEADERS = ("content-encoding", "content-length", "transfer-encoding")
 
 
-def _decoded(headers: httpx.Headers) -> list[tuple[str, str]]:
+def _decoded(headers: httpx2.Headers) -> list[tuple[str, str]]:
     """Headers for a response rebuilt from its decoded body (which has no encoding or length left)."""
     return [(k, v) for k, v in headers.multi_items() if k.lower() not in _TRANSFER_HEADERS]
 
@@ -59,7 +59,7 @@ MAX_RESULT_BYTES = 128 << 20  # one result on the wire; the broker's image check
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def retry_after(headers: httpx.Headers, body: Any = None) -> float | None:
+def retry_after(headers: httpx2.Headers, body: Any = None) -> float | None:
     for name in ("retry-after-ms", "retry-after"):
         value = headers.get(name)
         if value:
@@ -72,7 +72,7 @@ def retry_after(headers: httpx.Headers, body: Any = None) -> float | None:
     return None
 
 
-def status_error(status: int, text: str, headers: httpx.Headers, **where: Any) -> ProviderError:
+def status_error(status: int, text: str, headers: httpx2.Headers, **where: Any) -> ProviderError:
     """The one place an HTTP status becomes an imagebroker error."""
     request_id = next((headers[h] for h in REQUEST_ID_HEADERS if h in headers), None)
     msg = f"HTTP {status}: {text[:300]}"
@@ -98,7 +98,7 @@ def status_error(status: int, text: str, headers: httpx.Headers, **where: Any) -
     return ProviderError(msg, **kw)
 
 
-def origin(url: httpx.URL) -> str:
+def origin(url: httpx2.URL) -> str:
     """scheme://host:port, the port always written: what error messages name (never the whole URL,
     whose query may carry a signature)."""
     port = url.port or DEFAULT_PORTS.get(url.scheme)
@@ -135,13 +135,13 @@ async def address_kinds(host: str, port: int | None, where: dict[str, Any]) -> s
     return {_kind(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])) for info in infos}
 
 
-async def check_result_url(url: str, base_url: str | None, where: dict[str, Any]) -> httpx.URL:
+async def check_result_url(url: str, base_url: str | None, where: dict[str, Any]) -> httpx2.URL:
     """The URL, if a result may be fetched from it (the rules are in this module's docstring);
     otherwise a BadProviderResponse naming its origin."""
     try:
-        target = httpx.URL(url)
-        base = httpx.URL(base_url or "")
-    except (httpx.InvalidURL, TypeError):
+        target = httpx2.URL(url)
+        base = httpx2.URL(base_url or "")
+    except (httpx2.InvalidURL, TypeError):
         raise BadProviderResponse("result URL is not a URL", **where) from None
     base_kinds = await address_kinds(base.host, base.port, where) if base.host else {"public"}
     home = "public" not in base_kinds  # the base URL is itself loopback or private
@@ -170,37 +170,37 @@ def data_url(url: str, where: dict[str, Any], limit: int | None = None) -> bytes
         raise BadProviderResponse("data: URL that is not valid base64", **where) from None
 
 
-def redirect_target(resp: httpx.Response, where: dict[str, Any]) -> httpx.URL:
+def redirect_target(resp: httpx2.Response, where: dict[str, Any]) -> httpx2.URL:
     try:
         return resp.url.join(resp.headers["location"])
-    except httpx.InvalidURL:
+    except httpx2.InvalidURL:
         raise BadProviderResponse("redirected to a location that is not a URL", **where) from None
 
 
-NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+NOT_SENT = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout, httpx2.UnsupportedProtocol)
 POLL_RETRIES = 5  # transient failures polling or downloading an accepted job, tried again in place
 DOWNLOAD_RETRIES = 2
 
 
 @contextlib.contextmanager
 def transport_errors(where: dict[str, Any], submit: bool = False) -> Iterator[None]:
-    """httpx's transport failures as imagebroker errors. For a `submit` (a request that starts paid
+    """httpx2's transport failures as imagebroker errors. For a `submit` (a request that starts paid
     work), a failure after the request may have been sent (a read timeout, a reset mid-answer) is an
     `OutcomeUnknown`; failing to connect means nothing was sent, and may be tried again."""
     try:
         yield
-    except httpx.TimeoutException as exc:
+    except httpx2.TimeoutException as exc:
         if submit and not isinstance(exc, NOT_SENT):
             raise OutcomeUnknown(f"no answer after sending: {type(exc).__name__}", **where) from None
         raise ProviderUnavailable(f"timed out: {type(exc).__name__}", **where) from None
-    except httpx.TransportError as exc:
+    except httpx2.TransportError as exc:
         if submit and not isinstance(exc, NOT_SENT):
             raise OutcomeUnknown(f"connection lost after sending: {type(exc).__name__}", **where) from None
         raise ProviderUnavailable(f"connection failed: {type(exc).__name__}", **where) from None
 
 
 class HttpProvider(Provider):
-    """A provider that speaks plain HTTP with httpx."""
+    """A provider that speaks plain HTTP with httpx2."""
 
     # official hosts besides the base URL's own origin that may be sent the key (https, port 443), when
     # the base URL is itself on one of them: `*.name` for any name under it (BFL's regional hosts)
@@ -208,20 +208,20 @@ class HttpProvider(Provider):
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx2.AsyncClient | None = None
 
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> httpx2.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(120.0, connect=10.0),
-                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+            self._client = httpx2.AsyncClient(
+                timeout=httpx2.Timeout(120.0, connect=10.0),
+                limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50))
         return self._client
 
     def headers(self, key: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     async def send(self, method: str, url: str, *, where: dict[str, Any], accept: tuple[int, ...] = (),
-                   submit: bool | None = None, **kw: Any) -> httpx.Response:
+                   submit: bool | None = None, **kw: Any) -> httpx2.Response:
         """The request; transport failures and error statuses raised as imagebroker errors, except the
         statuses in `accept`, whose responses the caller reads itself (ComfyUI's 400 node errors).
         Redirects are never followed (they would carry the key): one is a BadProviderResponse.
@@ -233,7 +233,7 @@ class HttpProvider(Provider):
         with transport_errors(where, submit):
             async with self.client().stream(method, url, **kw) as streamed:
                 body = await self._read_bounded(streamed, where)
-        resp = httpx.Response(streamed.status_code, headers=_decoded(streamed.headers), content=body,
+        resp = httpx2.Response(streamed.status_code, headers=_decoded(streamed.headers), content=body,
                               request=streamed.request)
         if resp.is_redirect:
             to = origin(redirect_target(resp, where))
@@ -247,8 +247,8 @@ class HttpProvider(Provider):
         must be on the base URL's origin, or on one of `key_hosts` when the base URL is; otherwise a
         BadProviderResponse naming its origin, before any request."""
         try:
-            target, base = httpx.URL(url), httpx.URL(base_url or "")
-        except (httpx.InvalidURL, TypeError):
+            target, base = httpx2.URL(url), httpx2.URL(base_url or "")
+        except (httpx2.InvalidURL, TypeError):
             raise BadProviderResponse("answer named a URL that is not a URL", **where) from None
         official = all(u.scheme == "https" and (u.port or 443) == 443
                        and any(_host_matches(u.host, p) for p in self.key_hosts) for u in (target, base))
@@ -258,7 +258,7 @@ class HttpProvider(Provider):
         return str(url)
 
     @staticmethod
-    def json(resp: httpx.Response, where: dict[str, Any]) -> Any:
+    def json(resp: httpx2.Response, where: dict[str, Any]) -> Any:
         try:
             return resp.json()
         except ValueError:
@@ -304,7 +304,7 @@ class HttpProvider(Provider):
         MAX_RESULT_BYTES."""
         return self.settings.max_response_bytes or MAX_RESULT_BYTES
 
-    async def _read_bounded(self, resp: httpx.Response, where: dict[str, Any]) -> bytes:
+    async def _read_bounded(self, resp: httpx2.Response, where: dict[str, Any]) -> bytes:
         limit = self.max_bytes
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:  # refused before a byte of the body is read
@@ -316,7 +316,7 @@ class HttpProvider(Provider):
                 raise BadProviderResponse(f"answer larger than {_mib(limit)}", **where)
         return bytes(body)
 
-    async def _read(self, resp: httpx.Response, where: dict[str, Any]) -> bytes:
+    async def _read(self, resp: httpx2.Response, where: dict[str, Any]) -> bytes:
         body = await self._read_bounded(resp, where)
         if resp.status_code >= 400:
             text = bytes(body[:2000]).decode(errors="replace")

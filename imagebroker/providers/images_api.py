@@ -9,7 +9,7 @@ import base64
 import binascii
 from typing import Any
 
-import httpx
+import httpx2
 
 from ..errors import BadProviderResponse, ContentRejected, ProviderError
 from ..types import ImageRequest
@@ -35,7 +35,7 @@ class ImagesApiProvider(HttpProvider):
     def usage(self, data: dict[str, Any], images: list[RawImage], size: tuple[int, int]) -> dict[str, Any]:
         return {"images": len(images), "width": size[0], "height": size[1]}
 
-    def error(self, resp: httpx.Response, where: dict[str, Any]) -> ProviderError:
+    def error(self, resp: httpx2.Response, where: dict[str, Any]) -> ProviderError:
         """An error answer as an imagebroker error (a provider reads its own error codes first)."""
         return status_error(resp.status_code, resp.text, resp.headers, **where)
 
@@ -43,13 +43,15 @@ class ImagesApiProvider(HttpProvider):
         """Why a 200 answer is a moderation refusal, or None."""
         return None
 
-    async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
-        where: dict[str, Any] = {"provider": self.name, "offering": offering.id}
-        size = request_size(request, offering)
-        body = self.body(request, offering, size)
-        body.update(request.extra.get(self.name, {}))
-        base = self.base_url_for(offering)
-        resp = await self.send("POST", self.url(request, offering), where=where, accept=(400, 401, 403, 404, 422),
+    def applied(self, body: dict[str, Any], request: ImageRequest) -> dict[str, Any]:
+        """What the call sent, as `applied` reports it (input images as their lengths, never their bytes)."""
+        return {k: _shown(k, v) for k, v in body.items() if k != "prompt"}
+
+    async def post(self, url: str, *, where: dict[str, Any], ctx: CallContext, body: dict[str, Any],
+                   request: ImageRequest) -> tuple[dict[str, Any], str | None]:
+        """The answer's JSON object and the request id its headers carry (a streaming provider overrides
+        this to read events into the same shape)."""
+        resp = await self.send("POST", url, where=where, accept=(400, 401, 403, 404, 422),
                                headers=self.headers(ctx.api_key), timeout=ctx.timeout_s,
                                **self.send_kwargs(body, request))
         if resp.status_code >= 400:
@@ -57,12 +59,21 @@ class ImagesApiProvider(HttpProvider):
         data = self.json(resp, where)
         if not isinstance(data, dict):
             raise BadProviderResponse("answer is not a JSON object", **where)
+        return data, resp.headers.get("x-request-id")
+
+    async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
+        where: dict[str, Any] = {"provider": self.name, "offering": offering.id}
+        size = request_size(request, offering)
+        body = self.body(request, offering, size)
+        body.update(request.extra.get(self.name, {}))
+        base = self.base_url_for(offering)
+        data, request_id = await self.post(self.url(request, offering), where=where, ctx=ctx, body=body,
+                                           request=request)
         if (why := self.refusal(data)) is not None:
             raise ContentRejected(why, **where)
         images = await self.read_images(data.get("data"), request, base, where)
-        applied = {k: _shown(k, v) for k, v in body.items() if k != "prompt"}
-        return ProviderResult(images, self.usage(data, images, size),
-                              data.get("id") or resp.headers.get("x-request-id"), applied)
+        return ProviderResult(images, self.usage(data, images, size), data.get("id") or request_id,
+                              self.applied(body, request))
 
     async def read_images(self, items: Any, request: ImageRequest, base: str | None,
                           where: dict[str, Any]) -> list[RawImage]:

@@ -1,150 +1,148 @@
-"""OpenAI Images API through the official `openai` SDK (3.x, on httpx2), with the SDK's own retries off:
-the broker retries. Token-billed: `usage` settles the cost. Data residency: a pinned region uses the
-regional host (`providers.openai.region: eu`), which also makes the offering's regions [eu]."""
+"""OpenAI Images API over httpx2 (the shared Images-API loop): `POST /images/generations` (JSON) and
+`POST /images/edits` (multipart: repeated `image[]` file parts, a mask whose transparent pixels are changed).
+Token-billed: `usage` settles the cost. Data residency: a pinned region uses the regional host
+(`providers.openai.region: eu`), which also makes the offering's regions [eu]. `stream: true` with
+`partial_images` is read as OpenAI's server-sent events: each preview to the caller's progress callback, then
+the completed event's image and usage.
+
+It speaks HTTP itself rather than through the `openai` SDK: the SDK's request building and response models
+cost ~0.9 ms of client CPU per call on the benchmark machine (docs/benchmarks.md), more than the rest of the
+broker's own overhead. What the SDK adds for images is kept: the `OpenAI-Organization` and `OpenAI-Project`
+headers (`OPENAI_ORG_ID` / `OPENAI_PROJECT_ID`, or `options.organization` / `options.project`), the request
+id, and the mapping of its error statuses (shared with every HTTP provider)."""
 
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+import binascii
+import json
+import os
 from typing import Any
 
-import httpx
-
-from ..errors import BadProviderResponse, MissingExtra, OutcomeUnknown, ProviderUnavailable
+from ..errors import BadProviderResponse
 from ..inputs import alpha_mask
 from ..types import ImageRequest, PartialImage
-from .base import CallContext, Provider, ProviderResult, RawImage, mark_submitted
-from .http import NOT_SENT, status_error
-from .offering import Offering, request_size
+from .base import CallContext, ProviderResult, RawImage, mark_submitted
+from .http import transport_errors
+from .images_api import ImagesApiProvider
+from .offering import Offering
 
-NOT_SENT_NAMES = frozenset(cls.__name__ for cls in NOT_SENT)  # the SDK's httpx2 has classes of these names
+_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
-class OpenAIProvider(Provider):
+class OpenAIProvider(ImagesApiProvider):
     name = "openai"
     api_key_env = "OPENAI_API_KEY"
     default_base_url = "https://api.openai.com/v1"
 
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self._clients: dict[tuple[str, str], Any] = {}
+    def headers(self, key: str | None) -> dict[str, str]:
+        out = super().headers(key)
+        for header, option, env in (("OpenAI-Organization", "organization", "OPENAI_ORG_ID"),
+                                    ("OpenAI-Project", "project", "OPENAI_PROJECT_ID")):
+            if value := self.settings.options.get(option) or os.environ.get(env):
+                out[header] = str(value)
+        return out
 
-    def _client(self, base_url: str, key: str) -> Any:
-        if (base_url, key) not in self._clients:
-            try:
-                from openai import AsyncOpenAI, DefaultAsyncHttpxClient
-            except ImportError:
-                raise MissingExtra("openai", "openai") from None
+    def body(self, request: ImageRequest, offering: Offering, size: tuple[int, int]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": offering.model, "prompt": request.prompt, "n": request.n,
+                                "size": f"{size[0]}x{size[1]}", "output_format": request.output_format or "png"}
+        if request.quality:
+            body["quality"] = request.quality
+        if request.background:
+            body["background"] = request.background
+        if offering.model.startswith("dall-e"):
+            body["response_format"] = "b64_json"
+            body.pop("output_format")
+        if (previews := self.previews(request, offering)):   # one image streamed: its previews, then it
+            body |= {"stream": True, "partial_images": previews}
+        return body
 
-            async def sending(request: Any) -> None:  # the request leaves: from here it may be billed
-                mark_submitted()
+    @staticmethod
+    def previews(request: ImageRequest, offering: Offering) -> int:
+        return min(request.partial_images, offering.capabilities.partial_images) if request.n == 1 else 0
 
-            http = DefaultAsyncHttpxClient(event_hooks={"request": [sending]})
-            self._clients[(base_url, key)] = AsyncOpenAI(api_key=key, base_url=base_url, max_retries=0,
-                                                         http_client=http)
-        return self._clients[(base_url, key)]
+    def send_kwargs(self, body: dict[str, Any], request: ImageRequest) -> dict[str, Any]:
+        """JSON for a generation; for an edit, multipart: every input image a named, typed `image[]` part (a
+        part sent as application/octet-stream is refused), the mask made OpenAI's way, no `moderation`."""
+        if not request.is_edit:
+            return {"json": body}
+        files = [("image[]", (f"image-{i}.{_EXT[img.format]}", img.data, img.mime))
+                 for i, img in enumerate(request.images)]
+        if request.mask is not None:
+            files.append(("mask", ("mask.png", alpha_mask(request.mask), "image/png")))
+        fields = {k: json.dumps(v) if isinstance(v, bool) else str(v) for k, v in body.items() if k != "moderation"}
+        return {"data": fields, "files": files}
+
+    def applied(self, body: dict[str, Any], request: ImageRequest) -> dict[str, Any]:
+        out = super().applied(body, request)
+        if request.is_edit:
+            out.pop("moderation", None)
+            out |= {"images": len(request.images), "mask": request.mask is not None}
+        return out
+
+    def usage(self, data: dict[str, Any], images: list[RawImage], size: tuple[int, int]) -> dict[str, Any]:
+        usage = super().usage(data, images, size)
+        usage["quality"] = data.get("quality")
+        u = data.get("usage")
+        if isinstance(u, dict):
+            inp, out = u.get("input_tokens_details") or {}, u.get("output_tokens_details") or {}
+            usage |= {"input_text_tokens": inp.get("text_tokens", u.get("input_tokens", 0)),
+                      "input_image_tokens": inp.get("image_tokens", 0),
+                      "output_image_tokens": out.get("image_tokens", u.get("output_tokens", 0)),
+                      "output_text_tokens": out.get("text_tokens", 0) or 0}
+        return usage
 
     async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
-        import openai
+        result = await super().generate(request, offering, ctx)
+        if result.usage.get("quality") is None:
+            result.usage["quality"] = request.quality
+        return result
 
-        where = {"provider": self.name, "offering": offering.id}
-        w, h = request_size(request, offering)
-        params: dict[str, Any] = {"model": offering.model, "prompt": request.prompt, "n": request.n,
-                                  "size": f"{w}x{h}", "output_format": request.output_format or "png"}
-        if request.quality:
-            params["quality"] = request.quality
-        if request.background:
-            params["background"] = request.background
-        params.update(request.extra.get(self.name, {}))  # moderation, output_compression, user, ...
-        previews = min(request.partial_images, offering.capabilities.partial_images) if request.n == 1 else 0
-        if previews:   # one image streamed: its previews as events, then the image with the usage
-            params |= {"stream": True, "partial_images": previews}
-        client = self._client(self.base_url_for(offering) or "", ctx.api_key or "")
-        try:
-            if request.is_edit:
-                resp = await client.images.edit(**_edit_params(request, params), timeout=ctx.timeout_s)
-            else:
-                resp = await client.images.generate(**params, timeout=ctx.timeout_s)
-            if previews:
-                resp = await _streamed(resp, ctx, offering.id, previews)
-        except openai.APIStatusError as exc:
-            headers = httpx.Headers(list(exc.response.headers.items()))
-            raise status_error(exc.status_code, exc.response.text, headers, **where) from None
-        except openai.APIConnectionError as exc:  # (APITimeoutError too) before or after the request was sent
-            cause = type(exc.__cause__).__name__
-            if cause in NOT_SENT_NAMES:
-                raise ProviderUnavailable(f"connection failed: {cause}", **where) from None
-            raise OutcomeUnknown(f"no answer after sending: {cause}", **where) from None
-        except (openai.APIResponseValidationError, ValueError) as exc:  # ValueError: JSON that is not
-            raise BadProviderResponse(f"malformed response: {type(exc).__name__}", **where) from None
-        except _NoImage:
-            raise BadProviderResponse("the stream ended without its completed event", **where) from None
-        try:
-            images = [RawImage(base64.b64decode(d.b64_json), None) for d in resp.data or []]
-        except (TypeError, ValueError) as exc:
-            raise BadProviderResponse(f"undecodable b64_json: {exc!r}", **where) from None
-        usage: dict[str, Any] = {"images": len(images), "width": w, "height": h,
-                                 "quality": getattr(resp, "quality", None) or request.quality}
-        if resp.usage is not None:
-            u = resp.usage
-            inp, out = u.input_tokens_details, getattr(u, "output_tokens_details", None)
-            usage |= {"input_text_tokens": inp.text_tokens, "input_image_tokens": inp.image_tokens,
-                      "output_image_tokens": out.image_tokens if out else u.output_tokens,
-                      "output_text_tokens": getattr(out, "text_tokens", 0) or 0}
-        applied = {k: v for k, v in params.items() if k != "prompt"}
-        if request.is_edit:
-            applied.pop("moderation", None)
-            applied |= {"images": len(request.images), "mask": request.mask is not None}
-        return ProviderResult(images, usage, getattr(resp, "_request_id", None), applied)
+    async def post(self, url: str, *, where: dict[str, Any], ctx: CallContext, body: dict[str, Any],
+                   request: ImageRequest) -> tuple[dict[str, Any], str | None]:
+        if not body.get("stream"):
+            return await super().post(url, where=where, ctx=ctx, body=body, request=request)
+        return await self._streamed(url, where, ctx, body, request)
 
-    async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+    async def _streamed(self, url: str, where: dict[str, Any], ctx: CallContext, body: dict[str, Any],
+                        request: ImageRequest) -> tuple[dict[str, Any], str | None]:
+        """The SSE stream (`image_generation.*` or `image_edit.*` events): each preview to `ctx.partial`, then
+        the completed event, as the answer a plain call gives (`data[]` with its image, and the usage)."""
+        mark_submitted()
+        done, read, offering = None, 0, where["offering"]
+        with transport_errors(where, submit=True):
+            async with self.client().stream("POST", url, headers=self.headers(ctx.api_key), timeout=ctx.timeout_s,
+                                            **self.send_kwargs(body, request)) as resp:
+                if resp.status_code >= 300:
+                    await self._read(resp, where)   # raises the mapped error (or the redirect refusal)
+                    raise BadProviderResponse(f"HTTP {resp.status_code} opening the stream", **where)
+                async for line in resp.aiter_lines():
+                    read += len(line)
+                    if read > self.max_bytes:
+                        raise BadProviderResponse("stream larger than the answer limit", **where)
+                    if not line.startswith("data:"):
+                        continue
+                    try:
+                        event = json.loads(line[5:])
+                    except ValueError:
+                        raise BadProviderResponse("malformed JSON in the event stream", **where) from None
+                    kind = str(event.get("type", "")) if isinstance(event, dict) else ""
+                    if kind.endswith(".partial_image") and ctx.partial is not None:
+                        ctx.partial(PartialImage(index=int(event.get("partial_image_index", 0)) + 1,
+                                                 total=body["partial_images"], data=_b64(event, where),
+                                                 format=event.get("output_format"), offering=offering))
+                    elif kind.endswith(".completed"):
+                        done = event
+                request_id = resp.headers.get("x-request-id")
+        if done is None:
+            raise BadProviderResponse("the stream ended without its completed event", **where)
+        return {"data": [{"b64_json": done.get("b64_json")}], "usage": done.get("usage"),
+                "quality": done.get("quality")}, request_id
 
 
-class _NoImage(Exception):
-    pass
+def _b64(event: dict[str, Any], where: dict[str, Any]) -> bytes:
+    try:
+        return base64.b64decode(str(event.get("b64_json") or ""), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadProviderResponse("undecodable b64_json in a preview", **where) from None
 
-
-@dataclass(frozen=True)
-class _Streamed:
-    """A streamed call's final event, in the shape of an ImagesResponse."""
-
-    data: list[Any]
-    usage: Any
-    quality: str | None
-    _request_id: str | None
-
-
-async def _streamed(stream: Any, ctx: CallContext, offering: str, total: int) -> _Streamed:
-    """Read the SSE stream (`image_generation.*` or `image_edit.*` events): each preview to `ctx.partial`,
-    then the completed event's image and usage."""
-    done = None
-    async for event in stream:
-        kind = getattr(event, "type", "")
-        if kind.endswith(".partial_image") and ctx.partial is not None:
-            ctx.partial(PartialImage(index=event.partial_image_index + 1, total=total,
-                                     data=base64.b64decode(event.b64_json), format=event.output_format,
-                                     offering=offering))
-        elif kind.endswith(".completed"):
-            done = event
-    if done is None:
-        raise _NoImage
-    response = getattr(stream, "response", None)
-    return _Streamed([done], done.usage, getattr(done, "quality", None),
-                     response.headers.get("x-request-id") if response is not None else None)
-
-
-def _edit_params(request: ImageRequest, params: dict[str, Any]) -> dict[str, Any]:
-    """`images.edit`'s arguments: every input image as a named, typed file (the SDK sends a list as repeated
-    `image[]` parts; bare bytes would go as application/octet-stream, which the API refuses), the mask made
-    OpenAI's way (transparent = change) and no `moderation` (a generate-only field)."""
-    files = [(f"image-{i}.{_EXT[img.format]}", img.data, img.mime) for i, img in enumerate(request.images)]
-    out = {k: v for k, v in params.items() if k != "moderation"} | {"image": files}
-    if request.mask is not None:
-        out["mask"] = ("mask.png", alpha_mask(request.mask), "image/png")
-    return out
-
-
-_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     BadProviderResponse,
@@ -26,6 +24,9 @@ from ..types import ImageRequest
 from .base import CallContext, ProviderResult, RawImage, mark_submitted, sampling_fields
 from .http import POLL_RETRIES, HttpProvider, status_error
 from .offering import Offering, request_size
+
+if TYPE_CHECKING:
+    import httpx
 
 RATIOS = {"1024x1024": "1:1", "1344x768": "16:9", "768x1344": "9:16", "1152x896": "4:3", "896x1152": "3:4",
           "1216x832": "3:2", "832x1216": "2:3"}
@@ -62,6 +63,7 @@ class ReplicateProvider(HttpProvider):
 
     async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
         try:
+            import httpx  # the replicate client's own HTTP library (httpx 0.x), whose errors it raises
             import replicate
             from replicate.exceptions import ModelError, ReplicateError
         except ImportError:

@@ -10,7 +10,7 @@ import json
 from decimal import Decimal
 from typing import Any
 
-import httpx
+import httpx2
 
 from ..errors import ProviderError
 from ..types import ImageRequest
@@ -56,7 +56,7 @@ class XAIProvider(ImagesApiProvider):
             usage["billed_usd"] = billed
         return usage
 
-    def error(self, resp: httpx.Response, where: dict[str, Any]) -> ProviderError:
+    def error(self, resp: httpx2.Response, where: dict[str, Any]) -> ProviderError:
         try:
             billed = billed_usd(resp.json())
         except ValueError:

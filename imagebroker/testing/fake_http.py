@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any
 
-import httpx
+import httpx2
 
 from ..errors import BadProviderResponse, ProviderUnavailable
 from ..providers.base import CallContext, Provider, ProviderResult, RawImage
@@ -30,12 +30,12 @@ class FakeHTTPProvider(Provider):
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx2.AsyncClient | None = None
 
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> httpx2.AsyncClient:
         if self._client is None:
-            limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-            self._client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0, connect=5.0))
+            limits = httpx2.Limits(max_connections=200, max_keepalive_connections=200)
+            self._client = httpx2.AsyncClient(limits=limits, timeout=httpx2.Timeout(60.0, connect=5.0))
         return self._client
 
     async def generate(self, request: ImageRequest, offering: Offering,
@@ -49,9 +49,9 @@ class FakeHTTPProvider(Provider):
             resp = await self.client().post(url, json=body,
                                             headers={"Authorization": f"Bearer {ctx.api_key}"},
                                             timeout=ctx.timeout_s)
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise ProviderUnavailable(f"timeout: {type(exc).__name__}", **where) from None
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise ProviderUnavailable(f"connection failed: {type(exc).__name__}", **where) from None
         if resp.status_code != 200:
             raise status_error(resp.status_code, resp.text, resp.headers, **where)
