@@ -193,3 +193,45 @@ def test_a_pending_row_whose_commit_answer_was_lost_is_not_inserted_twice(pg_url
         result = b.generate("a cat")
     assert lost and result.images
     assert statuses(Ledger(pg_url)) == {"ok": 2}
+
+
+def test_a_slow_postgresql_ledger_does_not_stall_the_event_loop(pg_url):
+    """Each ledger step of a budgeted call (the reservation, the pending row, the settlement, the call's rows)
+    is made to take 0.15 s by triggers; a ticker on the same event loop must keep ticking meanwhile."""
+    import psycopg
+
+    schema = pg_url.rsplit("%3D", 1)[1]
+    Ledger(pg_url).close()   # the tables, migrated
+    with psycopg.connect(PG_URL.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"CREATE FUNCTION {schema}.slow() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(0.15); "
+                     "RETURN NEW; END $$ LANGUAGE plpgsql")
+        for table in ("reservations", "calls"):
+            conn.execute(f"CREATE TRIGGER slow_{table} BEFORE INSERT OR UPDATE ON {schema}.{table} "
+                         f"FOR EACH ROW EXECUTE FUNCTION {schema}.slow()")
+
+    async def run() -> tuple[float, float, float]:
+        gaps, stop = [], asyncio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        async with AsyncBroker(budgeted(), ledger=pg_url) as b:
+            ticks = asyncio.create_task(ticker())
+            started = time.perf_counter()
+            await asyncio.gather(*(b.generate(f"call {i}") for i in range(3)))
+            took = time.perf_counter() - started
+            stop.set()
+            await ticks
+        return took, max(gaps), len(gaps)
+
+    took, worst_gap, ticks = asyncio.run(run())
+    assert took > 0.45   # the triggers did slow every call's ledger steps down
+    assert worst_gap < 0.1 and ticks > 20, (took, worst_gap)   # and the loop went on meanwhile
+    ledger = Ledger(pg_url)
+    assert statuses(ledger) == {"ok": 3}
+    ledger.close()

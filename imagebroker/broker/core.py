@@ -286,10 +286,10 @@ class AsyncBroker:
         if known is None:
             owner = uuid.uuid4().hex
             while True:   # the ledger knows what was served; the shared state what is being served
-                if (done := self._served_before(key, req)) is not None:
+                if (done := await self._served_before(key, req)) is not None:
                     return done
                 if await self.shared_state.claim(key, owner, CLAIM_TTL_S):
-                    if self.shared_state.shared and (done := self._served_before(key, req)) is not None:
+                    if self.shared_state.shared and (done := await self._served_before(key, req)) is not None:
                         # it ended between the look and the claim
                         await self.shared_state.unclaim(key, owner)
                         return done
@@ -306,10 +306,10 @@ class AsyncBroker:
                 self._keyed.pop(next(iter(self._keyed)))
         return await asyncio.shield(known[1])
 
-    def _served_before(self, key: str, req: ImageRequest) -> ImageResult | None:
+    async def _served_before(self, key: str, req: ImageRequest) -> ImageResult | None:
         """The call the ledger says `key` was served by, answered again from the image store; None when it was
         not served; DuplicateRequest when it was but its images are not here to answer with."""
-        served = self.ledger.served(key, time.time() - IDEMPOTENCY_TTL_S)
+        served = await self.ledger.off_loop(self.ledger.served, key, time.time() - IDEMPOTENCY_TTL_S)
         if served is None:
             return None
         if _differs(served, req):

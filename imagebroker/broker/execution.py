@@ -199,9 +199,9 @@ async def _candidate(view: CallView, log: CallLog, rules: RetryRules, cand: Cand
             return Skipped(SkipReason.PRICE_UNKNOWN)
         rid = f"{log.request_id}-{len(log.attempts) + len(log.skips)}"  # the same on a retried reserve
         try:
-            reservation = view.ledger.reserve(log.request_id, limits, amount, view.policy.ledger.reservation_ttl_s,
-                                              rid=rid)
-            log.start_pending(cand.estimated_cost)
+            reservation = await view.ledger.off_loop(view.ledger.reserve, log.request_id, limits, amount,
+                                                     view.policy.ledger.reservation_ttl_s, rid=rid)
+            await log.start_pending(cand.estimated_cost)
         except BudgetExceeded as exc:
             if _budget(view.policy, exc.budget).on_exceed == "reject":
                 return Refused(exc)
@@ -210,7 +210,7 @@ async def _candidate(view: CallView, log: CallLog, rules: RetryRules, cand: Cand
             return Skipped(SkipReason.OVER_BUDGET)
         except Exception as exc:  # nothing was paid: the call cannot go on without its budget checked
             if reservation:  # reserved, but its pending row could not be written
-                _ledger_step(log, "release the budget of", view.ledger.release, reservation)
+                await _ledger_step(view, log, "release the budget of", view.ledger.release, reservation)
             raise log.ledger_error("reserve budget for", exc) from exc
     unknown_before = len(log.maybe_billed)
     try:
@@ -220,14 +220,15 @@ async def _candidate(view: CallView, log: CallLog, rules: RetryRules, cand: Cand
             outcome = await _attempts(view, log, rules, cand, offering, progress, log.request)
     except asyncio.CancelledError:   # what a cancelled call may have been billed stays counted
         if reservation:
-            _close(view, log, reservation, log.maybe_billed[unknown_before:], None)
+            await _close(view, log, reservation, log.maybe_billed[unknown_before:], None)
         raise
     if reservation:
-        _close(view, log, reservation, log.maybe_billed[unknown_before:], outcome)
+        await _close(view, log, reservation, log.maybe_billed[unknown_before:], outcome)
     return outcome
 
 
-def _close(view: CallView, log: CallLog, reservation: str, maybe: list[Cost], outcome: Outcome | None) -> None:
+async def _close(view: CallView, log: CallLog, reservation: str, maybe: list[Cost],
+                 outcome: Outcome | None) -> None:
     """Settle a reservation at what was paid plus what unknown outcomes may have cost (at their estimate),
     or release it when nothing may have been."""
     spent = [c.usd for c in maybe]
@@ -235,16 +236,16 @@ def _close(view: CallView, log: CallLog, reservation: str, maybe: list[Cost], ou
         spent.append(outcome.served.cost.usd)
     if spent:
         total = sum((usd for usd in spent if usd is not None), Decimal(0))
-        _ledger_step(log, "settle the budget of", view.ledger.settle, reservation, total)
+        await _ledger_step(view, log, "settle the budget of", view.ledger.settle, reservation, total)
     else:
-        _ledger_step(log, "release the budget of", view.ledger.release, reservation)
+        await _ledger_step(view, log, "release the budget of", view.ledger.release, reservation)
 
 
-def _ledger_step(log: CallLog, what: str, step: Callable[..., None], *args: object) -> None:
+async def _ledger_step(view: CallView, log: CallLog, what: str, step: Callable[..., None], *args: object) -> None:
     """A budget step after the provider was called: its failure must not lose the call (its images,
     its error); it is kept on the log and reported once the call's rows are written."""
     try:
-        step(*args)
+        await view.ledger.off_loop(step, *args)
     except Exception as exc:
         log.ledger_faults.append(log.ledger_error(what, exc))
 

@@ -139,10 +139,10 @@ class CallLog:
         logger.info("call %s skips %s: %s (%s)", self.request_id, offering.id, reason, detail)
         return s
 
-    def start_pending(self, estimated: Cost) -> None:
+    async def start_pending(self, estimated: Cost) -> None:
         """A pending row before the first reserved try, so that a crash mid-call stays visible."""
         if not self.pending_row:
-            self.ledger.start_call(self._call_row("pending", None, None, estimated))
+            await self.ledger.off_loop(self.ledger.start_call, self._call_row("pending", None, None, estimated))
             self.pending_row = True
 
     def call_cost(self, served: Served | None) -> Cost | None:
@@ -216,7 +216,7 @@ class CallLog:
             if together:
                 await self.ledger.arecord_call(*rows, pending=self.pending_row)
             else:  # alone: write now rather than wait a loop iteration for company
-                self.ledger.record_call(*rows, pending=self.pending_row)
+                await self.ledger.off_loop(self.ledger.record_call, *rows, pending=self.pending_row)
         except Exception as exc:
             failure = self.ledger_error("record", exc, result, status)
             logger.error("%s", failure)
