@@ -1,7 +1,9 @@
 """The team gateway's cost in time and memory, as ratios measured side by side in one run:
 
 - per-call overhead: the openai SDK calling the fake OpenAI server directly, against the same SDK calling
-  `imagebroker serve` (1 worker, SQLite ledger) in front of that fake, sequential calls, medians;
+  `imagebroker serve` (1 worker, SQLite ledger) in front of that fake, sequential calls, medians; and the
+  floor any proxy pays here: a bare pass-through (uvicorn + Starlette + httpx2 forwarding the body, nothing
+  else) in front of the same fake;
 - throughput at concurrency 100 (AsyncOpenAI) directly, through 1 worker and through 2 workers;
 - RSS per worker after the run, and the time from `serve` starting to `/readyz` answering 200.
 
@@ -62,6 +64,43 @@ def start(fake_base: str, workers: int, tmp: Path) -> tuple[subprocess.Popen, st
             time.sleep(0.02)
 
 
+def bare_proxy(upstream: str, port: int) -> None:
+    """`--bare-proxy`: forward POST /v1/images/generations to the fake and its answer back, nothing else."""
+    import httpx2
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    client = httpx2.AsyncClient()
+
+    async def forward(request):   # type: ignore[no-untyped-def]
+        sent = await client.post(f"{upstream}/images/generations", content=await request.body(),
+                                 headers={"authorization": request.headers["authorization"],
+                                          "content-type": "application/json"})
+        return Response(sent.content, status_code=sent.status_code, media_type="application/json")
+
+    app = Starlette(routes=[Route("/v1/images/generations", forward, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop", http="httptools",
+                access_log=False)
+
+
+def floor_ms(upstream: str, calls: int) -> float:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--bare-proxy", upstream, str(port)], start_new_session=True)
+    try:
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        return sequential(f"http://127.0.0.1:{port}/v1", "gpt-image-2", calls)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
 def rss_mib(proc: subprocess.Popen) -> list[float]:
     """RSS of the serving processes: the workers (children) when there are several, else the process."""
     kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -106,12 +145,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--burst", type=int, default=600)
+    ap.add_argument("--bare-proxy", nargs=2, metavar=("UPSTREAM", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bare_proxy:
+        bare_proxy(args.bare_proxy[0], int(args.bare_proxy[1]))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="imagebroker-gateway-bench-"))
     with fakes()["openai"](["ok"]) as fake:
         direct_url = fake.base_url
         direct_ms = sequential(direct_url, "gpt-image-2", args.calls)
         direct_tput = asyncio.run(burst(direct_url, "gpt-image-2", args.burst))
+        bare_ms = floor_ms(direct_url, args.calls)
         out: dict[str, object] = {"calls": args.calls, "burst": args.burst, "size": SIZE,
                                   "direct_median_ms": round(direct_ms, 2), "direct_calls_per_s": round(direct_tput, 1)}
         for workers in (1, 2):
@@ -120,7 +164,9 @@ def main() -> None:
                 gw = f"{base}/v1"
                 if workers == 1:
                     gw_ms = sequential(gw, MODEL, args.calls)
-                    out |= {"gateway_median_ms": round(gw_ms, 2), "overhead_ms": round(gw_ms - direct_ms, 2)}
+                    out |= {"gateway_median_ms": round(gw_ms, 2), "overhead_ms": round(gw_ms - direct_ms, 2),
+                            "bare_proxy_median_ms": round(bare_ms, 2),
+                            "bare_proxy_overhead_ms": round(bare_ms - direct_ms, 2)}
                 tput = asyncio.run(burst(gw, MODEL, args.burst))
                 out |= {f"workers{workers}_calls_per_s": round(tput, 1),
                         f"workers{workers}_rss_mib": rss_mib(proc), f"workers{workers}_ready_s": round(ready_s, 2)}

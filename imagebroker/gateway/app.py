@@ -7,8 +7,8 @@ must carry an active one as its Bearer token (else a 401 in OpenAI's shape); its
 budget is reserved like a policy budget, its allow-list limits the offerings it may use (403 otherwise).
 `IMAGEBROKER_GATEWAY_KEY`, when set, is one more key, an admin one. With neither (no key ever made;
 revoking them all does not reopen it), the gateway is open, which is why `serve` binds to loopback by
-default. A key found is remembered for KEY_TTL_S seconds: a
-revocation takes effect within that."""
+default. A key found is remembered for KEY_TTL_S seconds: a revocation takes effect within that, as the first
+key made closes an open gateway within that."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -127,6 +128,18 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         return state["broker"]
 
     found: dict[str, tuple[GatewayKey, float]] = {}   # key digest -> (key, when found)
+    none_made_at = [-KEY_TTL_S]   # when the ledger last said no key was ever made (monotonic)
+
+    async def keys_made(store: KeyStore) -> bool:
+        """Whether a key was ever made: asked of the ledger at most every KEY_TTL_S while none is (the first key
+        closes an open gateway within that), never again once one is (keys are never deleted)."""
+        if none_made_at[0] == math.inf:
+            return True
+        if time.monotonic() - none_made_at[0] < KEY_TTL_S:
+            return False
+        made = await asyncio.to_thread(store.any)
+        none_made_at[0] = math.inf if made else time.monotonic()
+        return made
 
     async def caller(request: Request) -> GatewayKey | JSONResponse | None:
         """The key this request carries (None: the gateway is open), or the 401 to answer."""
@@ -143,7 +156,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
             if (budget := key.budget()) is not None:
                 broker().add_budgets([budget])
             return key
-        if not env_key and not await asyncio.to_thread(store.any):
+        if not env_key and not await keys_made(store):
             return None   # no key was ever made: open
         return JSONResponse({"error": {"message": "Incorrect gateway key provided.", "type": "invalid_request_error",
                                        "param": None, "code": "invalid_api_key"}}, status_code=401)
