@@ -202,11 +202,11 @@ def test_a_keys_budget_is_enforced_like_a_policy_budget(tmp_path, monkeypatch):
 
 
 def test_a_revoked_key_is_refused_and_an_allow_list_limits_the_offerings(tmp_path, monkeypatch):
-    import imagebroker.gateway.app as gateway_app
+    import imagebroker.gateway.keys as gateway_keys
     from imagebroker.broker.ledger.store import Ledger
     from imagebroker.gateway.keys import KeyStore
 
-    monkeypatch.setattr(gateway_app, "KEY_TTL_S", 0.0)
+    monkeypatch.setattr(gateway_keys, "KEY_TTL_S", 0.0)
     key = make_key(tmp_path, "dev-only", "--allow", "together/black-forest-labs/FLUX.1-dev")
     with gateway(tmp_path, monkeypatch) as (base, fake):
         c = client(base, key=key)

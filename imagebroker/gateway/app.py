@@ -7,18 +7,15 @@ must carry an active one as its Bearer token (else a 401 in OpenAI's shape); its
 budget is reserved like a policy budget, its allow-list limits the offerings it may use (403 otherwise).
 `IMAGEBROKER_GATEWAY_KEY`, when set, is one more key, an admin one. With neither (no key ever made;
 revoking them all does not reopen it), the gateway is open, which is why `serve` binds to loopback by
-default. A key found is remembered for KEY_TTL_S seconds: a revocation takes effect within that, as the first
-key made closes an open gateway within that."""
+default (`keys.Callers`)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
-import hmac
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -39,18 +36,15 @@ from . import links, webhooks
 from .dashboard import Dashboard
 from .drain import DEFAULT_DRAIN_S, DRAIN_ENV, Drain, DrainMiddleware
 from .jobs import JobQueue, new_id, stash_inputs, unstash_inputs
-from .keys import KEY_TAG, GatewayKey, KeyStore, digest, for_key
+from .keys import KEY_TAG, Callers, GatewayKey, KeyStore, for_key
 from .metrics import Metrics
 from .openai_shape import BadRequest, cost_headers, error_reply, images_response, plain, request_fields, streams
 from .streaming import stream_answer
 
 log = logging.getLogger("imagebroker.gateway")
 access = logging.getLogger("imagebroker.gateway.access")
-KEY_ENV = "IMAGEBROKER_GATEWAY_KEY"
 MAX_UPLOAD_BYTES = 64 << 20   # an edit's images, all of them
 JOB_POLL_S = 0.2             # how often an idle worker looks for queued jobs
-KEY_TTL_S = 5.0               # how long a key found stays found (a revocation takes this long at most)
-ENV_KEY = GatewayKey(name="env", prefix="(env)", admin=True)
 
 
 def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> Starlette:
@@ -127,37 +121,13 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
     def broker() -> AsyncBroker:
         return state["broker"]
 
-    found: dict[str, tuple[GatewayKey, float]] = {}   # key digest -> (key, when found)
-    none_made_at = [-KEY_TTL_S]   # when the ledger last said no key was ever made (monotonic)
-
-    async def keys_made(store: KeyStore) -> bool:
-        """Whether a key was ever made: asked of the ledger at most every KEY_TTL_S while none is (the first key
-        closes an open gateway within that), never again once one is (keys are never deleted)."""
-        if none_made_at[0] == math.inf:
-            return True
-        if time.monotonic() - none_made_at[0] < KEY_TTL_S:
-            return False
-        made = await asyncio.to_thread(store.any)
-        none_made_at[0] = math.inf if made else time.monotonic()
-        return made
+    keys = Callers(broker)
 
     async def caller(request: Request) -> GatewayKey | JSONResponse | None:
         """The key this request carries (None: the gateway is open), or the 401 to answer."""
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        env_key = os.environ.get(KEY_ENV)
-        if env_key and given and hmac.compare_digest(given.encode(), env_key.encode()):
-            return ENV_KEY
-        if given and (hit := found.get(digest(given))) and time.monotonic() - hit[1] < KEY_TTL_S:
-            return hit[0]
-        store = KeyStore(broker().ledger)
-        key = await asyncio.to_thread(store.find, given) if given else None
-        if key is not None:
-            found[digest(given)] = (key, time.monotonic())
-            if (budget := key.budget()) is not None:
-                broker().add_budgets([budget])
+        key = await keys.of(request.headers.get("authorization", ""))
+        if key is not False:
             return key
-        if not env_key and not await keys_made(store):
-            return None   # no key was ever made: open
         return JSONResponse({"error": {"message": "Incorrect gateway key provided.", "type": "invalid_request_error",
                                        "param": None, "code": "invalid_api_key"}}, status_code=401)
 

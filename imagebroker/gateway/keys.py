@@ -5,12 +5,17 @@ across workers and hosts), an admin flag, and an optional allow-list of offering
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import hashlib
+import hmac
 import json
+import math
+import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
 PREFIX = "ibk-"
 PERIODS = ("day", "week", "month", "total")
 KEY_TAG = "gateway_key"   # the tag naming the key a call was made with
+KEY_ENV = "IMAGEBROKER_GATEWAY_KEY"   # one more key, an admin one
+KEY_TTL_S = 5.0   # how long a key found stays found (a revocation, or the first key made, takes this long at most)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -175,3 +182,46 @@ def for_key(broker: AsyncBroker, key: GatewayKey | None, fields: dict[str, Any])
     return JSONResponse({"error": {"message": f"key {key.name!r} may not use {offering}", "type":
                                    "invalid_request_error", "param": "model", "code": "model_not_allowed"}},
                         status_code=403)
+
+
+ENV_KEY = GatewayKey(name="env", prefix="(env)", admin=True)
+
+
+class Callers:
+    """Who a gateway request is, from its Authorization header: the key it carries, None while the gateway is
+    open (no key was ever made and IMAGEBROKER_GATEWAY_KEY is unset), or False (refused). A key found is
+    remembered for KEY_TTL_S, so a revocation takes effect within that; while none was made the ledger is
+    asked at most every KEY_TTL_S whether one has been (the first closes the gateway within that), and never
+    again once one was (keys are never deleted)."""
+
+    def __init__(self, broker: Callable[[], AsyncBroker]) -> None:
+        self.broker = broker
+        self.found: dict[str, tuple[GatewayKey, float]] = {}   # key digest -> (key, when found)
+        self.none_made_at = -math.inf   # when the ledger last said no key was ever made (monotonic)
+
+    async def of(self, authorization: str) -> GatewayKey | bool | None:
+        given = authorization.removeprefix("Bearer ").strip()
+        env_key = os.environ.get(KEY_ENV)
+        if env_key and given and hmac.compare_digest(given.encode(), env_key.encode()):
+            return ENV_KEY
+        if given and (hit := self.found.get(digest(given))) and time.monotonic() - hit[1] < KEY_TTL_S:
+            return hit[0]
+        store = KeyStore(self.broker().ledger)
+        key = await asyncio.to_thread(store.find, given) if given else None
+        if key is not None:
+            self.found[digest(given)] = (key, time.monotonic())
+            if (budget := key.budget()) is not None:
+                self.broker().add_budgets([budget])
+            return key
+        if not env_key and not await self._made(store):
+            return None
+        return False
+
+    async def _made(self, store: KeyStore) -> bool:
+        if self.none_made_at == math.inf:
+            return True
+        if time.monotonic() - self.none_made_at < KEY_TTL_S:
+            return False
+        made = await asyncio.to_thread(store.any)
+        self.none_made_at = math.inf if made else time.monotonic()
+        return made
