@@ -116,10 +116,9 @@ def test_two_gateways_hold_one_budget_exactly_and_survive_a_killed_one(tmp_path,
             ok = conn.execute(select(calls.c.cost_nusd).where(calls.c.status == "ok")).scalars().all()
             pids = set(conn.execute(select(reservations.c.pid)).scalars())
         assert len(ok) == k and sum(ok) == int(EACH * k * 10**9) <= int(limit * 10**9)   # never over
-        # each worker answered its half (served or refused at the reservation); which of them won the race to
+        # each worker answered its half, served or refused at its reservation; which of them won the race to
         # the 37 admitted calls varies with the machine's load (under the full suite one may win them all)
         assert pids and pids <= {server.pid for server, _ in gateways}
-        assert all(sum(1 for i, r in enumerate(results) if i % 2 == g) == 100 for g in (0, 1))
 
         # one gateway killed mid-call (the budget raised so that calls are admitted again): the other keeps
         # serving, and the killed one's call is reconciled (abandoned, its reservation released)
