@@ -199,6 +199,7 @@ def test_the_report_in_a_real_browser_shows_the_ledgers_figures(tmp_path):
     policy.write_text(team_policy(budgets=[MONTHLY]).model_dump_json(exclude={"providers", "local"}))
     page = tmp_path / "report.html"
     made = CliRunner().invoke(app, ["report", "--out", str(page), "--policy", str(policy), "--whatif", "eu-only",
+                                    "--prices-as-of", "2024-01-01",
                                     "--gpu-usd-per-hour", "2.69", "--price-per-image", "0.04",
                                     "--seconds-per-image", "3.5"])
     assert made.exit_code == 0, made.output
@@ -221,6 +222,7 @@ def test_the_report_in_a_real_browser_shows_the_ledgers_figures(tmp_path):
     assert figure("total-cost") == "$0.280000" and figure("total-calls") == "4" and figure("total-images") == "7"
     assert figure("offering-0-0") == "mock/a" and figure("budget-0-1") == "$0.280000"
     assert figure("whatif-actual") == "$0.280000"
+    assert figure("whatif-prices-as-of") == "2024-01-01" and "no price recorded that day for" in dom
     assert dom.count("<svg") >= 5   # cost per day, by offering, budgets, what-if, break-even
 
 

@@ -193,6 +193,7 @@ def render(ledger: Ledger, policy: Policy, *, since: float | None = None, whatif
                   f'{html.escape(whatif.policy)} <b data-figure="whatif-cost">{_usd(whatif.whatif_usd)}</b> '
                   f'(up to {_usd(whatif.whatif_bound_usd)}); {d["whatif"]["calls_unroutable"]} call(s) would have '
                   f'no route, {d["whatif"]["calls_local"]} would run locally</p>',
+                  *_prices_note(whatif),
                   _table(["from", "to", "calls"], [[m["from"], m["to"], str(m["calls"])] for m in d["moves"]], "move")]
     if breakeven is not None:
         parts += [f"<h2>Break-even</h2><div class=chart>{_breakeven_chart(breakeven)}</div><ul>",
@@ -200,3 +201,14 @@ def render(ledger: Ledger, policy: Policy, *, since: float | None = None, whatif
     parts.append(f"<p class=note>imagebroker, {time.strftime('%Y-%m-%d')}: costs are exact sums of what each call "
                  "was recorded at; latencies are within 0.5%.</p></html>")
     return "\n".join(parts)
+
+
+def _prices_note(whatif: Any) -> list[str]:
+    """Which day's prices the what-if used, and whose price that day the catalog does not record."""
+    if whatif.prices_as_of is None:
+        return []
+    said = f"<p>at the catalog's prices of <b data-figure=\"whatif-prices-as-of\">{whatif.prices_as_of}</b>"
+    if whatif.prices_not_recorded:
+        missing = ", ".join(f"{html.escape(o)} ({n})" for o, n in whatif.prices_not_recorded.most_common())
+        said += f"; no price recorded that day for {missing}: today's stood in"
+    return [said + "</p>"]

@@ -188,6 +188,8 @@ def report(
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")],
     since: SinceOpt = None, policy: PolicyOpt = None,
     whatif_policy: Annotated[str | None, typer.Option("--whatif", help="Also compare with this policy.")] = None,
+    prices_as_of: Annotated[str | None, typer.Option(help="The what-if at the catalog's prices of this day "
+                                                     "(YYYY-MM-DD).")] = None,
     gpu_usd_per_hour: Annotated[str | None, typer.Option(help="Draw the break-even curve for this GPU price "
                                                          "(with --price-per-image or --offering, and "
                                                          "--seconds-per-image or --measured).")] = None,
@@ -204,7 +206,8 @@ def report(
 
     loaded = load_policy(policy)
     led = _ledger(ledger or loaded.ledger.url)   # one ledger for every section of the page
-    compared = _whatif(whatif_policy, led, since, None, "provider") if whatif_policy else None
+    day = _day("--prices-as-of", prices_as_of)
+    compared = _whatif(whatif_policy, led, since, None, "provider", day) if whatif_policy else None
     line = breakeven_from(price_per_image, offering, None, gpu_usd_per_hour, seconds_per_image, measured, 0.6,
                           "0", led) if gpu_usd_per_hour is not None else None
     page = render(led, loaded, since=parse_when(since), whatif=compared, breakeven=line)
