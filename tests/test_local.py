@@ -175,7 +175,7 @@ def test_memory_options_from_the_policy(models, tmp_path):
     opts = {"vae_slicing": True, "vae_tiling": True, "attention_backend": "native", "cpu_offload": True}
     with Broker(policy(models, **opts), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
         r = b.generate("a cat", model="local/tsd", seed=1)
-        pipe = b._async.provider("local").runner().cache["local/tsd"].pipe
+        pipe = b._async.provider("local").runner().pipelines.cache["local/tsd"].pipe
     assert r.images and pipe.vae.use_slicing and pipe.vae.use_tiling
 
 
