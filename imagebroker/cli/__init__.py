@@ -17,6 +17,7 @@ from .costs import costs, ledger_app
 from .edit import edit
 from .generate import generate
 from .keys import app as keys_app
+from .local import app as local_app
 from .output import err_console, print_json, unlimited_when_piped
 from .policy import app as policy_app
 from .providers import providers
@@ -62,6 +63,7 @@ app.command()(report)
 app.command()(serve)
 app.add_typer(policy_app, name="policy")
 app.add_typer(keys_app, name="keys")
+app.add_typer(local_app, name="local")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(store_app, name="store")
 app.add_typer(comfyui_app, name="comfyui")

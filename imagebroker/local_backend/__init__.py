@@ -1,16 +1,20 @@
-"""The local provider (the code rung): Diffusers pipelines in this process, on this machine's GPU or CPU.
+"""The local provider (the code rung): Diffusers pipelines in this process, on this machine's GPU or CPU
+(`local.engine: inprocess`, `runner.py`), or served by Ray Serve across a cluster's GPUs (`local.engine: ray`,
+`ray_engine.py` calling `ray_serve.py`'s replicas). Both run a batch through the same code (`pipelines.py`).
 
-This module imports nothing heavy: torch and diffusers load only when a local offering is called
-(`runner.py`), so planning and `import imagebroker` stay fast without the [local] extra.
+This module imports nothing heavy: torch, diffusers and ray load only when a local offering is called,
+so planning and `import imagebroker` stay fast without the [local] or [ray] extra.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MissingExtra
+from ..errors import ConfigError, MissingExtra
 from ..providers.base import CallContext, OfferingState, Provider, ProviderResult
 from ..providers.offering import Offering
 from ..providers.settings import LocalProviderSettings, ProviderSettings
@@ -18,10 +22,16 @@ from ..types import ImageRequest
 from .sources import MODELS_DIR, detect_device, hub_cache, missing_extra, resolve_source
 
 if TYPE_CHECKING:
+    from ..providers.catalog import Catalog
+    from .ray_engine import RayEngine
     from .runner import LocalRunner
 
 INSTALLED_TTL_S = 10.0  # how long "is this model on disk?" is trusted before looking again
 __all__ = ["MODELS_DIR", "LocalProvider", "detect_device", "hub_cache", "missing_extra", "resolve_source"]
+
+
+def installed(offering: Offering) -> bool:
+    return resolve_source(str(offering.settings.get("source", "")))[1] is not None
 
 
 class LocalProvider(Provider):
@@ -34,10 +44,29 @@ class LocalProvider(Provider):
             settings = LocalProviderSettings(**dict(settings))
         super().__init__(settings)
         self._runner: LocalRunner | None = None
+        self._ray: RayEngine | None = None
         self._device = detect_device(settings.local.device)
         self._installed: dict[str, tuple[float, tuple[str, Path | None]]] = {}
+        self._offerings: dict[str, Offering] = {}
+
+    @property
+    def on_ray(self) -> bool:
+        return self.settings.local.engine == "ray"
+
+    @property
+    def offerings(self) -> dict[str, Offering]:
+        """This policy's local offerings, by model name."""
+        return dict(self._offerings)
+
+    def connect(self, peer: Callable[[str], Provider], catalog: Catalog) -> None:
+        self._offerings = {o.model: o for o in catalog if o.provider == "local"}
 
     def state(self, offering: Offering) -> OfferingState:
+        if self.on_ray:
+            engine = self._ray
+            warm = engine is not None and engine.warm(offering.model)
+            return OfferingState(unavailable=self.availability(offering), warm=warm,
+                                 device=self.settings.local.deployment(offering.model).device)
         warm = self._runner is not None and self._runner.is_loaded(offering)
         return OfferingState(unavailable=self.availability(offering), warm=warm, device=self._device)
 
@@ -48,6 +77,13 @@ class LocalProvider(Provider):
     def availability(self, offering: Offering) -> str | None:
         if not self.settings.enabled:
             return "provider local disabled in the policy"
+        if self.on_ray:
+            if importlib.util.find_spec("ray") is None:
+                return "local.engine is ray: needs the [ray] extra: pip install 'imagebroker[ray]'"
+            if self.settings.local.ray.address:   # the models live on the cluster's disks, not this machine's
+                return self._ray.unavailable(offering.model) if self._ray is not None else None
+            if self._ray is not None and (why := self._ray.unavailable(offering.model)):
+                return why
         if module := missing_extra():
             return f"needs the [local] extra: pip install 'imagebroker[local]' ({module} missing)"
         source = str(offering.settings.get("source", ""))
@@ -71,14 +107,41 @@ class LocalProvider(Provider):
             self._runner = LocalRunner(self.settings.local, self._device)
         return self._runner
 
+    def ray_engine(self) -> RayEngine:
+        if self._ray is None:
+            try:
+                from .ray_engine import RayEngine
+            except ImportError as exc:
+                raise MissingExtra("ray", exc.name or "ray") from None
+            self._ray = RayEngine(self.settings.local, self.deployed())
+        return self._ray
+
+    def deployed(self) -> dict[str, Offering]:
+        """The models a Serve application of this policy holds: `local.ray.models`, or else every model the
+        policy declares in `local.models` and every other local model installed here."""
+        names = self.settings.local.ray.models
+        if names is None:
+            return {m: o for m, o in self._offerings.items()
+                    if m in self.settings.local.models or installed(o)}
+        unknown = [n for n in names if n not in self._offerings]
+        if unknown:
+            raise ConfigError(f"local.ray.models: no local model named {', '.join(unknown)} "
+                              f"(known: {', '.join(sorted(self._offerings))})")
+        return {n: self._offerings[n] for n in names}
+
     async def generate(self, request: ImageRequest, offering: Offering,
                        ctx: CallContext) -> ProviderResult:
+        if self.on_ray:
+            return await self.ray_engine().generate(request, offering, ctx)
         return await self.runner().generate(request, offering, ctx)
 
     async def aclose(self) -> None:
         if self._runner is not None:
             self._runner.close()
             self._runner = None
+        if self._ray is not None:
+            self._ray.close()
+            self._ray = None
 
     def __getstate__(self) -> dict[str, Any]:  # never pickle pipelines
         raise TypeError("LocalProvider is not picklable")

@@ -124,7 +124,7 @@ class Pipelines:
         self.generation += 1
 
     # -- loading ----------------------------------------------------------------------------
-    def _load(self, offering: Offering) -> tuple[Loaded, float]:
+    def load(self, offering: Offering) -> tuple[Loaded, float]:
         if offering.id in self.cache:
             self.cache.move_to_end(offering.id)
             return self.cache[offering.id], 0.0
@@ -179,7 +179,7 @@ class Pipelines:
     def run(self, batch: list[Job]) -> list[ProviderResult]:
         first = batch[0]
         offering, req = first.offering, first.request
-        loaded, load_s = self._load(offering)
+        loaded, load_s = self.load(offering)
         task = "inpaint" if req.mask is not None else "img2img" if req.is_edit else "text2img"
         pipe, family = loaded.for_task(task), loaded.family
         w, h = request_size(req, offering)

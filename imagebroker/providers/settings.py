@@ -50,6 +50,60 @@ class ProviderSettings(_Strict):
     rate_limit: RateLimit | None = None
 
 
+class Autoscaling(_Strict):
+    """Ray Serve's autoscaling for one deployment: replicas between the bounds, aiming at this many requests
+    under way per replica."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is over max_replicas {self.max_replicas}")
+        return self
+
+
+class Deployment(_Strict):
+    """How one local model is served on Ray Serve (`local.engine: ray`): its replicas (a fixed number, or
+    `autoscaling`), what each replica takes from the cluster (a replica with `num_gpus` runs on CUDA and is
+    priced at the GPU rate, one without on CPU at the CPU rate), and custom Ray `resources` to place it
+    (e.g. `{accelerator_type:H100: 0.01}` or a resource the team gave its nodes)."""
+
+    replicas: int = Field(default=1, ge=1)
+    autoscaling: Autoscaling | None = None
+    num_gpus: float = Field(default=0, ge=0)
+    num_cpus: float = Field(default=1, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    max_ongoing_requests: int = Field(default=16, ge=1)
+    start_retries: int = Field(default=3, ge=0)   # replica starts that may fail before the deployment has
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Deployment:
+        if self.autoscaling is not None and "replicas" in self.model_fields_set:
+            raise ValueError("set replicas or autoscaling, not both")
+        return self
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+class RaySettings(_Strict):
+    """Where the Ray cluster is and what the Serve application is called. `address` unset starts a Ray
+    instance on this machine at the first local call (`num_cpus`, `num_gpus`: what it may use) and deploys
+    the models itself; `auto` or `ray://HOST:10001` joins a running cluster, where `imagebroker local deploy`
+    put the application."""
+
+    address: str | None = None
+    app: str = Field(default="imagebroker", pattern=r"^[A-Za-z0-9_-]+$")
+    num_cpus: int | None = Field(default=None, ge=1)
+    num_gpus: int | None = Field(default=None, ge=0)
+    models: tuple[str, ...] | None = None     # which local models to deploy (default: every declared one)
+    deployment: Deployment = Field(default_factory=Deployment)   # for every model without its own `ray:`
+
+
 class LocalModel(_Strict):
     source: str                      # builtin:NAME, a Diffusers folder, a .safetensors file, or a Hub id
     family: Literal["sd", "sdxl", "flux", "sd3"] | None = None
@@ -59,6 +113,7 @@ class LocalModel(_Strict):
     guidance_scale: float | None = None
     scheduler: str | None = None
     license: dict[str, str] | None = None
+    ray: Deployment | None = None    # how this model is served with `local.engine: ray`
 
 
 class CacheSettings(_Strict):
@@ -73,6 +128,8 @@ class CoalesceSettings(_Strict):
 
 
 class LocalSettings(_Strict):
+    engine: Literal["inprocess", "ray"] = "inprocess"   # ray: the models served by Ray Serve (`ray:`)
+    ray: RaySettings = Field(default_factory=RaySettings)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     gpu_usd_per_hour: Decimal | None = Field(default=None, ge=0)
     cpu_usd_per_hour: Decimal = Field(default=Decimal(0), ge=0)
@@ -86,6 +143,10 @@ class LocalSettings(_Strict):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     coalesce: CoalesceSettings = Field(default_factory=CoalesceSettings)
     models: dict[str, LocalModel] = Field(default_factory=dict)
+
+    def deployment(self, model: str) -> Deployment:
+        declared = self.models.get(model)
+        return declared.ray if declared is not None and declared.ray is not None else self.ray.deployment
 
 
 class LocalProviderSettings(ProviderSettings):
