@@ -164,3 +164,28 @@ def test_names_the_ledger_stores_are_checked_against_its_limits(tmp_path, where)
     p.write_text(body)
     with pytest.raises(ConfigError, match="at most 200 characters"):
         load_policy(p)
+
+
+@pytest.mark.parametrize(("ray", "line", "message"), [
+    ("    deployment: {replicas: 2, autoscaling: {max_replicas: 4}}\n", 4,
+     "local.ray.deployment: set replicas or autoscaling, not both"),
+    ("    deployment: {autoscaling: {min_replicas: 3, max_replicas: 2}}\n", 4,
+     "local.ray.deployment.autoscaling: min_replicas 3 is over max_replicas 2"),
+    ("    app: 'my app'\n", 4, "local.ray.app: String should match pattern"),
+])
+def test_a_ray_engine_mistake_names_its_line_and_field(tmp_path: Path, ray: str, line: int, message: str):
+    f = tmp_path / "p.yaml"
+    f.write_text("local:\n  engine: ray\n  ray:\n" + ray)
+    with pytest.raises(ConfigError) as exc:
+        load_policy(f)
+    assert str(exc.value).startswith(f"{f}:{line}: {message}")
+
+
+def test_the_ray_engine_places_each_model_by_its_own_deployment_or_the_default(tmp_path: Path):
+    f = tmp_path / "p.yaml"
+    f.write_text("local:\n  engine: ray\n  ray: {deployment: {num_cpus: 2}}\n  models:\n"
+                 "    big: {source: some/model, ray: {num_gpus: 1, autoscaling: {max_replicas: 8}}}\n"
+                 "    small: {source: other/model}\n")
+    local = load_policy(f).local
+    assert local.deployment("big").device == "cuda" and local.deployment("big").autoscaling.max_replicas == 8
+    assert local.deployment("small").device == "cpu" and local.deployment("small").num_cpus == 2

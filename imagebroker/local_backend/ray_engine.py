@@ -175,7 +175,7 @@ class RayEngine:
         name = deployment_name(model)
         if name not in self._handles:
             self._handles[name] = serve.get_deployment_handle(name, self.settings.ray.app, _check_exists=False)
-        stream = self._handles[name].options(stream=True).remote(request, offering)
+        stream = self._handles[name].options(stream=True).remote(request, offering, ctx.progress is not None)
         where: dict[str, Any] = {}
         try:
             async for event in stream:

@@ -18,6 +18,7 @@ import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -64,15 +65,16 @@ class ModelReplica:
     load fails the deployment, and Serve's status says why."""
 
     def __init__(self, settings: LocalSettings, offering: Offering, deployment: Deployment) -> None:
-        import torch
-
         from .pipelines import Pipelines
 
-        if deployment.num_cpus >= 1:
-            torch.set_num_threads(int(deployment.num_cpus))
         self.offering = offering
+        # One thread does all of this replica's torch work, loading included, as in process: every thread
+        # that enters torch's CPU kernels gets an OpenMP team of its own, and a second team makes the first
+        # run 2-2.5x slower on a small machine (measured: a tiny SD call 0.49 s on one thread, 1.07-1.33 s
+        # once a second thread had used torch).
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="imagebroker-replica")
         self.pipelines = Pipelines(settings, deployment.device)
-        self.pipelines.load(offering)
+        self.worker.submit(self._start, offering, deployment).result()
         co = settings.coalesce
         self.batched.set_max_batch_size(co.max_batch if co.enabled else 1)
         self.batched.set_batch_wait_timeout_s(co.window_ms / 1000)
@@ -81,16 +83,25 @@ class ModelReplica:
                       "device": self.pipelines.device}
         self.counts = {"requests": 0, "images": 0, "batches": 0, "interrupted": 0}
 
-    async def __call__(self, request: ImageRequest, offering: Offering) -> AsyncIterator[tuple[Any, ...]]:
+    def _start(self, offering: Offering, deployment: Deployment) -> None:
+        import torch
+
+        if deployment.num_cpus >= 1:
+            torch.set_num_threads(int(deployment.num_cpus))
+        self.pipelines.load(offering)
+
+    async def __call__(self, request: ImageRequest, offering: Offering,
+                       progress: bool = False) -> AsyncIterator[tuple[Any, ...]]:
+        """The request's events; `progress`: whether the caller wants each step (an event per step)."""
         from .pipelines import Job
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
 
-        def progress(step: int, total: int) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, ("progress", step, total))
+        def step(i: int, total: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("progress", i, total))
 
-        job = Job(request, offering, CallContext(timeout_s=0, progress=progress))
+        job = Job(request, offering, CallContext(timeout_s=0, progress=step if progress else None))
         self.counts["requests"] += 1
         yield ("started", self.where)
         task = asyncio.ensure_future(self.batched(job))
@@ -129,7 +140,7 @@ class ModelReplica:
             if not live:
                 continue
             try:
-                results = await asyncio.to_thread(self.pipelines.run, live)
+                results = await asyncio.get_running_loop().run_in_executor(self.worker, self.pipelines.run, live)
             except BaseException as exc:
                 if all(j.cancelled.is_set() for j in live):
                     self.counts["interrupted"] += 1
