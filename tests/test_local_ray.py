@@ -108,6 +108,9 @@ def test_the_same_seed_gives_the_same_bytes_as_the_in_process_engine(broker, inp
     assert [i.data for i in on_ray.images] == [i.data for i in here.images]
     assert on_ray.applied["engine"] == "ray" and on_ray.applied["replica"]
     assert "engine" not in here.applied
+    on_ray = broker.generate("a cat", model="local/tsd", seed=4, scheduler="dpmpp_2m_karras", steps=5)
+    here = inprocess.generate("a cat", model="local/tsd", seed=4, scheduler="dpmpp_2m_karras", steps=5)
+    assert on_ray.images[0].data == here.images[0].data and on_ray.applied["scheduler"] == "dpmpp_2m_karras"
 
 
 def test_a_batch_image_equals_the_same_seed_alone_and_requests_coalesce_in_the_replica(broker):
