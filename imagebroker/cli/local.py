@@ -69,6 +69,23 @@ def deploy(policy: PolicyOpt = None, address: AddressOpt = None) -> None:
                                           sorted((ray_engine.deployments(app_name) or {}).items())), markup=False)
 
 
+def _inprocess(local: LocalProvider, measure: bool) -> list[dict[str, Any]]:
+    from ..local_backend import installed
+
+    models = []
+    for m, o in sorted(local.offerings.items()):
+        state = local.state(o)
+        row: dict[str, Any] = {"model": m, "offering": o.id, "installed": installed(o), "device": state.device,
+                               "quantization": o.settings.get("quantization") or "none"}
+        if state.unavailable and row["installed"]:
+            row["unavailable"] = state.unavailable
+        elif measure and row["installed"]:
+            loaded, _ = local.runner().pipelines.load(o)
+            row["weights_mib"] = round(loaded.bytes / 2**20, 3)
+        models.append(row)
+    return models
+
+
 def _replicas(app_name: str) -> list[dict[str, Any]]:
     """Each live replica of the application's model deployments (Serve names its actors
     `SERVE_REPLICA::APP#DEPLOYMENT#TAG`) with what it says of itself: device, host, pid, requests, images.
@@ -101,23 +118,25 @@ def _replicas(app_name: str) -> list[dict[str, Any]]:
 @app.command("status")
 @handle_errors
 def status(policy: PolicyOpt = None, address: AddressOpt = None,
+           measure: Annotated[bool, typer.Option(
+               "--measure", help="In process: load each installed model here and report its weights' memory.")] = False,
            json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Where the local models run: with the Ray engine, the Serve application's deployments, their
-    replicas and devices; in process, the models and whether they are installed."""
+    replicas, devices and weights' memory; in process, the models, whether they are installed, and with
+    --measure the memory their weights take once loaded (quantized ones by their int8/int4 data)."""
     local = _local(policy)
     settings = local.settings.local
     if settings.engine != "ray" and address is None:
-        from ..local_backend import installed
-
-        models = [{"model": m, "offering": o.id, "installed": installed(o), "device": local.state(o).device}
-                  for m, o in sorted(local.offerings.items())]
+        models = _inprocess(local, measure)
         if json_out:
             print_json({"engine": "inprocess", "models": models})
             return
         console.print("engine: inprocess (this process's own device)", markup=False)
         for m in models:
+            weights = f", weights {m['weights_mib']} MiB" if "weights_mib" in m else ""
+            why = f" ({m['unavailable']})" if m.get("unavailable") else ""
             console.print(f"  {m['offering']}: {'installed' if m['installed'] else 'not installed'}, "
-                          f"{m['device']}", markup=False)
+                          f"{m['device']}, quantization {m['quantization']}{weights}{why}", markup=False)
         return
     where = _join(local, address)
     from ..local_backend import ray_engine

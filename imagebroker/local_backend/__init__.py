@@ -30,6 +30,16 @@ INSTALLED_TTL_S = 10.0  # how long "is this model on disk?" is trusted before lo
 __all__ = ["MODELS_DIR", "LocalProvider", "detect_device", "hub_cache", "missing_extra", "resolve_source"]
 
 
+def quantization_problem(kind: str, device: str) -> str | None:
+    if kind == "none":
+        return None
+    if importlib.util.find_spec("torchao") is None:
+        return f"quantization {kind} needs torchao: pip install 'imagebroker[quantization]'"
+    if kind == "int4" and device != "cuda":
+        return f"quantization int4 needs CUDA (torchao's int4 kernels); on {device} use int8"
+    return None
+
+
 def installed(offering: Offering) -> bool:
     return resolve_source(str(offering.settings.get("source", "")))[1] is not None
 
@@ -86,6 +96,10 @@ class LocalProvider(Provider):
                 return why
         if module := missing_extra():
             return f"needs the [local] extra: pip install 'imagebroker[local]' ({module} missing)"
+        if why := quantization_problem(str(offering.settings.get("quantization") or "none"),
+                                       self.settings.local.deployment(offering.model).device if self.on_ray
+                                       else self._device):
+            return why
         source = str(offering.settings.get("source", ""))
         seen = self._installed.get(source)
         if seen is None or time.monotonic() - seen[0] > INSTALLED_TTL_S:

@@ -3,17 +3,26 @@ folder, a single-file checkpoint, or a Hub id already in the local cache. Never 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-import diffusers
-import torch
-from diffusers import AutoPipelineForText2Image
-from transformers.utils import logging as transformers_logging
+# torchao (imported by diffusers when installed) reports each CUDA-only kernel library it could not load, and
+# torch notes its enums: notes for their developers, not for someone generating an image on a CPU
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
-from ..errors import ModelNotFound
-from ..providers.offering import Offering
-from ..providers.settings import LocalSettings
-from .sources import resolve_source
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+from diffusers import AutoPipelineForText2Image  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
+
+from ..errors import ModelNotFound  # noqa: E402
+from ..providers.offering import Offering  # noqa: E402
+from ..providers.settings import LocalSettings  # noqa: E402
+from .sources import resolve_source  # noqa: E402
+
+diffusers_logging.set_verbosity_error()
 
 transformers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
@@ -40,9 +49,30 @@ def pick_dtype(setting: str, family: str, device: str) -> torch.dtype:
     return torch.bfloat16 if family in ("flux", "sd3") else torch.float16
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """What a tensor holds in memory: a quantized one (torchao's tensor subclasses) by its inner tensors
+    (int8 data and scales), not by the dtype it stands in for."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def pipeline_bytes(pipe: Any) -> int:
-    return sum(p.numel() * p.element_size() for m in pipe.components.values()
+    return sum(tensor_bytes(p) for m in pipe.components.values()
                if isinstance(m, torch.nn.Module) for p in m.parameters())
+
+
+def quantization_config(kind: str, family: str) -> Any:
+    """Diffusers' pipeline quantization for the denoiser (torchao, weight-only), or None for `none`."""
+    if kind == "none":
+        return None
+    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    config = Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig()
+    denoiser = "transformer" if family in ("flux", "sd3") else "unet"
+    return PipelineQuantizationConfig(quant_mapping={denoiser: TorchAoConfig(config)})
 
 
 def load_pipeline(offering: Offering, settings: LocalSettings, device: str) -> tuple[Any, str]:
@@ -55,12 +85,14 @@ def load_pipeline(offering: Offering, settings: LocalSettings, device: str) -> t
     family = str(s.get("family") or "sd")
     dtype = pick_dtype(str(s.get("dtype") or "auto"), family, device)
     variant = s.get("variant")
+    quantized = quantization_config(str(s.get("quantization") or "none"), family)
+    extra = {"quantization_config": quantized} if quantized is not None else {}
     if kind == "file":
         cls = getattr(diffusers, SINGLE_FILE[family])
-        pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=True)
+        pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=True, **extra)
     else:
         pipe = AutoPipelineForText2Image.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                                         variant=variant)
+                                                         variant=variant, **extra)
     family = family_of(pipe)
     pipe.set_progress_bar_config(disable=True)
     if settings.cpu_offload and device == "cuda":

@@ -283,6 +283,8 @@ class Pipelines:
                        "guidance_scale": guidance, "scheduler": sched or "default",
                        "seeds": job_seeds, "adapters": [a.model_dump() for a in j.request.adapters],
                        "device": self.device, "batch_images": total}
+            if quantized := j.offering.settings.get("quantization"):
+                applied["quantization"] = quantized
             results.append(ProviderResult(raws, usage, None, applied))
         return results
 

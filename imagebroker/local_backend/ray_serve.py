@@ -153,7 +153,8 @@ class ModelReplica:
 
     def stats(self) -> dict[str, Any]:
         """Where this replica runs and what it has done (`imagebroker local status`)."""
-        return self.where | self.counts | {"loaded": list(self.pipelines.cache)}
+        return self.where | self.counts | {"loaded": list(self.pipelines.cache), "weights_mib": {
+            oid: round(loaded.bytes / 2**20, 3) for oid, loaded in self.pipelines.cache.items()}}
 
 
 class Models:

@@ -113,6 +113,9 @@ class LocalModel(_Strict):
     guidance_scale: float | None = None
     scheduler: str | None = None
     license: dict[str, str] | None = None
+    # the denoiser's weights through torchao: int8 (weight-only, any device) or int4 (weight-only, CUDA);
+    # a quantized model is its own offering (declare it under its own name), cached and priced apart
+    quantization: Literal["none", "int8", "int4"] = "none"
     ray: Deployment | None = None    # how this model is served with `local.engine: ray`
 
 

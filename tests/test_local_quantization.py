@@ -1,0 +1,85 @@
+"""Quantized local models (`local.models.NAME.quantization`), on the tiny SD and FLUX pipelines built in code:
+torchao's int8 weight-only denoiser loads, generates, is its own offering, and takes less weight memory."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+pytest.importorskip("diffusers")
+pytest.importorskip("torchao")
+
+from imagebroker import Broker
+from imagebroker.errors import NoRouteError
+from imagebroker.policies.schema import Policy
+from tests.conftest import builtin_providers
+from tests.tiny_pipelines import build_tiny_flux, build_tiny_sd
+
+OTHERS = [*builtin_providers("local"), "mock", "fakehttp", "local/sdxl", "local/sd15", "local/flux-*",
+          "local/tiny-shapes"]
+RULE = {"min_side": 64, "max_side": 256, "multiple_of": 16}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {"sd": build_tiny_sd(root / "sd"), "flux": build_tiny_flux(root / "flux")}
+
+
+def policy(models: dict[str, Path]) -> dict:
+    sd, flux = {"source": str(models["sd"]), "family": "sd", "steps": 4}, \
+        {"source": str(models["flux"]), "family": "flux", "steps": 3}
+    declared = {"tsd": sd, "tsd8": sd | {"quantization": "int8"}, "tsd4": sd | {"quantization": "int4"},
+                "tflux": flux, "tflux8": flux | {"quantization": "int8"}}
+    return {"name": "quantized", "deny": OTHERS, "local": {"device": "cpu", "models": declared},
+            "offerings": [{"id": f"local/{m}", "capabilities": {"default_size": "64x64", "size_rule": RULE}}
+                          for m in declared]}
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(image.data)).convert("RGB")).astype(int)
+
+
+@pytest.mark.parametrize(("plain", "quantized", "denoiser"), [("tsd", "tsd8", "unet"),
+                                                             ("tflux", "tflux8", "transformer")])
+def test_an_int8_model_is_its_own_offering_and_takes_less_weight_memory(models, tmp_path, plain, quantized,
+                                                                        denoiser):
+    with Broker(Policy.model_validate(policy(models)), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        base = b.generate("a cat", model=f"local/{plain}", seed=3)
+        small = b.generate("a cat", model=f"local/{quantized}", seed=3)
+        cache = b._async.provider("local").runner().pipelines.cache
+        full, int8 = cache[f"local/{plain}"], cache[f"local/{quantized}"]
+        kinds = {type(p).__name__ for p in getattr(int8.pipe, denoiser).parameters()}
+    assert small.offering == f"local/{quantized}" and small.applied["quantization"] == "int8"
+    assert "quantization" not in base.applied
+    assert "Int8Tensor" in kinds                  # the denoiser's linear weights are int8 now
+    assert int8.bytes < full.bytes                # and are counted by their int8 data, not as floats
+    assert pixels(small.images[0]).shape == pixels(base.images[0]).shape
+    assert small.cost.units["gpu_seconds"] > 0
+
+
+def test_int4_on_a_cpu_is_unavailable_with_the_reason(models, tmp_path):
+    with (Broker(Policy.model_validate(policy(models)), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b,
+          pytest.raises(NoRouteError, match=r"int4 needs CUDA .* on cpu use int8")):
+        b.generate("a cat", model="local/tsd4")
+
+
+def test_local_status_measures_each_models_weights(models, tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(policy(models)))
+    out = subprocess.run([sys.executable, "-m", "imagebroker", "local", "status", "--policy", str(path),
+                          "--measure", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {m["model"]: m for m in json.loads(out.stdout)["models"]}
+    assert rows["tsd8"]["quantization"] == "int8" and rows["tsd"]["quantization"] == "none"
+    assert 0 < rows["tsd8"]["weights_mib"] < rows["tsd"]["weights_mib"]
+    assert 0 < rows["tflux8"]["weights_mib"] < rows["tflux"]["weights_mib"]
+    assert "weights_mib" not in rows["tsd4"] and "needs CUDA" in rows["tsd4"]["unavailable"]
