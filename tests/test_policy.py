@@ -189,3 +189,17 @@ def test_the_ray_engine_places_each_model_by_its_own_deployment_or_the_default(t
     local = load_policy(f).local
     assert local.deployment("big").device == "cuda" and local.deployment("big").autoscaling.max_replicas == 8
     assert local.deployment("small").device == "cpu" and local.deployment("small").num_cpus == 2
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ("{source: /m/flux-Q8_0.gguf, family: flux}", "a .gguf source is a quantized denoiser: set quantization: gguf"),
+    ("{source: /m/flux-Q8_0.gguf, family: flux, quantization: gguf}", "quantization gguf needs base"),
+    ("{source: /m/x.gguf, base: /m/sd, family: sd, quantization: gguf}",
+     "quantization gguf loads a FLUX or SD3 transformer"),
+    ("{source: /m/sd, quantization: gguf}", "quantization gguf needs a .gguf file as source"),
+])
+def test_a_gguf_model_needs_its_file_its_base_and_a_transformer_family(tmp_path: Path, model: str, message: str):
+    f = tmp_path / "p.yaml"
+    f.write_text(f"local:\n  models:\n    m: {model}\n")
+    with pytest.raises(ConfigError, match=f"^{f}:3: local.models.m: {message}"):
+        load_policy(f)

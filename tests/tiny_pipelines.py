@@ -110,3 +110,28 @@ def make_lora(pipe_dir: Path, out: Path, seed: int) -> Path:
     StableDiffusionPipeline.save_lora_weights(save_directory=str(out), unet_lora_layers=layers,
                                               safe_serialization=True)
     return out
+
+
+def write_gguf_transformer(pipe_dir: Path, out: Path) -> Path:
+    """The pipeline's transformer as a GGUF file, as llama.cpp-style tools write them: 2-D weights whose rows
+    split into 32-value blocks in Q8_0 (int8 with a scale per block), the rest float32."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    weights: dict = {}
+    for f in sorted((pipe_dir / "transformer").glob("*.safetensors")):
+        weights |= load_file(f)
+    writer = gguf.GGUFWriter(str(out), arch="flux")
+    for name, tensor in weights.items():
+        data = tensor.float().numpy()
+        if data.ndim == 2 and data.shape[-1] % 32 == 0:
+            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, data.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

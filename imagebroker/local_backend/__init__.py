@@ -33,6 +33,9 @@ __all__ = ["MODELS_DIR", "LocalProvider", "detect_device", "hub_cache", "missing
 def quantization_problem(kind: str, device: str) -> str | None:
     if kind == "none":
         return None
+    if kind == "gguf":
+        return None if importlib.util.find_spec("gguf") else \
+            "quantization gguf needs the gguf package: pip install 'imagebroker[quantization]'"
     if importlib.util.find_spec("torchao") is None:
         return f"quantization {kind} needs torchao: pip install 'imagebroker[quantization]'"
     if kind == "int4" and device != "cuda":
@@ -105,6 +108,9 @@ class LocalProvider(Provider):
         if seen is None or time.monotonic() - seen[0] > INSTALLED_TTL_S:
             seen = self._installed[source] = (time.monotonic(), resolve_source(source))
         kind, path = seen[1]
+        base = offering.settings.get("base")
+        if path is not None and base and resolve_source(str(base))[1] is None:
+            return f"base model not installed: {base} (the pipeline around {path.name})"
         if path is not None:
             return None
         if kind == "hub":

@@ -75,6 +75,23 @@ def quantization_config(kind: str, family: str) -> Any:
     return PipelineQuantizationConfig(quant_mapping={denoiser: TorchAoConfig(config)})
 
 
+def _gguf_pipeline(path: Any, base: str, family: str, dtype: torch.dtype, offering: str) -> Any:
+    """A GGUF transformer (its weights stay quantized, dequantized per layer as it runs) in the pipeline of
+    its base model, whose folder also gives the transformer's config."""
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig, SD3Transformer2DModel
+
+    _, base_path = resolve_source(base)
+    if base_path is None:
+        raise ModelNotFound(f"base model {base!r} of {path.name} is not installed", provider="local",
+                            offering=offering)
+    cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+    transformer = cls.from_single_file(str(path), config=str(base_path), subfolder="transformer",
+                                       quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+                                       torch_dtype=dtype, local_files_only=True)
+    return AutoPipelineForText2Image.from_pretrained(str(base_path), transformer=transformer, dtype=dtype,
+                                                     local_files_only=True)
+
+
 def load_pipeline(offering: Offering, settings: LocalSettings, device: str) -> tuple[Any, str]:
     s = offering.settings
     source = str(s.get("source", ""))
@@ -85,9 +102,12 @@ def load_pipeline(offering: Offering, settings: LocalSettings, device: str) -> t
     family = str(s.get("family") or "sd")
     dtype = pick_dtype(str(s.get("dtype") or "auto"), family, device)
     variant = s.get("variant")
-    quantized = quantization_config(str(s.get("quantization") or "none"), family)
+    quantization = str(s.get("quantization") or "none")
+    quantized = quantization_config(quantization, family) if quantization != "gguf" else None
     extra = {"quantization_config": quantized} if quantized is not None else {}
-    if kind == "file":
+    if quantization == "gguf":
+        pipe = _gguf_pipeline(path, str(s.get("base") or ""), family, dtype, offering.id)
+    elif kind == "file":
         cls = getattr(diffusers, SINGLE_FILE[family])
         pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=True, **extra)
     else:

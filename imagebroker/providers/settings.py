@@ -105,7 +105,7 @@ class RaySettings(_Strict):
 
 
 class LocalModel(_Strict):
-    source: str                      # builtin:NAME, a Diffusers folder, a .safetensors file, or a Hub id
+    source: str                      # builtin:NAME, a Diffusers folder, a .safetensors/.gguf file, or a Hub id
     family: Literal["sd", "sdxl", "flux", "sd3"] | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     variant: str | None = None
@@ -114,9 +114,28 @@ class LocalModel(_Strict):
     scheduler: str | None = None
     license: dict[str, str] | None = None
     # the denoiser's weights through torchao: int8 (weight-only, any device) or int4 (weight-only, CUDA);
-    # a quantized model is its own offering (declare it under its own name), cached and priced apart
-    quantization: Literal["none", "int8", "int4"] = "none"
+    # or gguf: `source` is a GGUF file of the denoiser (a FLUX or SD3 transformer), the rest of the pipeline
+    # (and the denoiser's config) from `base`. A quantized model is its own offering (declare it under its
+    # own name), cached and priced apart
+    quantization: Literal["none", "int8", "int4", "gguf"] = "none"
+    base: str | None = None          # with gguf: the Diffusers folder or Hub id of the same model
     ray: Deployment | None = None    # how this model is served with `local.engine: ray`
+
+    @model_validator(mode="after")
+    def _gguf(self) -> LocalModel:
+        is_gguf = self.source.endswith(".gguf")
+        if is_gguf != (self.quantization == "gguf"):
+            raise ValueError("a .gguf source is a quantized denoiser: set quantization: gguf (and base)"
+                             if is_gguf else "quantization gguf needs a .gguf file as source")
+        if self.quantization == "gguf":
+            if not self.base:
+                raise ValueError("quantization gguf needs base: the Diffusers folder or Hub id the rest of "
+                                 "the pipeline comes from")
+            if self.family not in ("flux", "sd3"):
+                raise ValueError("quantization gguf loads a FLUX or SD3 transformer: set family: flux or sd3")
+        elif self.base:
+            raise ValueError("base is only for quantization: gguf")
+        return self
 
 
 class CacheSettings(_Strict):
