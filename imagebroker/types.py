@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .control import MAX_CONTROLS, Control
 from .errors import RequestError
 from .inputs import MAX_INPUT_IMAGES, InputImage, read_input
 
@@ -128,6 +129,7 @@ class ImageRequest(_Frozen):
     mask: InputImage | None = None
     strength: float | None = Field(default=None, gt=0.0, le=1.0,
                                    description="how far img2img may move from the init image")
+    control: tuple[Control, ...] = Field(default=(), max_length=MAX_CONTROLS)   # ControlNet (`control.py`)
 
     def __init__(self, **data: Any) -> None:
         try:

@@ -172,7 +172,7 @@ KEYED = {"width", "height", "n", "steps", "scheduler", "quality", "output_format
          "model", "tags", "max_cost_usd", "max_latency_s", "strength", "aspect_ratio", "resolution",
          "partial_images"}
 # length, presence, truthiness; input images by their sizes, the mask by its presence
-PARTLY = {"prompt", "negative_prompt", "seed", "guidance_scale", "images", "mask"}
+PARTLY = {"prompt", "negative_prompt", "seed", "guidance_scale", "images", "mask", "control"}   # control: kinds
 IGNORED = {"idempotency_key", "extra"}
 
 

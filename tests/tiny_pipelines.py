@@ -135,3 +135,20 @@ def write_gguf_transformer(pipe_dir: Path, out: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def make_controlnet(pipe_dir: Path, out: Path, seed: int) -> Path:
+    """A ControlNet for the tiny SD UNet (made from it, as training starts), with its zero convolutions given
+    random weights so that it moves the output (a fresh one adds exactly nothing)."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(pipe_dir / "unet")
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            for p in module.parameters():
+                p.normal_(0.0, 0.5)
+    net.save_pretrained(out)
+    return out

@@ -107,6 +107,8 @@ def cache_key(request: ImageRequest, offering: Offering, policy: Policy) -> str 
         "request": {f: getattr(request, f) for f in PIXEL_FIELDS}, "extra": request.extra,
         "adapters": [(a.ref, a.scale, adapter_digest(a.ref)) for a in request.adapters],
     }
+    if request.control:   # (only with control, likewise)
+        canonical["control"] = [(k.kind, k.image.sha256, k.scale, k.start, k.end) for k in request.control]
     if request.is_edit:   # (only for edits: the keys of text-to-image calls made before edits stay valid)
         canonical["edit"] = {"inputs": [i.sha256 for i in request.images], "strength": request.strength,
                              "mask": request.mask.sha256 if request.mask else None}

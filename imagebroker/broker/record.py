@@ -39,6 +39,8 @@ def planning_fields(request: ImageRequest) -> str:
                   seeded=request.seed is not None,
                   adapters=[{"ref": a.ref, "scale": a.scale, "sha256": _adapter_sha256(a.ref)}
                             for a in request.adapters])
+    if request.control:   # the kinds the planner reads, and what each control was; never the image's bytes
+        fields["control"] = [c.describe() for c in request.control]
     if request.is_edit:   # sizes for the planner, hashes to know the inputs again; never their bytes
         fields["edit"] = {"images": [i.describe() for i in request.images], "strength": request.strength,
                           "mask": request.mask.describe() if request.mask else None}

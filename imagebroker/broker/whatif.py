@@ -93,6 +93,9 @@ def replayed_request(row: Any) -> tuple[ImageRequest, bool]:
     chars = int(saved.pop("prompt_chars", 1))
     negative, seeded = saved.pop("negative_prompt", False), saved.pop("seeded", False)
     adapters = tuple(Adapter(ref=a["ref"], scale=a["scale"]) for a in saved.pop("adapters", []))
+    saved["control"] = tuple({"kind": c["kind"], "image": _stand_in(c["image"]["width"], c["image"]["height"]),
+                              "scale": c["scale"], "start": c["start"], "end": c["end"]}
+                             for c in saved.pop("control", []))
     edit = saved.pop("edit", None) or {}
     if edit:   # stand-ins of the same sizes: the planner and the prices read sizes, never pixels
         saved["images"] = tuple(_stand_in(i["width"], i["height"]) for i in edit["images"])

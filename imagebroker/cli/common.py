@@ -25,6 +25,9 @@ NOpt = Annotated[int, typer.Option("-n", "--n", help="Number of images.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed (image i gets seed + i).")]
 AdapterOpt = Annotated[list[str] | None, typer.Option("--adapter", help="LoRA as REF or REF:SCALE; "
                                                        "repeat for several.")]
+ControlOpt = Annotated[list[str] | None, typer.Option(
+    "--control", help="A control image as KIND:PATH[:SCALE] (canny, depth, pose, ...); KIND+:PATH makes the "
+                      "KIND image from PATH here (canny); repeat for several.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Pin an offering id or alias.")]
 WideOpt = Annotated[bool, typer.Option("--wide", "-w", help="Every column, however wide the terminal "
                                         "(piped output always has every column).")]
@@ -112,6 +115,21 @@ def request_fields(size: str | None, n: int, seed: int | None, adapter: list[str
     if model:
         fields["model"] = model
     return fields
+
+
+def control_fields(control: list[str] | None) -> dict[str, Any]:
+    """--control, each one read and checked (its file, its kind) before anything is paid for."""
+    if not control:
+        return {}
+    from ..control import Control
+
+    parsed = []
+    for text in control:
+        try:
+            parsed.append(Control.parse(text))
+        except ValueError as exc:
+            fail(str(exc) if str(exc).startswith("--control") else f"--control {text}: {exc}")
+    return {"control": tuple(parsed)}
 
 
 def shape_fields(aspect_ratio: str | None, resolution: str | None) -> dict[str, Any]:

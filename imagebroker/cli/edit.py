@@ -12,6 +12,7 @@ from ..types import ImageRequest
 from .common import (
     AdapterOpt,
     AspectOpt,
+    ControlOpt,
     ImageOpt,
     JsonOpt,
     LedgerOpt,
@@ -24,6 +25,7 @@ from .common import (
     SizeOpt,
     StrengthOpt,
     TagOpt,
+    control_fields,
     edit_fields,
     fail,
     handle_errors,
@@ -51,6 +53,7 @@ def edit(
     prompt: Annotated[str, typer.Argument(help="What to make of the input images.")],
     image: ImageOpt = None, mask: MaskOpt = None, strength: StrengthOpt = None,
     size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
+    control: ControlOpt = None,
     model: ModelOpt = None, tag: TagOpt = None, policy: PolicyOpt = None, out: OutOpt = Path("."),
     negative: NegativeOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
     scheduler: SchedulerOpt = None, quality: QualityOpt = None, output_format: FormatOpt = None,
@@ -63,7 +66,8 @@ def edit(
     has the init image's size where the offering can make it."""
     if not image:
         fail("edit needs --image: the image to edit (repeat --image for reference images)")
-    fields = (request_fields(size, n, seed, adapter, model, tag) | edit_fields(image, mask, strength)
+    fields = (request_fields(size, n, seed, adapter, model, tag) | control_fields(control)
+              | edit_fields(image, mask, strength)
               | shape_fields(aspect_ratio, resolution)
               | option_fields(negative, steps, guidance, scheduler, quality, output_format))
     request = ImageRequest(prompt=prompt, **fields)

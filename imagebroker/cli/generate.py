@@ -18,6 +18,7 @@ from ..types import ImageRequest, ImageResult
 from .common import (
     AdapterOpt,
     AspectOpt,
+    ControlOpt,
     JsonOpt,
     LedgerOpt,
     ModelOpt,
@@ -28,6 +29,7 @@ from .common import (
     SizeOpt,
     TagOpt,
     check_adapters,
+    control_fields,
     fail,
     handle_errors,
     request_fields,
@@ -152,6 +154,7 @@ NoStoreOpt = Annotated[bool, typer.Option("--no-store", help="Keep no copy in th
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
+    control: ControlOpt = None,
     model: ModelOpt = None, tag: TagOpt = None, policy: PolicyOpt = None, out: OutOpt = Path("."),
     negative: NegativeOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
     scheduler: SchedulerOpt = None, quality: QualityOpt = None, output_format: FormatOpt = None,
@@ -161,7 +164,8 @@ def generate(
 ) -> None:
     """Generate images for PROMPT, write them into --out exactly as the provider sent them (provenance in a
     NAME.json beside each), and print offering, cost and latency."""
-    fields = (request_fields(size, n, seed, adapter, model, tag) | shape_fields(aspect_ratio, resolution)
+    fields = (request_fields(size, n, seed, adapter, model, tag) | control_fields(control)
+              | shape_fields(aspect_ratio, resolution)
               | option_fields(negative, steps, guidance, scheduler, quality, output_format))
     request = ImageRequest(prompt=prompt, **fields)
     make_images(request, policy=policy, ledger=ledger, out=out, timeout=timeout, embed=embed_provenance,

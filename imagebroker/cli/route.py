@@ -11,6 +11,7 @@ from ..types import ImageRequest, Plan
 from .common import (
     AdapterOpt,
     AspectOpt,
+    ControlOpt,
     ImageOpt,
     JsonOpt,
     LedgerOpt,
@@ -24,6 +25,7 @@ from .common import (
     StrengthOpt,
     TagOpt,
     WideOpt,
+    control_fields,
     edit_fields,
     handle_errors,
     read_only_broker,
@@ -59,6 +61,7 @@ def print_plan(plan: Plan, *, wide: bool = False, limit: int | None = None) -> N
 def route(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
+    control: ControlOpt = None,
     model: ModelOpt = None, tag: TagOpt = None, image: ImageOpt = None, mask: MaskOpt = None,
     strength: StrengthOpt = None, aspect_ratio: AspectOpt = None, resolution: ResolutionOpt = None,
     policy: PolicyOpt = None, ledger: LedgerOpt = None,
@@ -66,7 +69,8 @@ def route(
 ) -> None:
     """Show which offerings would serve PROMPT (an edit, with --image), in order, and why the others would
     not. Calls no provider; exits 2 when no offering can serve it."""
-    fields = (request_fields(size, n, seed, adapter, model, tag) | edit_fields(image, mask, strength)
+    fields = (request_fields(size, n, seed, adapter, model, tag) | control_fields(control)
+              | edit_fields(image, mask, strength)
               | shape_fields(aspect_ratio, resolution))
     request = ImageRequest(prompt=prompt, **fields)
     plan = read_only_broker(policy, ledger).plan(request)

@@ -53,6 +53,36 @@ class Loaded:
     multiple: int
     adapters: set[str] = field(default_factory=set)
     variants: dict[str, Any] = field(default_factory=dict)   # img2img / inpaint, sharing pipe's components
+    controlnets: dict[str, Any] = field(default_factory=dict)   # by kind, loaded on first use
+
+    def with_control(self, kinds: tuple[str, ...], sources: dict[str, str], dtype: Any) -> Any:
+        """The ControlNet pipeline of this model's family with these kinds' ControlNets (several: Diffusers'
+        multi-ControlNet), built from the loaded components: no second copy of the base weights, and the
+        base pipeline itself unchanged."""
+        key = "control:" + ",".join(kinds)
+        if key not in self.variants:
+            nets = [self.controlnet(k, sources[k], dtype) for k in kinds]
+            variant = diffusers.AutoPipelineForText2Image.from_pipe(
+                self.pipe, controlnet=nets[0] if len(nets) == 1 else nets)
+            variant.set_progress_bar_config(disable=True)
+            self.variants[key] = variant
+        return self.variants[key]
+
+    def controlnet(self, kind: str, source: str, dtype: Any) -> Any:
+        if kind not in self.controlnets:
+            cls = diffusers.FluxControlNetModel if self.family == "flux" else diffusers.ControlNetModel
+            path = Path(source).expanduser()
+            try:
+                if path.is_file():
+                    net = cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
+                else:
+                    net = cls.from_pretrained(str(path) if path.is_dir() else source, torch_dtype=dtype,
+                                              local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise ModelNotFound(f"ControlNet {kind} {source!r} could not be loaded: {exc}",
+                                    provider="local") from None
+            self.controlnets[kind] = net.to(self.pipe.device)
+        return self.controlnets[kind]
 
     def for_task(self, task: str) -> Any:
         """The pipeline for `text2img`, `img2img` or `inpaint`: the loaded one, or one built from its
@@ -80,8 +110,9 @@ class Job:
         """Jobs with equal keys run as one batch: the same model, settings and input images."""
         r = self.request
         inputs = (tuple(i.sha256 for i in r.images), r.mask.sha256 if r.mask else None, r.strength)
+        control = tuple((c.kind, c.image.sha256, c.scale, c.start, c.end) for c in r.control)
         return (self.offering.id, request_size(r, self.offering), r.steps, r.guidance_scale,
-                r.scheduler, r.adapters, inputs)
+                r.scheduler, r.adapters, inputs, control)
 
     def resolve(self, result: ProviderResult | None, error: BaseException | None = None) -> None:
         future, loop = self.future, self.loop
@@ -181,7 +212,16 @@ class Pipelines:
         offering, req = first.offering, first.request
         loaded, load_s = self.load(offering)
         task = "inpaint" if req.mask is not None else "img2img" if req.is_edit else "text2img"
-        pipe, family = loaded.for_task(task), loaded.family
+        if req.control and task != "text2img":
+            raise RequestError("control with an edit (images) is not supported by the local backend yet")
+        if req.control:
+            sources = dict(offering.settings.get("controlnets") or {})  # type: ignore[call-overload]
+            if missing := [c.kind for c in req.control if c.kind not in sources]:
+                raise RequestError(f"{offering.id} has no ControlNet for {', '.join(missing)}")
+            pipe = loaded.with_control(tuple(c.kind for c in req.control), sources, loaded.pipe.dtype)
+        else:
+            pipe = loaded.for_task(task)
+        family = loaded.family
         w, h = request_size(req, offering)
         if w % loaded.multiple or h % loaded.multiple:
             raise RequestError(f"size {w}x{h}: {offering.id} needs both sides to be multiples of "
@@ -222,6 +262,8 @@ class Pipelines:
         kwargs: dict[str, Any] = dict(prompt=prompts, height=h, width=w, num_inference_steps=steps,
                                       generator=generators, output_type="pil",
                                       callback_on_step_end=on_step)
+        if req.control:
+            kwargs |= _control_inputs(req, family, (w, h))
         if task != "text2img":
             kwargs |= _edit_inputs(req, task, (w, h), len(prompts))
             if task == "img2img" and "height" not in inspect.signature(pipe.__call__).parameters:
@@ -285,8 +327,29 @@ class Pipelines:
                        "device": self.device, "batch_images": total}
             if quantized := j.offering.settings.get("quantization"):
                 applied["quantization"] = quantized
+            if j.request.control:
+                applied["control"] = [c.describe() for c in j.request.control]
             results.append(ProviderResult(raws, usage, None, applied))
         return results
+
+
+def _control_inputs(request: ImageRequest, family: str, size: tuple[int, int]) -> dict[str, Any]:
+    """The control images (at the size asked; the pipeline repeats each for every image it makes) and their
+    scales and windows, under the names the family's ControlNet pipeline takes; one control is passed as
+    one, several as lists (one entry per ControlNet)."""
+    images, scales, starts, ends = [], [], [], []
+    for c in request.control:
+        image = c.image.pil().convert("RGB")
+        if image.size != size:
+            image = image.resize(size, PILImage.Resampling.BILINEAR)
+        images.append(image)
+        scales.append(c.scale)
+        starts.append(c.start)
+        ends.append(c.end)
+    one = len(images) == 1
+    return {"control_image" if family == "flux" else "image": images[0] if one else images,
+            "controlnet_conditioning_scale": scales[0] if one else scales,
+            "control_guidance_start": starts[0] if one else starts, "control_guidance_end": ends[0] if one else ends}
 
 
 def _edit_inputs(request: ImageRequest, task: str, size: tuple[int, int], count: int) -> dict[str, Any]:

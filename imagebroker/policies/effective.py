@@ -50,6 +50,9 @@ def _declared_local(name: str, model: Any, catalog: Catalog) -> dict[str, Any]:
         item["aliases"] = ()
     if model.license:
         item["license"] = model.license
+    if model.controlnets:
+        item["capabilities"] = {**item.get("capabilities", {}), "control": tuple(sorted(model.controlnets))}
+        item["settings"] = {**item["settings"], "controlnets": dict(model.controlnets)}
     return item
 
 

@@ -75,6 +75,7 @@ def _rule_applies(rule: Rule, request: ImageRequest) -> bool:
         w.negative_prompt is None or bool(request.negative_prompt) == w.negative_prompt,
         w.edit is None or request.is_edit == w.edit,
         w.mask is None or (request.mask is not None) == w.mask,
+        w.control is None or bool(request.control) == w.control,
     ])
 
 
@@ -139,6 +140,11 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints, size: tupl
         hard.append("no LoRA/adapter support")
     elif len(r.adapters) > caps.max_adapters and caps.adapters:
         hard.append(f"{len(r.adapters)} adapters above its max of {caps.max_adapters}")
+    if missing := [k.kind for k in r.control if k.kind not in caps.control]:
+        hard.append(f"no ControlNet for {', '.join(dict.fromkeys(missing))}"
+                    + (f" (it has {', '.join(caps.control)})" if caps.control else ""))
+    if c.forbid_control and r.control:
+        hard.append("control not allowed by the policy (forbid_control)")
     if c.require_adapters and not caps.adapters:
         hard.append("no LoRA support (policy requires adapters)")
     if r.background == "transparent" and not caps.transparent_background:
@@ -257,7 +263,7 @@ def request_key(r: ImageRequest) -> tuple[object, ...]:
             r.quality, r.output_format, r.background, r.adapters, r.model, tuple(sorted(r.tags.items())),
             r.aspect_ratio, r.resolution,
             r.max_cost_usd, r.max_latency_s, tuple((i.width, i.height) for i in r.images), r.mask is None,
-            r.strength, r.partial_images)
+            r.strength, r.partial_images, tuple(k.kind for k in r.control))
 
 
 def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: PlannerState) -> Plan:

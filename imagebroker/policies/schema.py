@@ -32,6 +32,7 @@ class Constraints(_Strict):
     regions: tuple[str, ...] | None = None   # every region an offering processes in must be listed
     require_seed: bool = False
     require_adapters: bool = False
+    forbid_control: bool = False      # no request with `control` may go here (e.g. a rule for one app)
     split_n: bool = True   # n above an offering's per-call maximum: several calls (false: not eligible)
     # an aspect ratio an offering can only come near (a fixed size table): eligible (nearest) or not (exact)
     size_match: Literal["exact", "nearest"] = "nearest"
@@ -48,6 +49,7 @@ class When(_Strict):
     negative_prompt: bool | None = None
     edit: bool | None = None      # the request has input images
     mask: bool | None = None      # the request has a mask (inpainting)
+    control: bool | None = None   # the request has a control image (ControlNet)
 
 
 class RuleSet(_Strict):

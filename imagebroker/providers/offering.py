@@ -72,6 +72,7 @@ class Capabilities(_Data):
     edit: EditCaps | None = None     # None: text-to-image only
     text_to_image: bool = True       # False: an edit-only endpoint (FLUX Fill, Stability inpaint)
     partial_images: int = 0          # the most previews it streams while generating (gpt-image: 3)
+    control: tuple[str, ...] = ()    # the control kinds it can follow (ControlNet: canny, depth, ...)
 
     @model_validator(mode="after")
     def _sizes(self) -> Capabilities:

@@ -119,6 +119,8 @@ class LocalModel(_Strict):
     # own name), cached and priced apart
     quantization: Literal["none", "int8", "int4", "gguf"] = "none"
     base: str | None = None          # with gguf: the Diffusers folder or Hub id of the same model
+    # ControlNets for this model, by control kind: a Diffusers folder, a single file or a Hub id in the cache
+    controlnets: dict[str, str] = Field(default_factory=dict)
     ray: Deployment | None = None    # how this model is served with `local.engine: ray`
 
     @model_validator(mode="after")
