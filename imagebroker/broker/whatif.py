@@ -77,7 +77,7 @@ class WhatIf:
             "calls_partial": self.partial,
             "groups": [g.as_dict() for g in sorted(self.groups.values(), key=lambda g: (-g.actual_usd, g.key))],
             "moves": [{"from": a, "to": b, "calls": n} for (a, b), n in self.moves.most_common()],
-            "unroutable_reasons": dict(self.reasons.most_common(10)),
+            "unroutable_reasons": _top(self.reasons, 10),
         }
 
 
@@ -110,6 +110,14 @@ def _stand_in(width: int, height: int) -> InputImage:
     buf = io.BytesIO()
     Image.new("L", (width, height)).save(buf, format="PNG")
     return read_input(buf.getvalue())
+
+
+def _top(counts: Counter[str], n: int) -> dict[str, int]:
+    """The n most common, and every other as common as the last of them (a cut through a tie would keep
+    an arbitrary few), most common first, then by name."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    floor = ranked[n - 1][1] if len(ranked) >= n else 0
+    return {k: v for i, (k, v) in enumerate(ranked) if i < n or v >= floor}
 
 
 def _kind(reason: str) -> str:
