@@ -51,7 +51,8 @@ def _declared_local(name: str, model: Any, catalog: Catalog) -> dict[str, Any]:
     if model.license:
         item["license"] = model.license
     if model.controlnets:
-        item["capabilities"] = {**item.get("capabilities", {}), "control": tuple(sorted(model.controlnets))}
+        item["capabilities"] = {**item.get("capabilities", {}), "control": tuple(sorted(model.controlnets)),
+                                "max_controls": len(model.controlnets)}
         item["settings"] = {**item["settings"], "controlnets": dict(model.controlnets)}
     return item
 

@@ -140,9 +140,13 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints, size: tupl
         hard.append("no LoRA/adapter support")
     elif len(r.adapters) > caps.max_adapters and caps.adapters:
         hard.append(f"{len(r.adapters)} adapters above its max of {caps.max_adapters}")
+    if caps.control_required and not r.control:
+        hard.append(f"needs a control image ({', '.join(caps.control)})")
     if missing := [k.kind for k in r.control if k.kind not in caps.control]:
         hard.append(f"no ControlNet for {', '.join(dict.fromkeys(missing))}"
                     + (f" (it has {', '.join(caps.control)})" if caps.control else ""))
+    elif len(r.control) > max(caps.max_controls, 1) and caps.control:
+        hard.append(f"{len(r.control)} controls above its max of {caps.max_controls}")
     if c.forbid_control and r.control:
         hard.append("control not allowed by the policy (forbid_control)")
     if c.require_adapters and not caps.adapters:

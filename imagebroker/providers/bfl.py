@@ -36,6 +36,10 @@ class BFLProvider(HttpProvider):
         edit = offering.capabilities.edit
         if request.is_edit and edit is not None and edit.output_size != "asked":
             del body["width"], body["height"]   # Kontext and Fill take the size from the input
+        if request.control:   # Canny/Depth [pro]: our control image as is, the size from it
+            control = request.control[0]
+            body["preprocessed_image"] = control.image.b64()
+            del body["width"], body["height"]   # request_size is already the control image's
         if request.seed is not None:
             body["seed"] = request.seed
         if offering.capabilities.steps and request.steps:
@@ -79,8 +83,11 @@ class BFLProvider(HttpProvider):
         if task.get("cost") is not None:  # newer responses may report credits (not verified)
             usage["credits"] = task["cost"]
         seed = (result.get("result") or {}).get("seed", request.seed)
-        applied = {k: (f"<{len(v)} base64 chars>" if k.startswith(("input_image", "image", "mask")) else v)
+        applied = {k: (f"<{len(v)} base64 chars>" if k.startswith(("input_image", "image", "mask", "preprocessed"))
+                       else v)
                    for k, v in body.items() if k != "prompt"}
+        if request.control:
+            applied["control"] = [c.describe() for c in request.control]
         return ProviderResult([RawImage(image, seed)], usage, task.get("id"), {"endpoint": path, **applied})
 
 

@@ -73,6 +73,9 @@ class Capabilities(_Data):
     text_to_image: bool = True       # False: an edit-only endpoint (FLUX Fill, Stability inpaint)
     partial_images: int = 0          # the most previews it streams while generating (gpt-image: 3)
     control: tuple[str, ...] = ()    # the control kinds it can follow (ControlNet: canny, depth, ...)
+    max_controls: int = 1            # how many controls at once (a local model: one per ControlNet it has)
+    control_size: Literal["asked", "input"] = "asked"   # input: the output takes the control image's size
+    control_required: bool = False   # a control endpoint (BFL Canny/Depth): nothing without a control image
 
     @model_validator(mode="after")
     def _sizes(self) -> Capabilities:
@@ -269,11 +272,14 @@ def offering_warnings(request: ImageRequest, offering: Offering) -> tuple[str, .
 
 def request_size(request: ImageRequest, offering: Offering) -> tuple[int, int]:
     """The size the request asks of this offering: for an edit where the offering returns the init image's
-    size, that size; else the request's own; else, for an edit, the init image's when the offering takes
+    size, that size; with control where the offering takes the control image's size, that one; else the
+    request's own; else, for an edit, the init image's when the offering takes
     it; else the offering's default."""
     caps, init = offering.capabilities, request.init_image
     if init is not None and caps.edit is not None and caps.edit.output_size == "input":
         return init.width, init.height
+    if request.control and caps.control_size == "input":   # BFL Canny/Depth: the control image's size
+        return request.control[0].image.width, request.control[0].image.height
     if request.width and request.height:
         return request.width, request.height
     if request.aspect_ratio:

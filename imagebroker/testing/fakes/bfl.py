@@ -70,7 +70,13 @@ class FakeBFL(HostileURLs):
         `input_image`, `input_image_2`..`_8`; a size the output takes from the input is noted in `_size`.
         A 422 names a field that is not an image, as FastAPI-style validation does."""
         fill = path.endswith("-fill")
-        names = ["image", "mask"] if fill else [k for k in REFERENCES if k in body]
+        if path.endswith(("-canny", "-depth")):   # FLUX.1 Tools: a control image, no size fields
+            if "width" in body or "height" in body:
+                return Reply(422, {"detail": [{"loc": ["body", "width"], "msg": "extra fields not permitted",
+                                               "type": "value_error.extra"}]})
+            names = ["preprocessed_image" if "preprocessed_image" in body else "control_image"]
+        else:
+            names = ["image", "mask"] if fill else [k for k in REFERENCES if k in body]
         seen = {}
         for name in names:
             if (got := seen_image(str(body.get(name, "")))) is None:
@@ -82,7 +88,7 @@ class FakeBFL(HostileURLs):
                                            "type": "value_error"}]})
         if seen:
             self.state.setdefault("edits", []).append({"path": path, "inputs": seen, "body": dict(body)})
-            first = seen.get("image") or seen["input_image"]
+            first = seen.get("image") or seen.get("input_image") or next(iter(seen.values()))
             if "width" not in body:   # Kontext and Fill: the input's size
                 body["_size"] = (first.width, first.height)
         return None
