@@ -8,6 +8,7 @@ so planning and `import imagebroker` stay fast without the [local] or [ray] extr
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import time
 from collections.abc import Callable
@@ -30,13 +31,19 @@ INSTALLED_TTL_S = 10.0  # how long "is this model on disk?" is trusted before lo
 __all__ = ["MODELS_DIR", "LocalProvider", "detect_device", "hub_cache", "missing_extra", "resolve_source"]
 
 
+@functools.cache
+def has_module(name: str) -> bool:
+    """Whether an optional package is installed (asked once per process: the planner asks every second)."""
+    return importlib.util.find_spec(name) is not None
+
+
 def quantization_problem(kind: str, device: str) -> str | None:
     if kind == "none":
         return None
     if kind == "gguf":
-        return None if importlib.util.find_spec("gguf") else \
+        return None if has_module("gguf") else \
             "quantization gguf needs the gguf package: pip install 'imagebroker[quantization]'"
-    if importlib.util.find_spec("torchao") is None:
+    if not has_module("torchao"):
         return f"quantization {kind} needs torchao: pip install 'imagebroker[quantization]'"
     if kind == "int4" and device != "cuda":
         return f"quantization int4 needs CUDA (torchao's int4 kernels); on {device} use int8"
@@ -91,7 +98,7 @@ class LocalProvider(Provider):
         if not self.settings.enabled:
             return "provider local disabled in the policy"
         if self.on_ray:
-            if importlib.util.find_spec("ray") is None:
+            if not has_module("ray"):
                 return "local.engine is ray: needs the [ray] extra: pip install 'imagebroker[ray]'"
             if self.settings.local.ray.address:   # the models live on the cluster's disks, not this machine's
                 return self._ray.unavailable(offering.model) if self._ray is not None else None
