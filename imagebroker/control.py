@@ -81,6 +81,10 @@ class Control(BaseModel):
             raise ValueError("; ".join(str(e["msg"]).removeprefix("Value error, ") if e["loc"] == () else
                                        f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
 
+    def key(self) -> tuple[str, str, float, float, float]:
+        """What makes two controls the same: kind, image, scale and window (cache and coalescing keys)."""
+        return self.kind, self.image.sha256, self.scale, self.start, self.end
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "scale": self.scale, "start": self.start, "end": self.end,
                 "preprocess": self.preprocess, "image": self.image.describe()}

@@ -108,7 +108,7 @@ def cache_key(request: ImageRequest, offering: Offering, policy: Policy) -> str 
         "adapters": [(a.ref, a.scale, adapter_digest(a.ref)) for a in request.adapters],
     }
     if request.control:   # (only with control, likewise)
-        canonical["control"] = [(k.kind, k.image.sha256, k.scale, k.start, k.end) for k in request.control]
+        canonical["control"] = [c.key() for c in request.control]
     if request.is_edit:   # (only for edits: the keys of text-to-image calls made before edits stay valid)
         canonical["edit"] = {"inputs": [i.sha256 for i in request.images], "strength": request.strength,
                              "mask": request.mask.sha256 if request.mask else None}

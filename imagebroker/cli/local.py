@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .common import PolicyOpt, fail, handle_errors
+from .common import PolicyOpt, fail, handle_errors, read_only_broker
 from .output import console, print_json
 
 if TYPE_CHECKING:
@@ -20,13 +20,7 @@ AddressOpt = Annotated[str | None, typer.Option(
 
 
 def _local(policy: str | None) -> LocalProvider:
-    from ..broker.core import AsyncBroker
-    from ..broker.ledger.store import Ledger
-    from ..policies.loader import load_policy
-
-    loaded = load_policy(policy)
-    broker = AsyncBroker(loaded, ledger=Ledger(loaded.ledger.url, read_only=True), store=False)
-    return broker.provider("local")  # type: ignore[return-value]
+    return read_only_broker(policy, None).provider("local")  # type: ignore[no-any-return]
 
 
 def _join(local: LocalProvider, address: str | None) -> str:

@@ -111,12 +111,9 @@ class LocalProvider(Provider):
                                        else self._device):
             return why
         source = str(offering.settings.get("source", ""))
-        seen = self._installed.get(source)
-        if seen is None or time.monotonic() - seen[0] > INSTALLED_TTL_S:
-            seen = self._installed[source] = (time.monotonic(), resolve_source(source))
-        kind, path = seen[1]
+        kind, path = self._resolved(source)
         base = offering.settings.get("base")
-        if path is not None and base and resolve_source(str(base))[1] is None:
+        if path is not None and base and self._resolved(str(base))[1] is None:
             return f"base model not installed: {base} (the pipeline around {path.name})"
         if path is not None:
             return None
@@ -124,6 +121,13 @@ class LocalProvider(Provider):
             return (f"model not installed: download {source} into the Hugging Face cache "
                     f"(hf download {source}) or set local.models.{offering.model}.source to a folder")
         return f"model not installed: {source} not found"
+
+    def _resolved(self, source: str) -> tuple[str, Path | None]:
+        """`resolve_source`, trusted for INSTALLED_TTL_S: the planner asks about every second."""
+        seen = self._installed.get(source)
+        if seen is None or time.monotonic() - seen[0] > INSTALLED_TTL_S:
+            seen = self._installed[source] = (time.monotonic(), resolve_source(source))
+        return seen[1]
 
     def runner(self) -> LocalRunner:
         if self._runner is None:

@@ -110,7 +110,7 @@ class Job:
         """Jobs with equal keys run as one batch: the same model, settings and input images."""
         r = self.request
         inputs = (tuple(i.sha256 for i in r.images), r.mask.sha256 if r.mask else None, r.strength)
-        control = tuple((c.kind, c.image.sha256, c.scale, c.start, c.end) for c in r.control)
+        control = tuple(c.key() for c in r.control)
         return (self.offering.id, request_size(r, self.offering), r.steps, r.guidance_scale,
                 r.scheduler, r.adapters, inputs, control)
 

@@ -104,9 +104,15 @@ class RayEngine:
         return self.settings.ray.address or "a Ray instance on this machine"
 
     # -- what the planner sees ----------------------------------------------------------------
-    def unavailable(self, model: str) -> str | None:
+    def _recent_problem(self) -> str | None:
+        """Why the cluster could not be started or joined, while that is recent enough to trust."""
         if self._problem is not None and time.monotonic() - self._problem[0] < RETRY_CONNECT_S:
             return self._problem[1]
+        return None
+
+    def unavailable(self, model: str) -> str | None:
+        if problem := self._recent_problem():
+            return problem
         if not self._ready:
             return None   # not asked yet: the first call starts or joins the cluster
         self._refresh_soon()
@@ -166,8 +172,8 @@ class RayEngine:
     # -- one request --------------------------------------------------------------------------
     async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
         if not self._ready:
-            if self._problem is not None and time.monotonic() - self._problem[0] < RETRY_CONNECT_S:
-                raise ProviderUnavailable(self._problem[1], provider="local", offering=offering.id)
+            if problem := self._recent_problem():
+                raise ProviderUnavailable(problem, provider="local", offering=offering.id)
             await asyncio.to_thread(self.start)
         model = offering.model
         if why := self.unavailable(model):
