@@ -1,5 +1,6 @@
 """The Ray Serve engine (`local.engine: ray`) on a real Ray instance on this machine's CPU, with the tiny SD
-pipeline built in code: the same guarantees as the in-process engine, faults, and `imagebroker local`.
+pipeline built in code and the bundled tiny-shapes model: the same guarantees as the in-process engine,
+faults, and `imagebroker local`.
 
 One Ray instance serves the whole module (it takes ~5 s to start, each replica ~5 s more), started by the
 broker itself as `local.ray.address` unset does. Marked `ray` and `slow`: `-m "not ray"` leaves it out.
@@ -35,8 +36,7 @@ from tests.conftest import builtin_providers
 from tests.tiny_pipelines import build_tiny_sd, make_lora
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-OTHERS = [*builtin_providers("local"), "mock", "fakehttp", "local/sdxl", "local/sd15", "local/flux-*",
-          "local/tiny-shapes"]
+OTHERS = [*builtin_providers("local"), "mock", "fakehttp", "local/sdxl", "local/sd15", "local/flux-*"]
 RULE = {"min_side": 64, "max_side": 256, "multiple_of": 16}
 THREADS = 2   # each replica's torch threads: the in-process engine's here, so the bytes can match
 
@@ -57,12 +57,13 @@ def policy(paths: dict[str, Path], engine: str, **ray) -> Policy:
     return Policy.model_validate({
         "name": "ray-test", "deny": OTHERS,
         "local": {"engine": engine, "cpu_usd_per_hour": "3.6", "coalesce": {"window_ms": 100},
-                  "ray": {"num_cpus": 8, "models": ["tsd", "tsd1", "broken"],
+                  "ray": {"num_cpus": 10, "models": ["tsd", "tsd1", "broken", "tiny-shapes"],
                           "deployment": {"replicas": 2, "num_cpus": THREADS}} | ray,
                   "models": {"tsd": {"source": str(paths["sd"]), "family": "sd", "steps": 4},
                              "tsd1": {"source": str(paths["sd"]), "family": "sd", "steps": 4, "ray": one},
                              "broken": {"source": str(paths["broken"]), "family": "sd",
-                                        "ray": one | {"start_retries": 1}}}},
+                                        "ray": one | {"start_retries": 1}},
+                             "tiny-shapes": {"source": "builtin:tiny-shapes", "ray": one}}},
         "retry": {"max_attempts": 3, "initial_delay_s": 0.5},
         "offerings": [{"id": f"local/{m}", "capabilities": {"default_size": "64x64", "size_rule": RULE}}
                       for m in ("tsd", "tsd1", "broken")]})
@@ -111,6 +112,9 @@ def test_the_same_seed_gives_the_same_bytes_as_the_in_process_engine(broker, inp
     on_ray = broker.generate("a cat", model="local/tsd", seed=4, scheduler="dpmpp_2m_karras", steps=5)
     here = inprocess.generate("a cat", model="local/tsd", seed=4, scheduler="dpmpp_2m_karras", steps=5)
     assert on_ray.images[0].data == here.images[0].data and on_ray.applied["scheduler"] == "dpmpp_2m_karras"
+    shapes = {"model": "local/tiny-shapes", "seed": 6, "steps": 8}   # the bundled model, too
+    assert broker.generate("a red circle", **shapes).images[0].data == \
+        inprocess.generate("a red circle", **shapes).images[0].data
 
 
 def test_a_batch_image_equals_the_same_seed_alone_and_requests_coalesce_in_the_replica(broker):
