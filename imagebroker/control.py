@@ -1,5 +1,6 @@
-"""Structural control of a request (ControlNet): a control image of a given kind (canny edges, a depth map,
-a pose, ...) that the image must follow, with its strength and the part of the denoising it acts in.
+"""Control of a request beyond its prompt: structural control (ControlNet), a control image of a given kind
+(canny edges, a depth map, a pose, ...) that the image must follow, with its strength and the part of the
+denoising it acts in; and image prompts (IP-Adapter), reference images whose content and style steer it.
 
 The control image is given ready-made, or made here from a source image with `preprocess: true` where
 imagebroker can compute it itself (canny edges, with numpy and Pillow), so every provider receives the
@@ -18,6 +19,7 @@ from .inputs import InputImage, read_input
 KINDS = ("canny", "depth", "sketch", "pose", "lineart", "scribble", "segmentation", "tile", "normal")
 PREPROCESSED = ("canny",)   # the kinds imagebroker can make from a source image
 MAX_CONTROLS = 4
+MAX_IMAGE_PROMPTS = 4
 
 
 class Control(BaseModel):
@@ -90,13 +92,63 @@ class Control(BaseModel):
                 "preprocess": self.preprocess, "image": self.image.describe()}
 
 
+class ImagePrompt(BaseModel):
+    """A reference image (IP-Adapter): the output takes its content and style, `scale` how much (0 is none)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image: InputImage
+    scale: float = Field(default=1.0, ge=0.0, le=2.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            data = {"image": data}   # an image on its own: a path, bytes, a PIL image
+        if "image" not in data:
+            raise ValueError("image prompt: give its image")
+        return {**data, "image": read_input(data["image"], "image prompt")}
+
+    @classmethod
+    def parse(cls, text: str) -> ImagePrompt:
+        """`PATH[:SCALE]`, as the CLI takes it."""
+        path, _, scale = text.rpartition(":")
+        try:
+            fields: dict[str, Any] = {"image": path, "scale": float(scale)} if path else {"image": text}
+        except ValueError:
+            fields = {"image": text}
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise ValueError("; ".join(str(e["msg"]).removeprefix("Value error, ") if e["loc"] == () else
+                                       f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+
+    def key(self) -> tuple[str, float]:
+        return self.image.sha256, self.scale
+
+    def describe(self) -> dict[str, Any]:
+        return {"scale": self.scale, "image": self.image.describe()}
+
+
 def canny(image: InputImage, low: float = 0.1, high: float = 0.2) -> InputImage:
-    """Edges as white lines on black: Sobel gradients, thinned to their ridges, kept where strong or where
-    they touch a strong one (hysteresis), as Canny's detector does. PNG, the source image's size."""
+    """Edges as white lines on black (see `canny_edges`). PNG, the source image's size."""
+    import numpy as np
+    from PIL import Image
+
+    edges = canny_edges(np.asarray(image.pil().convert("RGB")), low, high)
+    buf = io.BytesIO()
+    Image.fromarray(edges).convert("RGB").save(buf, format="PNG")
+    return read_input(buf.getvalue(), f"control canny of {image.name}")
+
+
+def canny_edges(rgb: Any, low: float = 0.1, high: float = 0.2) -> Any:
+    """Canny's detector on an (H, W, 3) uint8 array: Sobel gradients, thinned to their ridges, kept where
+    strong or where they touch a strong one (hysteresis). Returns (H, W) uint8, 255 on an edge. The
+    training of tiny-shapes' ControlNet uses this same function, so what it learned is what users send."""
     import numpy as np
     from PIL import Image, ImageFilter
 
-    gray = image.pil().convert("L").filter(ImageFilter.GaussianBlur(1.0))
+    gray = Image.fromarray(np.asarray(rgb, dtype=np.uint8)).convert("L").filter(ImageFilter.GaussianBlur(1.0))
     a = np.asarray(gray, dtype=np.float32) / 255.0
     p = np.pad(a, 1, mode="edge")
     gx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
@@ -127,6 +179,4 @@ def canny(image: InputImage, low: float = 0.1, high: float = 0.2) -> InputImage:
         if not new.any():
             break
         edges |= new
-    buf = io.BytesIO()
-    Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB").save(buf, format="PNG")
-    return read_input(buf.getvalue(), f"control canny of {image.name}")
+    return (edges * 255).astype(np.uint8)

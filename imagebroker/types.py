@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .control import MAX_CONTROLS, Control
+from .control import MAX_CONTROLS, MAX_IMAGE_PROMPTS, Control, ImagePrompt
 from .errors import RequestError
 from .inputs import MAX_INPUT_IMAGES, InputImage, read_input
 
@@ -130,6 +130,7 @@ class ImageRequest(_Frozen):
     strength: float | None = Field(default=None, gt=0.0, le=1.0,
                                    description="how far img2img may move from the init image")
     control: tuple[Control, ...] = Field(default=(), max_length=MAX_CONTROLS)   # ControlNet (`control.py`)
+    image_prompts: tuple[ImagePrompt, ...] = Field(default=(), max_length=MAX_IMAGE_PROMPTS)   # IP-Adapter
 
     def __init__(self, **data: Any) -> None:
         try:

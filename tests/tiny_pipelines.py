@@ -152,3 +152,32 @@ def make_controlnet(pipe_dir: Path, out: Path, seed: int) -> Path:
                 p.normal_(0.0, 0.5)
     net.save_pretrained(out)
     return out
+
+
+def make_ip_adapter(pipe_dir: Path, out: Path, seed: int) -> tuple[Path, Path]:
+    """An IP-Adapter for the tiny SD UNet with a tiny CLIP image encoder (32x32 input), in the file layout
+    h94/IP-Adapter uses (`image_proj.*` and `ip_adapter.N.to_k_ip/to_v_ip` weights, one pair per
+    cross-attention layer); random weights, large enough to move the output. Returns (weights, encoder)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(pipe_dir / "unet")
+    cross = unet.config.cross_attention_dim
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=16)).eval()
+    encoder.save_pretrained(out / "image_encoder")
+    weights = {"image_proj.proj.weight": torch.randn(cross * 4, 16), "image_proj.proj.bias": torch.randn(cross * 4),
+               "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.weight.shape[0]
+            weights[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(hidden, cross)
+            weights[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(hidden, cross)
+            key += 2
+    save_file(weights, out / "ip-adapter.safetensors")
+    return out / "ip-adapter.safetensors", out / "image_encoder"

@@ -109,6 +109,8 @@ def cache_key(request: ImageRequest, offering: Offering, policy: Policy) -> str 
     }
     if request.control:   # (only with control, likewise)
         canonical["control"] = [c.key() for c in request.control]
+    if request.image_prompts:
+        canonical["image_prompts"] = [p.key() for p in request.image_prompts]
     if request.is_edit:   # (only for edits: the keys of text-to-image calls made before edits stay valid)
         canonical["edit"] = {"inputs": [i.sha256 for i in request.images], "strength": request.strength,
                              "mask": request.mask.sha256 if request.mask else None}

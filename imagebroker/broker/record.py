@@ -41,6 +41,8 @@ def planning_fields(request: ImageRequest) -> str:
                             for a in request.adapters])
     if request.control:   # the kinds the planner reads, and what each control was; never the image's bytes
         fields["control"] = [c.describe() for c in request.control]
+    if request.image_prompts:
+        fields["image_prompts"] = [p.describe() for p in request.image_prompts]
     if request.is_edit:   # sizes for the planner, hashes to know the inputs again; never their bytes
         fields["edit"] = {"images": [i.describe() for i in request.images], "strength": request.strength,
                           "mask": request.mask.describe() if request.mask else None}

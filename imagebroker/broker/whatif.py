@@ -96,6 +96,8 @@ def replayed_request(row: Any) -> tuple[ImageRequest, bool]:
     saved["control"] = tuple({"kind": c["kind"], "image": _stand_in(c["image"]["width"], c["image"]["height"]),
                               "scale": c["scale"], "start": c["start"], "end": c["end"]}
                              for c in saved.pop("control", []))
+    saved["image_prompts"] = tuple({"image": _stand_in(p["image"]["width"], p["image"]["height"]),
+                                    "scale": p["scale"]} for p in saved.pop("image_prompts", []))
     edit = saved.pop("edit", None) or {}
     if edit:   # stand-ins of the same sizes: the planner and the prices read sizes, never pixels
         saved["images"] = tuple(_stand_in(i["width"], i["height"]) for i in edit["images"])

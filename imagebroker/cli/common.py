@@ -28,6 +28,8 @@ AdapterOpt = Annotated[list[str] | None, typer.Option("--adapter", help="LoRA as
 ControlOpt = Annotated[list[str] | None, typer.Option(
     "--control", help="A control image as KIND:PATH[:SCALE] (canny, depth, pose, ...); KIND+:PATH makes the "
                       "KIND image from PATH here (canny); repeat for several.")]
+ImagePromptOpt = Annotated[list[str] | None, typer.Option(
+    "--image-prompt", help="A reference image (IP-Adapter) as PATH[:SCALE]; repeat for several.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Pin an offering id or alias.")]
 WideOpt = Annotated[bool, typer.Option("--wide", "-w", help="Every column, however wide the terminal "
                                         "(piped output always has every column).")]
@@ -117,19 +119,22 @@ def request_fields(size: str | None, n: int, seed: int | None, adapter: list[str
     return fields
 
 
-def control_fields(control: list[str] | None) -> dict[str, Any]:
-    """--control, each one read and checked (its file, its kind) before anything is paid for."""
-    if not control:
-        return {}
-    from ..control import Control
+def control_fields(control: list[str] | None, image_prompt: list[str] | None = None) -> dict[str, Any]:
+    """--control and --image-prompt, each one read and checked (its file, its kind) before anything is
+    paid for."""
+    from ..control import Control, ImagePrompt
 
-    parsed = []
-    for text in control:
-        try:
-            parsed.append(Control.parse(text))
-        except ValueError as exc:
-            fail(str(exc) if str(exc).startswith("--control") else f"--control {text}: {exc}")
-    return {"control": tuple(parsed)}
+    fields: dict[str, Any] = {}
+    for option, texts, cls in (("--control", control, Control), ("--image-prompt", image_prompt, ImagePrompt)):
+        parsed = []
+        for text in texts or ():
+            try:
+                parsed.append(cls.parse(text))
+            except ValueError as exc:
+                fail(str(exc) if str(exc).startswith(option) else f"{option} {text}: {exc}")
+        if parsed:
+            fields["control" if cls is Control else "image_prompts"] = tuple(parsed)
+    return fields
 
 
 def shape_fields(aspect_ratio: str | None, resolution: str | None) -> dict[str, Any]:

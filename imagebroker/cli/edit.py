@@ -14,6 +14,7 @@ from .common import (
     AspectOpt,
     ControlOpt,
     ImageOpt,
+    ImagePromptOpt,
     JsonOpt,
     LedgerOpt,
     MaskOpt,
@@ -54,6 +55,7 @@ def edit(
     image: ImageOpt = None, mask: MaskOpt = None, strength: StrengthOpt = None,
     size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
     control: ControlOpt = None,
+    image_prompt: ImagePromptOpt = None,
     model: ModelOpt = None, tag: TagOpt = None, policy: PolicyOpt = None, out: OutOpt = Path("."),
     negative: NegativeOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
     scheduler: SchedulerOpt = None, quality: QualityOpt = None, output_format: FormatOpt = None,
@@ -66,7 +68,7 @@ def edit(
     has the init image's size where the offering can make it."""
     if not image:
         fail("edit needs --image: the image to edit (repeat --image for reference images)")
-    fields = (request_fields(size, n, seed, adapter, model, tag) | control_fields(control)
+    fields = (request_fields(size, n, seed, adapter, model, tag) | control_fields(control, image_prompt)
               | edit_fields(image, mask, strength)
               | shape_fields(aspect_ratio, resolution)
               | option_fields(negative, steps, guidance, scheduler, quality, output_format))

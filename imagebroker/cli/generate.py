@@ -19,6 +19,7 @@ from .common import (
     AdapterOpt,
     AspectOpt,
     ControlOpt,
+    ImagePromptOpt,
     JsonOpt,
     LedgerOpt,
     ModelOpt,
@@ -155,6 +156,7 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
     control: ControlOpt = None,
+    image_prompt: ImagePromptOpt = None,
     model: ModelOpt = None, tag: TagOpt = None, policy: PolicyOpt = None, out: OutOpt = Path("."),
     negative: NegativeOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
     scheduler: SchedulerOpt = None, quality: QualityOpt = None, output_format: FormatOpt = None,
@@ -164,7 +166,7 @@ def generate(
 ) -> None:
     """Generate images for PROMPT, write them into --out exactly as the provider sent them (provenance in a
     NAME.json beside each), and print offering, cost and latency."""
-    fields = (request_fields(size, n, seed, adapter, model, tag) | control_fields(control)
+    fields = (request_fields(size, n, seed, adapter, model, tag) | control_fields(control, image_prompt)
               | shape_fields(aspect_ratio, resolution)
               | option_fields(negative, steps, guidance, scheduler, quality, output_format))
     request = ImageRequest(prompt=prompt, **fields)

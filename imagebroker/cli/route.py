@@ -13,6 +13,7 @@ from .common import (
     AspectOpt,
     ControlOpt,
     ImageOpt,
+    ImagePromptOpt,
     JsonOpt,
     LedgerOpt,
     MaskOpt,
@@ -62,6 +63,7 @@ def route(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     size: SizeOpt = None, n: NOpt = 1, seed: SeedOpt = None, adapter: AdapterOpt = None,
     control: ControlOpt = None,
+    image_prompt: ImagePromptOpt = None,
     model: ModelOpt = None, tag: TagOpt = None, image: ImageOpt = None, mask: MaskOpt = None,
     strength: StrengthOpt = None, aspect_ratio: AspectOpt = None, resolution: ResolutionOpt = None,
     policy: PolicyOpt = None, ledger: LedgerOpt = None,
@@ -69,7 +71,7 @@ def route(
 ) -> None:
     """Show which offerings would serve PROMPT (an edit, with --image), in order, and why the others would
     not. Calls no provider; exits 2 when no offering can serve it."""
-    fields = (request_fields(size, n, seed, adapter, model, tag) | control_fields(control)
+    fields = (request_fields(size, n, seed, adapter, model, tag) | control_fields(control, image_prompt)
               | edit_fields(image, mask, strength)
               | shape_fields(aspect_ratio, resolution))
     request = ImageRequest(prompt=prompt, **fields)

@@ -33,9 +33,9 @@ from ..errors import ModelNotFound, ProviderError, ProviderUnavailable, RequestE
 from ..inputs import mask_image
 from ..providers.base import CallContext, ProviderResult, RawImage
 from ..providers.offering import Offering, request_size
-from ..providers.settings import LocalSettings
+from ..providers.settings import IpAdapterSettings, LocalSettings
 from ..types import Adapter, ImageRequest
-from . import schedulers
+from . import control, schedulers
 from .loading import load_pipeline, pipeline_bytes
 
 diffusers_logging.set_verbosity_error()
@@ -54,35 +54,7 @@ class Loaded:
     adapters: set[str] = field(default_factory=set)
     variants: dict[str, Any] = field(default_factory=dict)   # img2img / inpaint, sharing pipe's components
     controlnets: dict[str, Any] = field(default_factory=dict)   # by kind, loaded on first use
-
-    def with_control(self, kinds: tuple[str, ...], sources: dict[str, str], dtype: Any) -> Any:
-        """The ControlNet pipeline of this model's family with these kinds' ControlNets (several: Diffusers'
-        multi-ControlNet), built from the loaded components: no second copy of the base weights, and the
-        base pipeline itself unchanged."""
-        key = "control:" + ",".join(kinds)
-        if key not in self.variants:
-            nets = [self.controlnet(k, sources[k], dtype) for k in kinds]
-            variant = diffusers.AutoPipelineForText2Image.from_pipe(
-                self.pipe, controlnet=nets[0] if len(nets) == 1 else nets)
-            variant.set_progress_bar_config(disable=True)
-            self.variants[key] = variant
-        return self.variants[key]
-
-    def controlnet(self, kind: str, source: str, dtype: Any) -> Any:
-        if kind not in self.controlnets:
-            cls = diffusers.FluxControlNetModel if self.family == "flux" else diffusers.ControlNetModel
-            path = Path(source).expanduser()
-            try:
-                if path.is_file():
-                    net = cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
-                else:
-                    net = cls.from_pretrained(str(path) if path.is_dir() else source, torch_dtype=dtype,
-                                              local_files_only=True)
-            except (OSError, ValueError) as exc:
-                raise ModelNotFound(f"ControlNet {kind} {source!r} could not be loaded: {exc}",
-                                    provider="local") from None
-            self.controlnets[kind] = net.to(self.pipe.device)
-        return self.controlnets[kind]
+    ip_adapter: Any = None   # (its weights, its image encoder), read on first use (`control.py`)
 
     def for_task(self, task: str) -> Any:
         """The pipeline for `text2img`, `img2img` or `inpaint`: the loaded one, or one built from its
@@ -110,7 +82,7 @@ class Job:
         """Jobs with equal keys run as one batch: the same model, settings and input images."""
         r = self.request
         inputs = (tuple(i.sha256 for i in r.images), r.mask.sha256 if r.mask else None, r.strength)
-        control = tuple(c.key() for c in r.control)
+        control = tuple(c.key() for c in r.control), tuple(p.key() for p in r.image_prompts)
         return (self.offering.id, request_size(r, self.offering), r.steps, r.guidance_scale,
                 r.scheduler, r.adapters, inputs, control)
 
@@ -212,13 +184,9 @@ class Pipelines:
         offering, req = first.offering, first.request
         loaded, load_s = self.load(offering)
         task = "inpaint" if req.mask is not None else "img2img" if req.is_edit else "text2img"
-        if req.control and task != "text2img":
-            raise RequestError("control with an edit (images) is not supported by the local backend yet")
         if req.control:
             sources = dict(offering.settings.get("controlnets") or {})  # type: ignore[call-overload]
-            if missing := [c.kind for c in req.control if c.kind not in sources]:
-                raise RequestError(f"{offering.id} has no ControlNet for {', '.join(missing)}")
-            pipe = loaded.with_control(tuple(c.kind for c in req.control), sources, loaded.pipe.dtype)
+            pipe = control.with_control(loaded, task, tuple(c.kind for c in req.control), sources)
         else:
             pipe = loaded.for_task(task)
         family = loaded.family
@@ -263,7 +231,7 @@ class Pipelines:
                                       generator=generators, output_type="pil",
                                       callback_on_step_end=on_step)
         if req.control:
-            kwargs |= _control_inputs(req, family, (w, h))
+            kwargs |= control.control_inputs(req, family, task, (w, h))
         if task != "text2img":
             kwargs |= _edit_inputs(req, task, (w, h), len(prompts))
             if task == "img2img" and "height" not in inspect.signature(pipe.__call__).parameters:
@@ -275,12 +243,14 @@ class Pipelines:
         energy = _EnergyMeter(self.device, self.settings.energy_usd_per_kwh is not None)
         if self.device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = pipe(**kwargs)
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        busy = time.perf_counter() - t0
+        ip = offering.settings.get("ip_adapter")
+        with control.image_prompts(loaded, pipe, req, IpAdapterSettings(**ip) if ip else None) as extra:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = pipe(**kwargs, **extra)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            busy = time.perf_counter() - t0
         joules = energy.joules()
         if all(j.cancelled.is_set() for j in batch):
             raise ProviderUnavailable("cancelled: the pipeline was interrupted", provider="local")
@@ -329,27 +299,10 @@ class Pipelines:
                 applied["quantization"] = quantized
             if j.request.control:
                 applied["control"] = [c.describe() for c in j.request.control]
+            if j.request.image_prompts:
+                applied["image_prompts"] = [p.describe() for p in j.request.image_prompts]
             results.append(ProviderResult(raws, usage, None, applied))
         return results
-
-
-def _control_inputs(request: ImageRequest, family: str, size: tuple[int, int]) -> dict[str, Any]:
-    """The control images (at the size asked; the pipeline repeats each for every image it makes) and their
-    scales and windows, under the names the family's ControlNet pipeline takes; one control is passed as
-    one, several as lists (one entry per ControlNet)."""
-    images, scales, starts, ends = [], [], [], []
-    for c in request.control:
-        image = c.image.pil().convert("RGB")
-        if image.size != size:
-            image = image.resize(size, PILImage.Resampling.BILINEAR)
-        images.append(image)
-        scales.append(c.scale)
-        starts.append(c.start)
-        ends.append(c.end)
-    one = len(images) == 1
-    return {"control_image" if family == "flux" else "image": images[0] if one else images,
-            "controlnet_conditioning_scale": scales[0] if one else scales,
-            "control_guidance_start": starts[0] if one else starts, "control_guidance_end": ends[0] if one else ends}
 
 
 def _edit_inputs(request: ImageRequest, task: str, size: tuple[int, int], count: int) -> dict[str, Any]:

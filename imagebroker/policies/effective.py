@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..control import MAX_IMAGE_PROMPTS
 from ..providers.catalog import Catalog, deep_merge
 from ..providers.offering import GpuSecondsPrice, Offering
 from .schema import Policy
@@ -54,6 +55,9 @@ def _declared_local(name: str, model: Any, catalog: Catalog) -> dict[str, Any]:
         item["capabilities"] = {**item.get("capabilities", {}), "control": tuple(sorted(model.controlnets)),
                                 "max_controls": len(model.controlnets)}
         item["settings"] = {**item["settings"], "controlnets": dict(model.controlnets)}
+    if model.ip_adapter:
+        item["capabilities"] = {**item.get("capabilities", {}), "image_prompts": MAX_IMAGE_PROMPTS}
+        item["settings"] = {**item["settings"], "ip_adapter": model.ip_adapter.model_dump()}
     return item
 
 

@@ -76,6 +76,7 @@ def _rule_applies(rule: Rule, request: ImageRequest) -> bool:
         w.edit is None or request.is_edit == w.edit,
         w.mask is None or (request.mask is not None) == w.mask,
         w.control is None or bool(request.control) == w.control,
+        w.image_prompts is None or bool(request.image_prompts) == w.image_prompts,
     ])
 
 
@@ -149,6 +150,12 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints, size: tupl
         hard.append(f"{len(r.control)} controls above its max of {caps.max_controls}")
     if c.forbid_control and r.control:
         hard.append("control not allowed by the policy (forbid_control)")
+    if r.image_prompts and not caps.image_prompts:
+        hard.append("no image prompts (IP-Adapter)")
+    elif len(r.image_prompts) > caps.image_prompts and caps.image_prompts:
+        hard.append(f"{len(r.image_prompts)} image prompts above its max of {caps.image_prompts}")
+    if c.forbid_image_prompts and r.image_prompts:
+        hard.append("image prompts not allowed by the policy (forbid_image_prompts)")
     if c.require_adapters and not caps.adapters:
         hard.append("no LoRA support (policy requires adapters)")
     if r.background == "transparent" and not caps.transparent_background:
@@ -267,7 +274,8 @@ def request_key(r: ImageRequest) -> tuple[object, ...]:
             r.quality, r.output_format, r.background, r.adapters, r.model, tuple(sorted(r.tags.items())),
             r.aspect_ratio, r.resolution,
             r.max_cost_usd, r.max_latency_s, tuple((i.width, i.height) for i in r.images), r.mask is None,
-            r.strength, r.partial_images, tuple(k.kind for k in r.control))
+            r.strength, r.partial_images, tuple(k.kind for k in r.control),
+            len(r.image_prompts))
 
 
 def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: PlannerState) -> Plan:

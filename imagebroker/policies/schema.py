@@ -33,6 +33,7 @@ class Constraints(_Strict):
     require_seed: bool = False
     require_adapters: bool = False
     forbid_control: bool = False      # no request with `control` may go here (e.g. a rule for one app)
+    forbid_image_prompts: bool = False   # likewise for `image_prompts` (IP-Adapter)
     split_n: bool = True   # n above an offering's per-call maximum: several calls (false: not eligible)
     # an aspect ratio an offering can only come near (a fixed size table): eligible (nearest) or not (exact)
     size_match: Literal["exact", "nearest"] = "nearest"
@@ -50,6 +51,7 @@ class When(_Strict):
     edit: bool | None = None      # the request has input images
     mask: bool | None = None      # the request has a mask (inpainting)
     control: bool | None = None   # the request has a control image (ControlNet)
+    image_prompts: bool | None = None   # the request has reference images (IP-Adapter)
 
 
 class RuleSet(_Strict):

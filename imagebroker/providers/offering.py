@@ -76,6 +76,7 @@ class Capabilities(_Data):
     max_controls: int = 1            # how many controls at once (a local model: one per ControlNet it has)
     control_size: Literal["asked", "input"] = "asked"   # input: the output takes the control image's size
     control_required: bool = False   # a control endpoint (BFL Canny/Depth): nothing without a control image
+    image_prompts: int = 0           # the most reference images it takes (IP-Adapter; 0: none)
 
     @model_validator(mode="after")
     def _sizes(self) -> Capabilities:

@@ -104,6 +104,17 @@ class RaySettings(_Strict):
     deployment: Deployment = Field(default_factory=Deployment)   # for every model without its own `ray:`
 
 
+class IpAdapterSettings(_Strict):
+    """An IP-Adapter for a local model (image prompts): its weights, a .safetensors/.bin file, or a Hub repo
+    in the cache with `weight_name` (and `subfolder`); and the CLIP image encoder it was trained with, a
+    folder or a Hub id (h94/IP-Adapter keeps it under `models/image_encoder`: give that folder's path)."""
+
+    source: str
+    weight_name: str | None = None
+    subfolder: str | None = None
+    image_encoder: str
+
+
 class LocalModel(_Strict):
     source: str                      # builtin:NAME, a Diffusers folder, a .safetensors/.gguf file, or a Hub id
     family: Literal["sd", "sdxl", "flux", "sd3"] | None = None
@@ -121,6 +132,7 @@ class LocalModel(_Strict):
     base: str | None = None          # with gguf: the Diffusers folder or Hub id of the same model
     # ControlNets for this model, by control kind: a Diffusers folder, a single file or a Hub id in the cache
     controlnets: dict[str, str] = Field(default_factory=dict)
+    ip_adapter: IpAdapterSettings | None = None   # image prompts (one IP-Adapter, once per prompt image)
     ray: Deployment | None = None    # how this model is served with `local.engine: ray`
 
     @model_validator(mode="after")
