@@ -34,6 +34,7 @@ class Control(BaseModel):
     start: float = Field(default=0.0, ge=0.0, le=1.0)
     end: float = Field(default=1.0, ge=0.0, le=1.0)
     preprocess: bool = False   # `image` was a source image, turned into this kind's control image here
+    source: InputImage | None = None   # with preprocess: that source image (for providers that preprocess)
 
     @model_validator(mode="before")
     @classmethod
@@ -51,7 +52,9 @@ class Control(BaseModel):
             if kind not in PREPROCESSED:
                 raise ValueError(f"control {kind}: preprocess can make only {', '.join(PREPROCESSED)} here; "
                                  f"give a ready-made {kind} image")
-            image = canny(image)
+            data["source"], image = image, canny(image)
+        elif data.get("source") is not None:   # a ready-made control image, and what it was made from
+            data["source"] = read_input(data["source"], f"control {kind} source")
         data["image"] = image
         return data
 
@@ -83,13 +86,19 @@ class Control(BaseModel):
             raise ValueError("; ".join(str(e["msg"]).removeprefix("Value error, ") if e["loc"] == () else
                                        f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
 
-    def key(self) -> tuple[str, str, float, float, float]:
-        """What makes two controls the same: kind, image, scale and window (cache and coalescing keys)."""
-        return self.kind, self.image.sha256, self.scale, self.start, self.end
+    def key(self) -> tuple[str, str, float, float, float, str | None]:
+        """What makes two controls the same: kind, image, scale, window and source (cache and coalescing
+        keys)."""
+        return self.kind, self.image.sha256, self.scale, self.start, self.end, self.source and self.source.sha256
+
+    def sent_image(self, want: str) -> InputImage:
+        """The image a provider gets: the control image, or (`want` source) the image it was made from."""
+        return self.source if want == "source" and self.source is not None else self.image
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "scale": self.scale, "start": self.start, "end": self.end,
-                "preprocess": self.preprocess, "image": self.image.describe()}
+                "preprocess": self.preprocess, "image": self.image.describe(),
+                **({"source": self.source.describe()} if self.source is not None else {})}
 
 
 class ImagePrompt(BaseModel):

@@ -245,31 +245,3 @@ def test_comfyui_edit_on_a_text_to_image_workflow_says_which_node_is_missing(tmp
 
     with pytest.raises(AllAttemptsFailed, match="no node for image"):
         edit("comfyui", "comfyui/sdxl", tmp_path, monkeypatch, images=[png((512, 512))], **comfy(tmp_path, WORKFLOW))
-
-
-@pytest.mark.parametrize("kind", ["canny", "depth"])
-def test_bfl_control_endpoints_take_our_control_image_as_preprocessed_and_its_size(tmp_path, monkeypatch, kind):
-    """FLUX.1 Canny/Depth [pro]: the control image as `preprocessed_image` (BFL's `control_image` would run
-    its own preprocessing), no width/height (the output takes the control image's size), 5 credits."""
-    from imagebroker.control import canny
-    from imagebroker.inputs import read_input
-
-    image = canny(read_input(png((512, 384)))) if kind == "canny" else png((512, 384))
-    result, fake = edit("bfl", f"bfl/flux-pro-1.0-{kind}", tmp_path, monkeypatch, seed=4,
-                        control=[{"kind": kind, "image": image}])
-    sent = fake.state["edits"][0]
-    assert sent["path"] == f"/v1/flux-pro-1.0-{kind}"
-    assert "width" not in sent["body"] and "control_image" not in sent["body"] and sent["body"]["seed"] == 4
-    assert (sent["inputs"]["preprocessed_image"].width, sent["inputs"]["preprocessed_image"].height) == (512, 384)
-    assert (result.images[0].width, result.images[0].height) == (512, 384)
-    assert result.cost.usd == Decimal("0.05") and result.applied["control"][0]["kind"] == kind
-
-
-def test_a_control_endpoint_is_never_planned_without_a_control_image():
-    from imagebroker.policies.loader import load_policy
-
-    with Broker(load_policy("local-first")) as b:
-        plan = b.plan("a cat", size="1024x1024")
-    reasons = {r.offering: r.reasons for r in plan.rejected}
-    assert "needs a control image (canny)" in reasons["bfl/flux-pro-1.0-canny"]
-    assert all(c.offering != "bfl/flux-pro-1.0-depth" for c in plan.candidates)

@@ -151,3 +151,23 @@ def test_a_what_if_replays_a_control_call_where_that_kind_is_served(models, tmp_
     without = Policy.model_validate(data | {"deny": [*OTHERS, "local/tsd"]})   # only the model without one
     result = whatif(Ledger(f"sqlite:///{tmp_path / 'l.db'}", read_only=True), without, catalog)
     assert result.calls == 1 and result.partial == 0 and result.unroutable == 1
+
+
+def test_control_with_an_edit_uses_the_controlnet_img2img_and_inpainting_pipelines(broker):
+    from tests.conftest import left_half_mask, png
+
+    init, edges = png((64, 64), (200, 30, 30)), canny(read_input(square(left=True)))
+    plain = broker.generate("a cat", model="local/tsd", seed=2, images=[init], strength=0.8)
+    held = broker.generate("a cat", model="local/tsd", seed=2, images=[init], strength=0.8,
+                           control=[{"kind": "canny", "image": edges}])
+    assert np.abs(pixels(held.images[0]) - pixels(plain.images[0])).max() > 0
+    assert held.applied["task"] == "img2img" and held.applied["control"][0]["kind"] == "canny"
+    mask = left_half_mask((64, 64))
+    painted = broker.generate("a cat", model="local/tsd", seed=2, images=[init], mask=mask,
+                              control=[{"kind": "canny", "image": edges}])
+    unheld = broker.generate("a cat", model="local/tsd", seed=2, images=[init], mask=mask)
+    out, before = pixels(painted.images[0]), pixels(unheld.images[0])
+    assert np.abs(out[:, :32] - before[:, :32]).max() > 0        # the control moved the masked half
+    assert (out[:, 40:] == np.asarray(read_input(init).pil().convert("RGB"))[:, 40:]).all()   # the rest kept
+    again = broker.generate("a cat", model="local/tsd", seed=2, images=[init], strength=0.8)
+    assert again.images[0].data == plain.images[0].data   # the plain img2img pipeline is unchanged

@@ -172,7 +172,8 @@ KEYED = {"width", "height", "n", "steps", "scheduler", "quality", "output_format
          "model", "tags", "max_cost_usd", "max_latency_s", "strength", "aspect_ratio", "resolution",
          "partial_images"}
 # length, presence, truthiness; input images by their sizes, the mask by its presence
-PARTLY = {"prompt", "negative_prompt", "seed", "guidance_scale", "images", "mask", "control"}   # control: kinds
+# control: its kind, scale, window and image size (not its pixels); image prompts: their scales
+PARTLY = {"prompt", "negative_prompt", "seed", "guidance_scale", "images", "mask", "control", "image_prompts"}
 IGNORED = {"idempotency_key", "extra"}
 
 

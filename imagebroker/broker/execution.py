@@ -165,6 +165,9 @@ async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult
     served, result = outcome.served, outcome.result
     await keep(view, log, served)
     applied = dict(result.applied, offering=served.offering.id)
+    for name, items in (("control", log.request.control), ("image_prompts", log.request.image_prompts)):
+        if items and name not in applied:   # what every provider was given, whatever its own fields say
+            applied[name] = [item.describe() for item in items]
     if log.request.aspect_ratio and not log.request.width:   # how the aspect ratio was resolved for it
         res = f" @ {log.request.resolution}" if log.request.resolution else ""
         applied["size_resolved"] = f"{log.request.aspect_ratio}{res} -> {outcome.candidate.size}"

@@ -118,8 +118,11 @@ def _ip_adapter(loaded: Loaded, setting: IpAdapterSettings) -> tuple[dict[str, A
         from transformers import CLIPVisionModelWithProjection
 
         path = local_path(setting.source)
+        local = setting.source.startswith(("/", ".", "~", "builtin:")) or path.suffix in (".safetensors", ".bin")
         try:
-            file = path if path.is_file() else _hub_file(setting)
+            if local and not path.is_file():
+                raise OSError(f"no such file {path}")
+            file = path if local else _hub_file(setting)
             raw = load_state_dict(str(file))
             weights: dict[str, Any] = raw if "image_proj" in raw else {
                 part: {k.removeprefix(part + "."): v for k, v in raw.items() if k.startswith(part + ".")}

@@ -114,6 +114,10 @@ def latency_estimate(o: Offering, state: PlannerState, request: ImageRequest | N
     return p50
 
 
+def _scale_reasons(what: str, scales: list[float], most: float) -> list[str]:
+    return [f"{what} scale {max(scales):g} above its max of {most:g}"] if max(scales) > most else []
+
+
 def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints, size: tuple[int, int]
                         ) -> tuple[list[str], list[str]]:
     """(hard reasons the offering cannot serve the request, soft fields it would drop); `size` is the
@@ -148,8 +152,18 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints, size: tupl
                     + (f" (it has {', '.join(caps.control)})" if caps.control else ""))
     elif len(r.control) > max(caps.max_controls, 1) and caps.control:
         hard.append(f"{len(r.control)} controls above its max of {caps.max_controls}")
+    if r.control and caps.control:
+        hard += _scale_reasons("control", [k.scale for k in r.control], caps.max_scale)
+        if "scale" not in caps.control_settings and any(k.scale != 1.0 for k in r.control):
+            soft.append("control scale")
+        if "window" not in caps.control_settings and any((k.start, k.end) != (0.0, 1.0) for k in r.control):
+            soft.append("control start/end")
+    if r.image_prompts and caps.image_prompts:
+        hard += _scale_reasons("image prompt", [p.scale for p in r.image_prompts], caps.max_scale)
     if c.forbid_control and r.control:
         hard.append("control not allowed by the policy (forbid_control)")
+    if caps.image_prompts_required and not r.image_prompts:
+        hard.append("needs an image prompt (a style reference)")
     if r.image_prompts and not caps.image_prompts:
         hard.append("no image prompts (IP-Adapter)")
     elif len(r.image_prompts) > caps.image_prompts and caps.image_prompts:
@@ -274,8 +288,9 @@ def request_key(r: ImageRequest) -> tuple[object, ...]:
             r.quality, r.output_format, r.background, r.adapters, r.model, tuple(sorted(r.tags.items())),
             r.aspect_ratio, r.resolution,
             r.max_cost_usd, r.max_latency_s, tuple((i.width, i.height) for i in r.images), r.mask is None,
-            r.strength, r.partial_images, tuple(k.kind for k in r.control),
-            len(r.image_prompts))
+            r.strength, r.partial_images,
+            tuple((k.kind, k.scale, k.start, k.end, k.image.width, k.image.height) for k in r.control),
+            tuple(p.scale for p in r.image_prompts))
 
 
 def plan(request: ImageRequest, policy: Policy, catalog: Catalog, state: PlannerState) -> Plan:

@@ -37,6 +37,8 @@ class FalProvider(HttpProvider):
             body |= _edit_fields(request, offering)
         if request.adapters:
             body["loras"] = [{"path": a.ref, "scale": a.scale} for a in request.adapters]
+        if request.control or request.image_prompts:
+            body |= _control_fields(request, offering)
         body.update(request.extra.get(self.name, {}))
         headers, base = self.headers(ctx.api_key), self.base_url_for(offering)
         resp = await self.send("POST", f"{base}/{offering.model}", where=where, json=body, headers=headers,
@@ -79,9 +81,35 @@ class FalProvider(HttpProvider):
         except (KeyError, TypeError) as exc:
             raise BadProviderResponse(f"unexpected result shape: {exc!r}", **where) from None
         return ProviderResult(images, {"images": len(images), "sizes": sizes, "width": w, "height": h},
-                              handle.get("request_id"),
-                              {k: f"<data: URI, {len(v)} chars>" if k.endswith("_url") else v
-                               for k, v in body.items() if k != "prompt"})
+                              handle.get("request_id"), {k: _shown(v) for k, v in body.items() if k != "prompt"})
+
+
+def _shown(value: Any) -> Any:
+    """What was sent, with every data: URI (at any depth) as its length."""
+    if isinstance(value, str) and value.startswith("data:"):
+        return f"<data: URI, {len(value)} chars>"
+    if isinstance(value, dict):
+        return {k: _shown(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shown(v) for v in value]
+    return value
+
+
+def _control_fields(request: ImageRequest, offering: Offering) -> dict[str, Any]:
+    """flux-general's `controlnet_unions` (the union ControlNet the offering names, one entry per control
+    with its `control_mode`) and `ip_adapters` (the IP-Adapter and CLIP image encoder it names), images as
+    data: URIs."""
+    s = offering.settings
+    out: dict[str, Any] = {}
+    if request.control:
+        out["controlnet_unions"] = [{"path": s.get("controlnet_union"), "controls": [
+            {"control_image_url": c.sent_image(offering.capabilities.control_input).data_url(),
+             "control_mode": c.kind, "conditioning_scale": c.scale, "start_percentage": c.start,
+             "end_percentage": c.end} for c in request.control]}]
+    if request.image_prompts:
+        out["ip_adapters"] = [{"path": s.get("ip_adapter"), "image_url": p.image.data_url(), "scale": p.scale,
+                               "image_encoder_path": s.get("image_encoder")} for p in request.image_prompts]
+    return out
 
 
 def _edit_fields(request: ImageRequest, offering: Offering) -> dict[str, Any]:

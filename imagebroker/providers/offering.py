@@ -76,7 +76,14 @@ class Capabilities(_Data):
     max_controls: int = 1            # how many controls at once (a local model: one per ControlNet it has)
     control_size: Literal["asked", "input"] = "asked"   # input: the output takes the control image's size
     control_required: bool = False   # a control endpoint (BFL Canny/Depth): nothing without a control image
+    # which of a control's settings it honours (the rest would be dropped: a soft reason), the largest
+    # control or image-prompt scale it takes, and what it wants as the image: the control image itself, or
+    # the source image it makes the control from (Replicate's FLUX Canny/Depth run their own preprocessing)
+    control_settings: tuple[Literal["scale", "window"], ...] = ("scale", "window")
+    max_scale: float = 2.0
+    control_input: Literal["control", "source"] = "control"
     image_prompts: int = 0           # the most reference images it takes (IP-Adapter; 0: none)
+    image_prompts_required: bool = False   # a style endpoint (Stability's control/style): nothing without one
 
     @model_validator(mode="after")
     def _sizes(self) -> Capabilities:

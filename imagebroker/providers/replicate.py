@@ -42,14 +42,16 @@ class ReplicateProvider(HttpProvider):
         w, h = request_size(request, offering)
         caps = offering.capabilities
         inp: dict[str, Any] = {"prompt": request.prompt}
-        sized_by_input = request.is_edit and caps.edit is not None and caps.edit.output_size != "asked"
+        sized_by_input = ((request.is_edit and caps.edit is not None and caps.edit.output_size != "asked")
+                          or (bool(request.control) and caps.control_size == "input"))
         if caps.size_rule is not None and not sized_by_input:
             inp |= {"width": w, "height": h}
         elif not sized_by_input:
             inp["aspect_ratio"] = RATIOS[f"{w}x{h}"]
         if caps.max_n > 1:
             inp["num_outputs"] = request.n
-        inp |= sampling_fields(request, offering, steps="num_inference_steps",  # SD-style models, else FLUX
+        steps = str(offering.settings.get("steps_field", "num_inference_steps"))   # FLUX [pro] models: steps
+        inp |= sampling_fields(request, offering, steps=steps,  # SD-style models, else FLUX
                                guidance="guidance_scale" if caps.negative_prompt else "guidance")
         if request.output_format and "webp" in caps.output_formats:
             inp["output_format"] = "jpg" if request.output_format == "jpeg" else request.output_format
@@ -59,7 +61,10 @@ class ReplicateProvider(HttpProvider):
             inp[f"{prefix}lora_scale"] = a.scale
         if request.is_edit:
             inp |= _edit_input(request, offering)
-        return inp | request.extra.get(self.name, {})
+        if request.control:   # FLUX Canny/Depth: `control_image`, the source they make the edges/depth from
+            inp["control_image"] = request.control[0].sent_image(caps.control_input).data_url()
+        fixed = offering.settings.get("fixed_input") or {}
+        return inp | dict(fixed) | request.extra.get(self.name, {})  # type: ignore[call-overload]
 
     async def generate(self, request: ImageRequest, offering: Offering, ctx: CallContext) -> ProviderResult:
         try:

@@ -1,7 +1,8 @@
 """Stability AI REST v2beta: multipart POST to /v2beta/stable-image/generate/{ultra,core,sd3}, and for edits
 sd3's `mode=image-to-image` (image + strength, no aspect_ratio) and /v2beta/stable-image/edit/inpaint (image +
-mask, white = change). A `finish_reason` of CONTENT_FILTERED is a refusal even on HTTP 200. Billed in
-credits per image."""
+mask, white = change); /v2beta/stable-image/control/{sketch,structure} (a control image + `control_strength`,
+the output at its size) and control/style (an image prompt + `fidelity`). A `finish_reason` of
+CONTENT_FILTERED is a refusal even on HTTP 200. Billed in credits per image."""
 
 from __future__ import annotations
 
@@ -37,8 +38,17 @@ class StabilityProvider(HttpProvider):
                 files["mask"] = ("mask.png", white_mask(request.mask), "image/png")
             elif endpoint == "sd3":
                 fields |= {"mode": "image-to-image", "strength": str(request.edit_strength)}
+        elif request.control:   # control/sketch, control/structure: the output takes the control image's size
+            control = request.control[0]
+            image = control.sent_image(offering.capabilities.control_input)
+            files["image"] = (f"control.{image.format}", image.data, image.mime)
+            fields["control_strength"] = str(control.scale)
         else:
             fields["aspect_ratio"] = RATIOS[f"{w}x{h}"]
+            if request.image_prompts:   # control/style: the reference, held by `fidelity`
+                ref = request.image_prompts[0].image
+                files["image"] = (f"style.{ref.format}", ref.data, ref.mime)
+                fields["fidelity"] = str(request.image_prompts[0].scale)
         if endpoint == "sd3":
             fields["model"] = offering.model
             if request.guidance_scale is not None:

@@ -26,6 +26,14 @@ def missing_inputs(request: ImageRequest, bindings: dict[str, str], where: dict[
     return names
 
 
+def missing_controls(request: ImageRequest, bindings: dict[str, str], where: dict[str, Any]) -> None:
+    """An error naming the control kinds the workflow has no ControlNet node for."""
+    if missing := [c.kind for c in request.control if f"control.{c.kind}" not in bindings]:
+        raise ProviderError(f"the workflow has no ControlNet for {', '.join(missing)} (a ControlNetApplyAdvanced fed "
+                            "by a LoadImage and a ControlNetLoader whose file name says the kind): add one, or bind "
+                            f"control.{missing[0]} in providers.comfyui.options.bindings", **where)
+
+
 async def run_locally(local: Provider, catalog: Catalog, options: dict[str, Any], request: ImageRequest,
                       offering: Offering, template: dict[str, Any], bindings: dict[str, str], ctx: CallContext,
                       where: dict[str, Any]) -> ProviderResult:

@@ -12,6 +12,11 @@ from ...types import ImageRequest
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
 LOADERS = ("CheckpointLoaderSimple", "CheckpointLoader", "UNETLoader", "DiffusersLoader", "LoraLoader", "VAELoader",
            "CLIPLoader", "DualCLIPLoader", "ControlNetLoader")
+CONTROL_APPLY = ("ControlNetApplyAdvanced", "ControlNetApply")
+# a ControlNet's kind, read from its file name (control_v11p_sd15_canny.pth, diffusers_xl_depth_full, ...)
+KIND_WORDS = (("canny", "canny"), ("depth", "depth"), ("openpose", "pose"), ("pose", "pose"), ("lineart", "lineart"),
+              ("scribble", "scribble"), ("sketch", "sketch"), ("seg", "segmentation"), ("tile", "tile"),
+              ("normal", "normal"))
 OOM_WORDS = ("outofmemory", "out of memory", "not enough memory")
 
 
@@ -38,7 +43,11 @@ def infer_bindings(graph: dict[str, Any]) -> dict[str, str]:
                         "batch": f"{node}.inputs.batch_size"}
         if "denoise" in inputs:
             out["strength"] = f"{sampler_id}.inputs.denoise"
-    loads = sorted((k for k, n in graph.items() if n.get("class_type") == "LoadImage"), key=node_order)
+    controls = control_bindings(graph)
+    control_loads = {v.partition(".")[0] for k, v in controls.items() if k.count(".") == 1}
+    out |= controls
+    loads = sorted((k for k, n in graph.items() if n.get("class_type") == "LoadImage" and k not in control_loads),
+                   key=node_order)
     init = _encoded_image(graph, sampler_id)
     if init in loads:   # the init image is the one the sampler's latent encodes; the others are references
         loads = [init, *(k for k in loads if k != init)]
@@ -47,6 +56,30 @@ def infer_bindings(graph: dict[str, Any]) -> dict[str, str]:
     mask = next((k for k, n in graph.items() if n.get("class_type") == "LoadImageMask"), None)
     if mask is not None:
         out |= {"mask": f"{mask}.inputs.image", "mask_channel": f"{mask}.inputs.channel"}
+    return out
+
+
+def control_bindings(graph: dict[str, Any]) -> dict[str, str]:
+    """For each ControlNetApply(Advanced) node fed by a ControlNetLoader whose file name says its kind and by
+    a LoadImage: `control.KIND` (that LoadImage's image), `control.KIND.scale` (strength) and, on the
+    advanced node, `control.KIND.start` / `.end` (start_percent / end_percent)."""
+    out: dict[str, str] = {}
+    for nid in sorted((k for k, n in graph.items() if n.get("class_type") in CONTROL_APPLY), key=node_order):
+        inputs = graph[nid].get("inputs") or {}
+        net, image = inputs.get("control_net"), inputs.get("image")
+        if not (isinstance(net, list) and isinstance(image, list)):
+            continue
+        loader, load = graph.get(str(net[0]), {}), str(image[0])
+        if loader.get("class_type") != "ControlNetLoader" or graph.get(load, {}).get("class_type") != "LoadImage":
+            continue
+        name = str((loader.get("inputs") or {}).get("control_net_name", "")).lower()
+        kind = next((k for word, k in KIND_WORDS if word in name), None)
+        if kind is None or f"control.{kind}" in out:
+            continue
+        out |= {f"control.{kind}": f"{load}.inputs.image", f"control.{kind}.scale": f"{nid}.inputs.strength"}
+        if graph[nid]["class_type"] == "ControlNetApplyAdvanced":
+            out |= {f"control.{kind}.start": f"{nid}.inputs.start_percent",
+                    f"control.{kind}.end": f"{nid}.inputs.end_percent"}
     return out
 
 
@@ -65,9 +98,13 @@ def _encoded_image(graph: dict[str, Any], sampler_id: str | None) -> str | None:
 
 def request_values(request: ImageRequest, size: tuple[int, int], seed: int) -> dict[str, Any]:
     """The request's fields under the binding names (`build_graph`'s values; None leaves the template's)."""
-    return {"prompt": request.prompt, "negative": request.negative_prompt, "seed": seed, "width": size[0],
-            "height": size[1], "steps": request.steps, "guidance": request.guidance_scale, "batch": request.n,
-            "strength": request.strength}
+    values = {"prompt": request.prompt, "negative": request.negative_prompt, "seed": seed, "width": size[0],
+              "height": size[1], "steps": request.steps, "guidance": request.guidance_scale, "batch": request.n,
+              "strength": request.strength}
+    for c in request.control:   # the control image itself is uploaded (`control.KIND`)
+        values |= {f"control.{c.kind}.scale": c.scale, f"control.{c.kind}.start": c.start,
+                   f"control.{c.kind}.end": c.end}
+    return values
 
 
 def build_graph(template: dict[str, Any], bindings: dict[str, str], values: dict[str, Any]) -> dict[str, Any]:

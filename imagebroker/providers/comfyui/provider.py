@@ -41,7 +41,7 @@ from ..base import (
 from ..catalog import Catalog
 from ..http import HttpProvider
 from ..offering import Offering, request_size
-from .fallback import missing_inputs, run_locally
+from .fallback import missing_controls, missing_inputs, run_locally
 from .graph import (
     LOADERS,
     build_graph,
@@ -151,6 +151,7 @@ class ComfyUIProvider(HttpProvider):
         if request.n > 1 and "batch" not in bindings:
             raise ProviderError(f"n={request.n}: the workflow has no EmptyLatentImage batch_size to bind it to",
                                 **where)
+        missing_controls(request, bindings, where)
         pool, last = self.pool(offering), None
         for server in await pool.ranked():
             accepted: list[str] = []
@@ -191,7 +192,7 @@ class ComfyUIProvider(HttpProvider):
         w, h = request_size(request, offering)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
         values = request_values(request, (w, h), seed)
-        if request.is_edit:
+        if request.is_edit or request.control:
             values |= await self._upload_inputs(base, request, bindings, where)
         graph = build_graph(template, bindings, values)
         client_id, prompt_id = uuid.uuid4().hex, str(uuid.uuid4())
@@ -220,11 +221,12 @@ class ComfyUIProvider(HttpProvider):
 
     async def _upload_inputs(self, base: str, request: ImageRequest, bindings: dict[str, str],
                              where: dict[str, Any]) -> dict[str, Any]:
-        """Each input image (and the mask, white = change, read from its red channel) uploaded into the
-        server's input folder, named by its hash (a repeat is the same file), as the values to bind."""
-        names = missing_inputs(request, bindings, where)
+        """Each input image (the mask, white = change, read from its red channel; each control image) uploaded
+        into the server's input folder, named by its hash (a repeat is the same file), as the values to bind."""
+        names = missing_inputs(request, bindings, where) if request.is_edit else []
+        images = [*zip(names, request.images, strict=True), *((f"control.{c.kind}", c.image) for c in request.control)]
         files = [(n, img.sha256[:32] + "." + ("jpg" if img.format == "jpeg" else img.format), img.data, img.mime)
-                 for n, img in zip(names, request.images, strict=True)]
+                 for n, img in images]
         if request.mask is not None:
             data = white_mask(request.mask)
             files.append(("mask", f"mask-{hashlib.sha256(data).hexdigest()[:32]}.png", data, "image/png"))

@@ -35,6 +35,7 @@ from PIL import PngImagePlugin
 from .comfyui_graph import (
     NODES,
     WORKFLOW,
+    WORKFLOW_CONTROL,
     WORKFLOW_IMG2IMG,
     WORKFLOW_INPAINT,
     GraphError,
@@ -407,4 +408,4 @@ class _Interrupted(Exception):
     """The running prompt was interrupted (checked per sampler step)."""
 
 
-__all__ = ["WORKFLOW", "WORKFLOW_IMG2IMG", "WORKFLOW_INPAINT", "FakeComfyUI"]
+__all__ = ["WORKFLOW", "WORKFLOW_CONTROL", "WORKFLOW_IMG2IMG", "WORKFLOW_INPAINT", "FakeComfyUI"]

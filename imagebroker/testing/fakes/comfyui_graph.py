@@ -38,12 +38,13 @@ class Spec:
     optional: frozenset[str] = field(default_factory=frozenset)
 
 
-LINKS = {"IMAGE", "LATENT", "MODEL", "CLIP", "VAE", "CONDITIONING", "MASK"}
+LINKS = {"IMAGE", "LATENT", "MODEL", "CLIP", "VAE", "CONDITIONING", "MASK", "CONTROL_NET"}
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
             "lcm")
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta")
 CHECKPOINTS = ("sd_xl_base_1.0.safetensors", "flux1-schnell.safetensors", "tiny_sd15_random.safetensors",
                "v1-5-pruned-emaonly.safetensors")
+CONTROLNETS = ("control_v11p_sd15_canny.pth", "control_v11f1p_sd15_depth.pth", "diffusers_xl_canny_full.safetensors")
 _SIDE = In("INT", 16, 16384, default=512)
 _SAMPLER = {"model": In("MODEL"), "positive": In("CONDITIONING"), "negative": In("CONDITIONING"),
             "latent_image": In("LATENT"), "steps": In("INT", 1, 10000, default=20),
@@ -78,6 +79,13 @@ NODES: dict[str, Spec] = {
     "LoadImageMask": Spec({"image": In("UPLOAD"), "channel": In("COMBO", choices=("alpha", "red", "green", "blue"))},
                           ("MASK",)),
     "SetLatentNoiseMask": Spec({"samples": In("LATENT"), "mask": In("MASK")}, ("LATENT",)),
+    "ControlNetLoader": Spec({"control_net_name": In("COMBO", choices=CONTROLNETS)}, ("CONTROL_NET",)),
+    "ControlNetApplyAdvanced": Spec({"positive": In("CONDITIONING"), "negative": In("CONDITIONING"),
+                                     "control_net": In("CONTROL_NET"), "image": In("IMAGE"),
+                                     "strength": In("FLOAT", 0.0, 10.0, default=1.0),
+                                     "start_percent": In("FLOAT", 0.0, 1.0, default=0.0),
+                                     "end_percent": In("FLOAT", 0.0, 1.0, default=1.0), "vae": In("VAE")},
+                                    ("CONDITIONING", "CONDITIONING"), optional=frozenset({"vae"})),
 }
 
 
@@ -255,6 +263,12 @@ def run_node(cls: str, inputs: dict[str, Any], uploads: dict[str, bytes]) -> tup
         return (ImageOps.invert(band) if channel == "A" else band,)
     if cls in ("SaveImage", "PreviewImage"):   # the server writes their files
         return ()
+    if cls == "ControlNetLoader":
+        return (f"controlnet:{inputs['control_net_name']}",)
+    if cls == "ControlNetApplyAdvanced":   # the conditioning carries the control: the sampled image depends on it
+        pixels = hashlib.sha256(inputs["image"][0].tobytes()).hexdigest()[:16]
+        held = f"{inputs['control_net']}:{pixels}:{float(inputs['strength']):g}:{float(inputs['start_percent']):g}"
+        return (f"{inputs['positive']}|{held}", f"{inputs['negative']}|{held}")
     if cls == "SetLatentNoiseMask":
         return ({**inputs["samples"], "mask": inputs["mask"]},)
     raise NodeFailed("NotImplementedError", f"the fake cannot run {cls}")
@@ -302,4 +316,14 @@ WORKFLOW_INPAINT = WORKFLOW_IMG2IMG | {
                                               "latent_image": ["13", 0]}},
     "12": {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}},
     "13": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0], "mask": ["12", 0]}},
+}
+# structural control: a canny ControlNet applied to both conditionings, its image from a LoadImage
+WORKFLOW_CONTROL = WORKFLOW | {
+    "3": {"class_type": "KSampler", "inputs": {**WORKFLOW["3"]["inputs"], "positive": ["12", 0],
+                                              "negative": ["12", 1]}},
+    "10": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "diffusers_xl_canny_full.safetensors"}},
+    "11": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}},
+    "12": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["6", 0], "negative": ["7", 0], "control_net": ["10", 0], "image": ["11", 0], "strength": 1.0,
+        "start_percent": 0.0, "end_percent": 1.0}},
 }

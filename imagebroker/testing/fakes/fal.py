@@ -14,6 +14,7 @@ from typing import Any
 from .base import Reply, seen_image
 from .hostile import HostileURLs
 
+UNION_MODES = ("canny", "tile", "depth", "blur", "pose", "gray", "low-quality")
 EDIT_ENDPOINTS = {"/fal-ai/flux-pro/kontext": ("image_url",), "/fal-ai/flux/dev/image-to-image": ("image_url",),
                   "/fal-ai/flux-pro/v1/fill": ("image_url", "mask_url")}
 
@@ -42,6 +43,8 @@ class FakeFal(HostileURLs):
                 return Reply(422, {"detail": [{"loc": ["body", "strength"], "msg": "must be in 0.01..1"}]})
             self.state.setdefault("edits", []).append({"path": req["path"], "inputs": seen, "body": dict(body)})
             body["image_size"] = {"width": seen["image_url"].width, "height": seen["image_url"].height}
+        if req["path"] == "/fal-ai/flux-general" and (bad := self.control_problem(body)) is not None:
+            return Reply(422, {"detail": [{"loc": ["body", *bad[0]], "msg": bad[1], "type": "value_error"}]})
         rid = f"req-{self.generations}"
         self.state[rid] = {"step": step, "polls": 0, "body": body}
         base = f"{self.url}{req['path']}/requests/{rid}"
@@ -49,6 +52,36 @@ class FakeFal(HostileURLs):
         return Reply(200, {"request_id": rid, "response_url": away if step == "foreign_result" else base,
                            "status_url": self.poll_url(step, f"{base}/status"),
                            "cancel_url": f"{away if step == 'foreign_cancel' else base}/cancel"})
+
+    def control_problem(self, body: dict[str, Any]) -> tuple[list[Any], str] | None:
+        """flux-general's `controlnet_unions` and `ip_adapters` as its schema reads them (one ControlNet at a
+        time; images by URL or data: URI); what was seen is kept in state["controls"]."""
+        unions, adapters = body.get("controlnet_unions") or [], body.get("ip_adapters") or []
+        if len(unions) + len(body.get("controlnets") or []) > 1:
+            return ["controlnet_unions"], "only one controlnet is supported at the moment"
+        seen: dict[str, list[Any]] = {"controls": [], "ip_adapters": []}
+        for i, union in enumerate(unions):
+            if not isinstance(union.get("path"), str) or not union["path"]:
+                return ["controlnet_unions", i, "path"], "field required"
+            for j, c in enumerate(union.get("controls") or []):
+                where = ["controlnet_unions", i, "controls", j]
+                if (image := seen_image(str(c.get("control_image_url", "")))) is None:
+                    return [*where, "control_image_url"], "field required or not an image"
+                if c.get("control_mode") not in UNION_MODES:
+                    return [*where, "control_mode"], f"must be one of {', '.join(UNION_MODES)}"
+                if not all(0 <= float(c.get(k, d)) <= 1 for k, d in (("start_percentage", 0), ("end_percentage", 1))):
+                    return [*where, "start_percentage"], "must be in 0..1"
+                seen["controls"].append({**c, "control_image_url": image, "path": union["path"]})
+        for i, a in enumerate(adapters):
+            for name in ("path", "image_url", "scale", "image_encoder_path"):
+                if name not in a:
+                    return ["ip_adapters", i, name], "field required"
+            if (image := seen_image(str(a["image_url"]))) is None:
+                return ["ip_adapters", i, "image_url"], "not an image"
+            seen["ip_adapters"].append({**a, "image_url": image})
+        if unions or adapters:
+            self.state.setdefault("controls", []).append(seen)
+        return None
 
     def other(self, req: dict[str, Any]) -> Reply:
         path = req["path"]

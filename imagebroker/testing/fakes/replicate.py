@@ -10,6 +10,7 @@ from typing import Any
 from .base import Reply, seen_image
 from .hostile import HostileURLs
 
+SINGLE_OUTPUT = ("flux-canny-pro", "flux-depth-pro")   # BFL's [pro] models answer one URL, not a list
 SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "9:16": (768, 1344), "4:3": (1152, 896),
          "3:4": (896, 1152), "3:2": (1216, 832), "2:3": (832, 1216)}
 
@@ -37,6 +38,8 @@ class FakeReplicate(HostileURLs):
         if task["status"] == "succeeded":
             base["output"] = [self.result_url(task["step"], f"{self.url}/files/{pid}-{i}.png")
                               for i in range(task["n"])]
+            if any(f"/{m}/" in task["model"] for m in SINGLE_OUTPUT) and base["output"]:
+                base["output"] = base["output"][0]
             base["metrics"] = {"predict_time": 2.5, "total_time": 3.0}
         if task["status"] == "failed":
             base["error"] = "NSFW content detected. Try running it again, or try a different prompt."
@@ -83,7 +86,7 @@ class FakeReplicate(HostileURLs):
         the same size; an output sized by its input (Kontext's `match_input_image`, Fill) notes it in
         `_size`. A file input that is not an image is a 422 naming it."""
         seen = {}
-        for name in ("image", "input_image", "mask"):
+        for name in ("image", "input_image", "mask", "control_image"):
             if name in inp:
                 if (got := seen_image(str(inp[name]))) is None:
                     return Reply(422, {"title": "Input validation failed", "status": 422,
@@ -91,11 +94,12 @@ class FakeReplicate(HostileURLs):
                 seen[name] = got
         if not seen:
             return None
-        first = seen.get("image") or seen["input_image"]
+        first = seen.get("image") or seen.get("input_image") or seen["control_image"]
         if "mask" in seen and (seen["mask"].width, seen["mask"].height) != (first.width, first.height):
             return Reply(422, {"title": "Input validation failed", "status": 422,
                                "detail": "mask and image must have the same dimensions"})
         self.state.setdefault("edits", []).append({"input": dict(inp), "inputs": seen})
-        if "width" not in inp and inp.get("aspect_ratio") in (None, "match_input_image"):
+        if "width" not in inp and inp.get("aspect_ratio") in (None, "match_input_image") and \
+                inp.get("megapixels", "match_input") == "match_input":
             inp["_size"] = (first.width, first.height)
         return None

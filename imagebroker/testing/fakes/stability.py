@@ -1,6 +1,8 @@
 """Fake Stability AI v2beta: multipart POST /v2beta/stable-image/generate/{ultra,core,sd3} (sd3 also in
 `mode=image-to-image`: an `image` file and a `strength`, no aspect_ratio) and /v2beta/stable-image/edit/inpaint
-(`image` and `mask` files, the same size). An edit's output has the input image's size."""
+(`image` and `mask` files, the same size); /v2beta/stable-image/control/{sketch,structure} (an `image` file,
+`control_strength` 0-1, no aspect_ratio: the output has the image's size) and control/style (an `image` file,
+`fidelity` 0-1, `aspect_ratio`). An edit's output has the input image's size."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 
 from .base import FakeServer, Reply, multipart, seen_image
 
+CONTROLS = ("sketch", "structure", "style")
 SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640), "2:3": (832, 1216),
          "3:2": (1216, 832), "4:5": (896, 1088), "5:4": (1088, 896), "9:16": (768, 1344), "9:21": (640, 1536)}
 
@@ -24,12 +27,19 @@ class FakeStability(FakeServer):
 
     def generate(self, req: dict[str, Any], step: str) -> Reply:
         inpaint = req["path"] == "/v2beta/stable-image/edit/inpaint"
-        if not (req["path"].startswith("/v2beta/stable-image/generate/") or inpaint):
+        control = req["path"].removeprefix("/v2beta/stable-image/control/")
+        if control not in CONTROLS and not (req["path"].startswith("/v2beta/stable-image/generate/") or inpaint):
             return self.other(req)
         parts = multipart(req)
         fields = {p.name: p.text for p in parts if p.filename is None}
         files = {p.name: seen_image(p.data) for p in parts if p.filename is not None}
-        if fields.get("mode") == "image-to-image" or inpaint:
+        if control in CONTROLS:
+            if (why := self.control_problem(control, fields, files)) is not None:
+                return Reply(400, self.error_body(why))
+            self.state.setdefault("controls", []).append({"path": req["path"], "fields": fields, "files": files})
+            w, h = SIZES[fields.get("aspect_ratio", "1:1")] if control == "style" else (
+                files["image"].width, files["image"].height)
+        elif fields.get("mode") == "image-to-image" or inpaint:
             if (why := self.edit_problem(fields, files, inpaint)) is not None:
                 return Reply(400, self.error_body(why))
             self.state.setdefault("edits", []).append({"path": req["path"], "fields": fields, "files": files})
@@ -45,6 +55,21 @@ class FakeStability(FakeServer):
             return Reply(200, {"finish_reason": "SUCCESS", "seed": seed})
         return Reply(200, {"image": base64.b64encode(imgs[0]).decode(), "finish_reason": "SUCCESS",
                            "seed": seed})
+
+    @staticmethod
+    def control_problem(control: str, fields: dict[str, str], files: dict[str, Any]) -> str | None:
+        if files.get("image") is None:
+            return "image: required, and must be a PNG, JPEG or WebP file"
+        if not fields.get("prompt"):
+            return "prompt: required"
+        name = "fidelity" if control == "style" else "control_strength"
+        if control != "style" and "aspect_ratio" in fields:
+            return "aspect_ratio: not a field of this endpoint (the output has the image's size)"
+        try:
+            value = float(fields.get(name, 0.5))
+        except ValueError:
+            return f"{name}: must be a number"
+        return None if 0 <= value <= 1 else f"{name}: must be between 0 and 1"
 
     @staticmethod
     def edit_problem(fields: dict[str, str], files: dict[str, Any], inpaint: bool) -> str | None:
