@@ -171,3 +171,30 @@ def test_comfyui_without_a_controlnet_node_for_the_kind_says_so_before_running(t
     with pytest.raises(AllAttemptsFailed, match="the workflow has no ControlNet for depth"):
         edit("comfyui", "comfyui/sdxl", tmp_path, monkeypatch, size="512x512",
              control=[{"kind": "depth", "image": png((512, 512))}], **setup)
+
+
+# -- the hostile answers, on the control endpoints too ------------------------------------------------------
+CONTROL_OFFERINGS = [("bfl", "bfl/flux-pro-1.0-canny", "canny"), ("fal", "fal/fal-ai/flux-general", "canny"),
+                     ("replicate", "replicate/black-forest-labs/flux-canny-pro", "canny"),
+                     ("stability", "stability/control-sketch", "sketch")]
+
+
+@pytest.mark.parametrize(("provider", "offering", "kind"), CONTROL_OFFERINGS)
+@pytest.mark.parametrize(("step", "error", "tries"), [("refuse", "ContentRejected", 1),
+                                                      ("empty", "BadProviderResponse", 1),
+                                                      ("500", "ProviderUnavailable", 2)])
+def test_a_control_call_maps_failures_like_any_other_and_keeps_every_attempt(
+        tmp_path, monkeypatch, provider, offering, kind, step, error, tries):
+    import sqlite3
+
+    from imagebroker.errors import AllAttemptsFailed, ContentRejected
+
+    with pytest.raises((AllAttemptsFailed, ContentRejected)) as caught:
+        edit(provider, offering, tmp_path, monkeypatch, script=[step] * 2,
+             control=[{"kind": kind, "image": png((512, 512))}])
+    assert isinstance(caught.value, ContentRejected if step == "refuse" else AllAttemptsFailed)
+    assert [a.error_type for a in caught.value.attempts] == [error] * tries   # never an empty success
+    db = sqlite3.connect(tmp_path / "l.db")
+    assert [r[0] for r in db.execute("SELECT error_type FROM attempts ORDER BY number")] == [error] * tries
+    (saved,), = db.execute("SELECT request_json FROM calls").fetchall()
+    assert json.loads(saved)["control"][0]["kind"] == kind   # the call says what it was asked to follow

@@ -91,6 +91,20 @@ def test_int4_on_a_cpu_is_unavailable_with_the_reason(models, tmp_path):
         b.generate("a cat", model="local/tsd4")
 
 
+def test_bitsandbytes_is_cuda_only_and_says_so_in_the_plan(models, tmp_path):
+    data = policy(models)
+    data["local"]["models"]["tsdnf4"] = {"source": str(models["sd"]), "family": "sd", "quantization": "int4",
+                                         "quantization_backend": "bitsandbytes"}
+    data["offerings"].append({"id": "local/tsdnf4", "capabilities": {"default_size": "64x64", "size_rule": RULE}})
+    with Broker(Policy.model_validate(data), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        plan = b.plan("a cat", model="local/tsdnf4")
+    reason, = next(r for r in plan.rejected if r.offering == "local/tsdnf4").reasons
+    assert "int4 with bitsandbytes needs CUDA; on cpu use the torchao backend (int8)" in reason
+    with pytest.raises(ValueError, match="quantization_backend bitsandbytes is for quantization: int8 or int4"):
+        Policy.model_validate({"name": "x", "local": {"models": {"m": {
+            "source": str(models["sd"]), "quantization_backend": "bitsandbytes"}}}})
+
+
 def test_local_status_measures_each_models_weights(models, tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(policy(models)))

@@ -37,9 +37,14 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def quantization_problem(kind: str, device: str) -> str | None:
+def quantization_problem(kind: str, device: str, backend: str = "torchao") -> str | None:
     if kind == "none":
         return None
+    if backend == "bitsandbytes":
+        if device != "cuda":
+            return f"quantization {kind} with bitsandbytes needs CUDA; on {device} use the torchao backend (int8)"
+        return None if has_module("bitsandbytes") else \
+            f"quantization {kind} with bitsandbytes needs the bitsandbytes package: pip install bitsandbytes"
     if kind == "gguf":
         return None if has_module("gguf") else \
             "quantization gguf needs the gguf package: pip install 'imagebroker[quantization]'"
@@ -108,7 +113,8 @@ class LocalProvider(Provider):
             return f"needs the [local] extra: pip install 'imagebroker[local]' ({module} missing)"
         if why := quantization_problem(str(offering.settings.get("quantization") or "none"),
                                        self.settings.local.deployment(offering.model).device if self.on_ray
-                                       else self._device):
+                                       else self._device,
+                                       str(offering.settings.get("quantization_backend") or "torchao")):
             return why
         source = str(offering.settings.get("source", ""))
         kind, path = self._resolved(source)

@@ -63,15 +63,24 @@ def pipeline_bytes(pipe: Any) -> int:
                if isinstance(m, torch.nn.Module) for p in m.parameters())
 
 
-def quantization_config(kind: str, family: str) -> Any:
-    """Diffusers' pipeline quantization for the denoiser (torchao, weight-only), or None for `none`."""
+def quantization_config(kind: str, family: str, backend: str = "torchao", dtype: Any = None) -> Any:
+    """Diffusers' pipeline quantization for the denoiser (torchao weight-only, or bitsandbytes LLM.int8 /
+    NF4 on CUDA), or None for `none`."""
     if kind == "none":
         return None
-    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+    from diffusers import PipelineQuantizationConfig
+
+    denoiser = "transformer" if family in ("flux", "sd3") else "unet"
+    if backend == "bitsandbytes":
+        from diffusers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        return PipelineQuantizationConfig(quant_mapping={denoiser: bnb})
+    from diffusers import TorchAoConfig
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
     config = Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig()
-    denoiser = "transformer" if family in ("flux", "sd3") else "unet"
     return PipelineQuantizationConfig(quant_mapping={denoiser: TorchAoConfig(config)})
 
 
@@ -103,7 +112,8 @@ def load_pipeline(offering: Offering, settings: LocalSettings, device: str) -> t
     dtype = pick_dtype(str(s.get("dtype") or "auto"), family, device)
     variant = s.get("variant")
     quantization = str(s.get("quantization") or "none")
-    quantized = quantization_config(quantization, family) if quantization != "gguf" else None
+    backend = str(s.get("quantization_backend") or "torchao")
+    quantized = quantization_config(quantization, family, backend, dtype) if quantization != "gguf" else None
     extra = {"quantization_config": quantized} if quantized is not None else {}
     if quantization == "gguf":
         pipe = _gguf_pipeline(path, str(s.get("base") or ""), family, dtype, offering.id)

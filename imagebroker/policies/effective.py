@@ -41,7 +41,8 @@ def _declared_local(name: str, model: Any, catalog: Catalog) -> dict[str, Any]:
     base = existing or catalog.resolve(FAMILY_TEMPLATE[family])
     assert base is not None
     settings = dict(base.settings, source=model.source, family=family)
-    for key in ("dtype", "variant", "steps", "guidance_scale", "scheduler", "quantization", "base"):
+    for key in ("dtype", "variant", "steps", "guidance_scale", "scheduler", "quantization", "base",
+                "quantization_backend"):
         value = getattr(model, key)
         if value is not None and value not in ("auto", "none"):
             settings[key] = value

@@ -129,6 +129,8 @@ class LocalModel(_Strict):
     # (and the denoiser's config) from `base`. A quantized model is its own offering (declare it under its
     # own name), cached and priced apart
     quantization: Literal["none", "int8", "int4", "gguf"] = "none"
+    # int8/int4 through torchao (default), or bitsandbytes (LLM.int8 / NF4; CUDA only, the bitsandbytes package)
+    quantization_backend: Literal["torchao", "bitsandbytes"] = "torchao"
     base: str | None = None          # with gguf: the Diffusers folder or Hub id of the same model
     # ControlNets for this model, by control kind: a Diffusers folder, a single file or a Hub id in the cache
     controlnets: dict[str, str] = Field(default_factory=dict)
@@ -149,6 +151,8 @@ class LocalModel(_Strict):
                 raise ValueError("quantization gguf loads a FLUX or SD3 transformer: set family: flux or sd3")
         elif self.base:
             raise ValueError("base is only for quantization: gguf")
+        if self.quantization_backend == "bitsandbytes" and self.quantization not in ("int8", "int4"):
+            raise ValueError("quantization_backend bitsandbytes is for quantization: int8 or int4")
         return self
 
 
