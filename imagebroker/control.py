@@ -82,9 +82,8 @@ class Control(BaseModel):
             fields["scale"] = value
         try:
             return cls(**fields)
-        except ValidationError as exc:   # one line, naming the field where it is not in the message
-            raise ValueError("; ".join(str(e["msg"]).removeprefix("Value error, ") if e["loc"] == () else
-                                       f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        except ValidationError as exc:
+            raise ValueError(_one_line(exc)) from None
 
     def key(self) -> tuple[str, str, float, float, float, str | None]:
         """What makes two controls the same: kind, image, scale, window and source (cache and coalescing
@@ -129,14 +128,19 @@ class ImagePrompt(BaseModel):
         try:
             return cls(**fields)
         except ValidationError as exc:
-            raise ValueError("; ".join(str(e["msg"]).removeprefix("Value error, ") if e["loc"] == () else
-                                       f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+            raise ValueError(_one_line(exc)) from None
 
     def key(self) -> tuple[str, float]:
         return self.image.sha256, self.scale
 
     def describe(self) -> dict[str, Any]:
         return {"scale": self.scale, "image": self.image.describe()}
+
+
+def _one_line(exc: ValidationError) -> str:
+    """A validation error as one line, naming the field where the message does not."""
+    return "; ".join(str(e["msg"]).removeprefix("Value error, ") if e["loc"] == () else
+                     f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
 def canny(image: InputImage, low: float = 0.1, high: float = 0.2) -> InputImage:

@@ -155,3 +155,18 @@ def test_the_cli_takes_image_prompts_and_reports_them(models, tmp_path):
                          timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr + bad.stdout
     assert json.loads(bad.stdout)["error"]["message"].startswith(f"--image-prompt {tmp_path / 'ref.png'}:9: scale")
+
+
+def test_a_what_if_replays_an_image_prompt_call_where_one_is_served(models, tmp_path):
+    from imagebroker.broker.ledger.store import Ledger
+    from imagebroker.broker.whatif import whatif
+
+    data = policy_data(models)
+    with Broker(Policy.model_validate(data), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        b.generate("a cat", model="local/tsd", seed=1, image_prompts=[flat("red")])
+        catalog = b.catalog
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}", read_only=True)
+    same = whatif(ledger, Policy.model_validate(data), catalog)
+    assert same.calls == 1 and same.unroutable == 0
+    without = Policy.model_validate(data | {"deny": [*OTHERS, "local/tsd"]})   # only the model without one
+    assert whatif(ledger, without, catalog).unroutable == 1

@@ -8,8 +8,9 @@ is a scene from the same generator as the model's own data, its control image th
 imagebroker's `preprocess: true` computes (`imagebroker.control.canny_edges`), so what the net learns is
 exactly what a user's request sends. Half the captions are dropped (the paper's 50%), so the net learns to
 place the shape from the edges alone, not only when the caption is there. Timesteps are drawn mostly from
-the noisy end (t = 1000 (1 - u^3), as T2I-Adapter trains): that is where a shape's place is decided, and
-with uniform timesteps and lr 5e-4 the net had moved no sample's layout after 750 steps.
+the noisy end (t = 1000 (1 - u^3), as T2I-Adapter trains) and the loss is weighted towards the image's
+error there (1/SNR, clipped): that is where a shape's place is decided. With uniform timesteps, the plain
+noise loss and lr 5e-4, the net had moved no sample's layout after 750 steps.
 
 The result is a Diffusers `ControlNetModel` directory, written to `controlnet-canny/` beside the model's
 own components and declared in the default policy as `local.models.tiny-shapes.controlnets.canny`.
@@ -81,7 +82,11 @@ def train(pipe: StableDiffusionPipeline, net: ControlNetModel, cfg: dict, steps:
         down, mid = net(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
         pred = pipe.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        # weighted towards the image (x0) error at high noise, where a shape's place is decided: there the
+        # noise-prediction error of a misplaced shape is scaled down by sqrt(SNR) and gives almost no gradient
+        ab = noise_sched.alphas_cumprod[t]
+        weight = ((1 - ab) / ab).clamp(1.0, c.get("max_loss_weight", 1.0))
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
