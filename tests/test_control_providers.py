@@ -198,3 +198,23 @@ def test_a_control_call_maps_failures_like_any_other_and_keeps_every_attempt(
     assert [r[0] for r in db.execute("SELECT error_type FROM attempts ORDER BY number")] == [error] * tries
     (saved,), = db.execute("SELECT request_json FROM calls").fetchall()
     assert json.loads(saved)["control"][0]["kind"] == kind   # the call says what it was asked to follow
+
+
+def test_a_rule_can_require_offerings_that_follow_control(monkeypatch):
+    from imagebroker.policies.schema import Policy
+
+    for provider in ("bfl", "fal", "stability", "replicate"):
+        monkeypatch.setenv(provider_class(provider).api_key_env, "k")
+    policy = Policy.model_validate({"name": "layouts", "rules": [
+        {"name": "layouts", "when": {"tags": {"app": "layouts"}}, "set": {"constraints": {"require_control": True}}},
+        {"name": "moodboards", "when": {"tags": {"app": "moods"}},
+         "set": {"constraints": {"require_image_prompts": True}}}]})
+    with Broker(policy) as b:
+        layouts = b.plan("a cat", tags={"app": "layouts"})
+        moods = b.plan("a cat", tags={"app": "moods"}, image_prompts=[png((64, 64))])
+        free = b.plan("a cat")
+    assert layouts.candidates and all(b.catalog.offerings[c.offering].capabilities.control for c in layouts.candidates)
+    assert "no ControlNet (policy requires control)" in {r.offering: r.reasons for r in layouts.rejected}[
+        "fal/fal-ai/flux/dev"]
+    assert {c.offering for c in moods.candidates} == {"fal/fal-ai/flux-general", "stability/control-style"}
+    assert "fal/fal-ai/flux/dev" in {c.offering for c in free.candidates}

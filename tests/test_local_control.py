@@ -171,3 +171,21 @@ def test_control_with_an_edit_uses_the_controlnet_img2img_and_inpainting_pipelin
     assert (out[:, 40:] == np.asarray(read_input(init).pil().convert("RGB"))[:, 40:]).all()   # the rest kept
     again = broker.generate("a cat", model="local/tsd", seed=2, images=[init], strength=0.8)
     assert again.images[0].data == plain.images[0].data   # the plain img2img pipeline is unchanged
+
+
+def test_a_flux_model_takes_its_controlnet_the_same_way(tmp_path):
+    from tests.tiny_pipelines import build_tiny_flux, make_flux_controlnet
+
+    flux = build_tiny_flux(tmp_path / "flux")
+    net = make_flux_controlnet(flux, tmp_path / "flux-canny", 3)
+    data = {"name": "fluxcontrol", "deny": OTHERS,
+            "local": {"models": {"tflux": {"source": str(flux), "family": "flux", "steps": 3,
+                                           "controlnets": {"canny": str(net)}}}},
+            "offerings": [{"id": "local/tflux", "capabilities": {"default_size": "64x64", "size_rule": RULE}}]}
+    with Broker(Policy.model_validate(data), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        base = b.generate("a cat", model="local/tflux", seed=3)
+        edges = canny(read_input(square(left=True)))
+        held = b.generate("a cat", model="local/tflux", seed=3, control=[{"kind": "canny", "image": edges}])
+        after = b.generate("a cat", model="local/tflux", seed=3)
+    assert np.abs(pixels(held.images[0]) - pixels(base.images[0])).max() > 0
+    assert after.images[0].data == base.images[0].data

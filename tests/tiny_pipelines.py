@@ -181,3 +181,21 @@ def make_ip_adapter(pipe_dir: Path, out: Path, seed: int) -> tuple[Path, Path]:
             key += 2
     save_file(weights, out / "ip-adapter.safetensors")
     return out / "ip-adapter.safetensors", out / "image_encoder"
+
+
+def make_flux_controlnet(pipe_dir: Path, out: Path, seed: int) -> Path:
+    """A FLUX ControlNet for the tiny FLUX transformer (made from it, as training starts), its zero layers given
+    random weights so that it moves the output."""
+    import torch
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(pipe_dir / "transformer")
+    net = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                               attention_head_dim=16, num_attention_heads=2)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in [net.controlnet_x_embedder, *net.controlnet_blocks, *net.controlnet_single_blocks]:
+            for p in module.parameters():
+                p.normal_(0.0, 0.5)
+    net.save_pretrained(out)
+    return out

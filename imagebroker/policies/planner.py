@@ -170,6 +170,10 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints, size: tupl
         hard.append(f"{len(r.image_prompts)} image prompts above its max of {caps.image_prompts}")
     if c.forbid_image_prompts and r.image_prompts:
         hard.append("image prompts not allowed by the policy (forbid_image_prompts)")
+    if c.require_control and not caps.control:
+        hard.append("no ControlNet (policy requires control)")
+    if c.require_image_prompts and not caps.image_prompts:
+        hard.append("no image prompts (policy requires them)")
     if c.require_adapters and not caps.adapters:
         hard.append("no LoRA support (policy requires adapters)")
     if r.background == "transparent" and not caps.transparent_background:

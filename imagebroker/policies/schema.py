@@ -34,6 +34,8 @@ class Constraints(_Strict):
     require_adapters: bool = False
     forbid_control: bool = False      # no request with `control` may go here (e.g. a rule for one app)
     forbid_image_prompts: bool = False   # likewise for `image_prompts` (IP-Adapter)
+    require_control: bool = False     # only offerings that can follow a control image (any kind)
+    require_image_prompts: bool = False   # only offerings that take image prompts
     split_n: bool = True   # n above an offering's per-call maximum: several calls (false: not eligible)
     # an aspect ratio an offering can only come near (a fixed size table): eligible (nearest) or not (exact)
     size_match: Literal["exact", "nearest"] = "nearest"
