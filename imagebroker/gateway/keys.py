@@ -192,27 +192,36 @@ class Callers:
     open (no key was ever made and IMAGEBROKER_GATEWAY_KEY is unset), or False (refused). A key found is
     remembered for KEY_TTL_S, so a revocation takes effect within that; while none was made the ledger is
     asked at most every KEY_TTL_S whether one has been (the first closes the gateway within that), and never
-    again once one was (keys are never deleted)."""
+    again once one was (keys are never deleted). A key the ledger does not know is remembered too, for as
+    long: an open gateway's clients all send some key (the OpenAI SDK needs one), and a new key is random,
+    so it was never asked before it was made."""
 
     def __init__(self, broker: Callable[[], AsyncBroker]) -> None:
         self.broker = broker
         self.found: dict[str, tuple[GatewayKey, float]] = {}   # key digest -> (key, when found)
         self.none_made_at = -math.inf   # when the ledger last said no key was ever made (monotonic)
+        self.unknown: dict[str, float] = {}   # key digest -> when the ledger said it has no such key
 
     async def of(self, authorization: str) -> GatewayKey | bool | None:
         given = authorization.removeprefix("Bearer ").strip()
         env_key = os.environ.get(KEY_ENV)
         if env_key and given and hmac.compare_digest(given.encode(), env_key.encode()):
             return ENV_KEY
-        if given and (hit := self.found.get(digest(given))) and time.monotonic() - hit[1] < KEY_TTL_S:
+        hashed, now = digest(given), time.monotonic()
+        if given and (hit := self.found.get(hashed)) and now - hit[1] < KEY_TTL_S:
             return hit[0]
         store = KeyStore(self.broker().ledger)
-        key = await asyncio.to_thread(store.find, given) if given else None
+        ask = bool(given) and now - self.unknown.get(hashed, -math.inf) >= KEY_TTL_S
+        key = await asyncio.to_thread(store.find, given) if ask else None
         if key is not None:
-            self.found[digest(given)] = (key, time.monotonic())
+            self.found[hashed] = (key, now)
             if (budget := key.budget()) is not None:
                 self.broker().add_budgets([budget])
             return key
+        if ask:
+            if len(self.unknown) > 10_000:   # random keys thrown at it: forget them rather than grow
+                self.unknown.clear()
+            self.unknown[hashed] = now
         if not env_key and not await self._made(store):
             return None
         return False
