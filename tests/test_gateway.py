@@ -483,3 +483,32 @@ def test_the_dashboard_is_the_report_page_live_for_an_admin_key(tmp_path, monkey
     assert figures["total-cost"] == "$0.008493" and figures["offering-0-0"] == SCHNELL
     assert page.text.count("<svg") >= 2 and "<script" not in page.text   # the charts, inline; nothing fetched
     # 3 x $0.002831155 = $0.008493465, shown to the micro-dollar as the report shows it
+
+
+def test_a_key_the_ledger_does_not_know_is_asked_about_once_per_ttl(tmp_path, monkeypatch):
+    """An open gateway's clients all send some key: the ledger is asked about it once, not on every request;
+    a key made afterwards is still found at once, and then the unknown one is refused within the TTL."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from imagebroker.broker.ledger.store import Ledger
+    from imagebroker.gateway import keys as gateway_keys
+    from imagebroker.gateway.keys import Callers, KeyStore
+
+    monkeypatch.setattr(gateway_keys, "KEY_TTL_S", 0.2)
+    asked: list[str] = []
+    find = KeyStore.find
+    monkeypatch.setattr(KeyStore, "find", lambda self, key: asked.append(key) or find(self, key))
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    callers = Callers(lambda: SimpleNamespace(ledger=ledger, add_budgets=lambda budgets: None))
+
+    async def go() -> None:
+        assert [await callers.of("Bearer sk-anything") for _ in range(5)] == [None] * 5   # open
+        assert asked == ["sk-anything"]
+        made, _ = KeyStore(ledger).create("team")
+        assert (await callers.of(f"Bearer {made}")).name == "team"   # never asked before: found at once
+        await asyncio.sleep(0.25)
+        assert await callers.of("Bearer sk-anything") is False   # a key exists now: the gateway is closed
+
+    asyncio.run(go())
+    ledger.close()
