@@ -37,6 +37,13 @@ def test_bfl_control_endpoints_take_our_control_image_as_preprocessed_and_its_si
     assert result.cost.usd == Decimal("0.05") and result.applied["control"][0]["kind"] == kind
 
 
+def test_what_was_not_sent_is_marked_dropped_in_applied(tmp_path, monkeypatch):
+    result, _ = edit("bfl", "bfl/flux-pro-1.0-canny", tmp_path, monkeypatch,
+                     control=[{"kind": "canny", "image": png((512, 512)), "scale": 0.5}])
+    assert result.dropped == ("control scale",)
+    assert result.applied["control"][0]["dropped"] == ["scale"]   # BFL has no strength field
+
+
 def test_a_control_endpoint_is_never_planned_without_a_control_image():
     with Broker(load_policy("local-first")) as b:
         plan = b.plan("a cat", size="1024x1024")
@@ -161,6 +168,10 @@ def test_comfyui_binds_control_to_the_workflows_controlnet_nodes(tmp_path, monke
     other, _ = edit("comfyui", "comfyui/sdxl", tmp_path, monkeypatch, size="512x512", seed=5,
                     control=[{"kind": "canny", "image": edges, "scale": 0.2}], **control_workflow(tmp_path))
     assert other.images[0].data != result.images[0].data   # the server's sampler saw the control
+    _, fake = edit("comfyui", "comfyui/sdxl", tmp_path, monkeypatch, size="512x512", seed=5,
+                       **control_workflow(tmp_path))
+    graph = json.loads(next(r["body"] for r in fake.requests if r["path"] == "/prompt"))["prompt"]
+    assert graph["12"]["inputs"]["strength"] == 0.0   # the workflow's ControlNet holds nothing without a control
 
 
 def test_comfyui_without_a_controlnet_node_for_the_kind_says_so_before_running(tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ import io
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -95,20 +94,45 @@ def test_several_image_prompts_each_with_its_scale(broker):
     assert np.abs(pixels(muted.images[0]) - pixels(one.images[0])).max() <= 1   # the second one held nothing
 
 
-def test_requests_with_different_references_never_share_a_batch(broker):
-    alone = {c: broker.generate("a cat", model="local/tsd", seed=7, image_prompts=[flat(c)]).images[0].data
-             for c in ("red", "blue")}
-    out: dict[str, bytes] = {}
+def test_requests_with_different_references_never_share_a_batch(models, tmp_path):
+    """Concurrent requests coalesce only with the same reference: a pair with the same one runs as one batch,
+    a pair with different ones each as its own, and each gets what it would alone."""
+    import asyncio
 
-    def call(colour: str) -> None:
-        out[colour] = broker.generate("a cat", model="local/tsd", seed=7, image_prompts=[flat(colour)]).images[0].data
+    from imagebroker import AsyncBroker
 
-    threads = [threading.Thread(target=call, args=(c,)) for c in ("red", "blue")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert out == alone
+    policy = Policy.model_validate(policy_data(models, coalesce={"window_ms": 300, "max_batch": 8}))
+
+    async def go() -> tuple[list, list, dict]:
+        async with AsyncBroker(policy, ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+            async def one(colour: str):
+                return await b.generate("a cat", model="local/tsd", seed=7, image_prompts=[flat(colour)])
+            alone = {c: (await one(c)).images[0].data for c in ("red", "blue")}
+            same = await asyncio.gather(one("red"), one("red"))
+            mixed = await asyncio.gather(one("red"), one("blue"))
+            return same, mixed, alone
+
+    same, mixed, alone = asyncio.run(go())
+    assert [r.cost.units["batch_images"] for r in same] == [2, 2]   # coalescing is on
+    assert [r.cost.units["batch_images"] for r in mixed] == [1, 1]   # but not across references
+    assert [r.images[0].data for r in mixed] == [alone["red"], alone["blue"]]
+
+
+def test_an_ip_adapter_that_does_not_fit_fails_and_leaves_the_model_as_it_was(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(models["weights"])
+    # its image projection is for another model (it loads after the attention processors are swapped in)
+    weights["image_proj.norm.weight"] = weights["image_proj.norm.weight"][:3].contiguous()
+    save_file(weights, tmp_path / "wrong.safetensors")
+    data = policy_data(models)
+    data["local"]["models"]["tsd"]["ip_adapter"]["source"] = str(tmp_path / "wrong.safetensors")
+    with Broker(Policy.model_validate(data), ledger=f"sqlite:///{tmp_path / 'l.db'}") as b:
+        base = b.generate("a cat", model="local/tsd", seed=4)
+        with pytest.raises(AllAttemptsFailed, match="does not fit this model"):
+            b.generate("a cat", model="local/tsd", seed=4, image_prompts=[flat("red")])
+        after = b.generate("a cat", model="local/tsd", seed=4)
+    assert after.images[0].data == base.images[0].data   # nothing of the failed load stayed behind
 
 
 def test_planning_sends_image_prompts_only_to_a_model_with_an_ip_adapter(broker, models):

@@ -29,7 +29,7 @@ from .validate import describe
 PIXEL_FIELDS = ("prompt", "negative_prompt", "width", "height", "aspect_ratio", "resolution", "n", "seed",
                 "steps", "guidance_scale", "scheduler", "quality", "output_format", "background")
 MODEL_SETTINGS = ("source", "version", "family", "dtype", "variant", "steps", "guidance_scale", "scheduler",
-                  "workflow", "bindings")
+                  "workflow", "bindings", "quantization", "quantization_backend", "base")
 MAX_FINGERPRINT_FILES = 2_000
 
 
@@ -107,10 +107,13 @@ def cache_key(request: ImageRequest, offering: Offering, policy: Policy) -> str 
         "request": {f: getattr(request, f) for f in PIXEL_FIELDS}, "extra": request.extra,
         "adapters": [(a.ref, a.scale, adapter_digest(a.ref)) for a in request.adapters],
     }
-    if request.control:   # (only with control, likewise)
-        canonical["control"] = [c.key() for c in request.control]
-    if request.image_prompts:
+    if request.control:   # (only with control, likewise): the controls, and the ControlNets' weights as they are
+        nets = dict(offering.settings.get("controlnets") or {})  # type: ignore[call-overload]
+        canonical["control"] = [(*c.key(), nets.get(c.kind), _fingerprint(nets.get(c.kind))) for c in request.control]
+    if request.image_prompts:   # likewise the IP-Adapter's weights and image encoder
+        ip = dict(offering.settings.get("ip_adapter") or {})  # type: ignore[call-overload]
         canonical["image_prompts"] = [p.key() for p in request.image_prompts]
+        canonical["ip_adapter"] = {**ip, "files": [_fingerprint(ip.get(k)) for k in ("source", "image_encoder")]}
     if request.is_edit:   # (only for edits: the keys of text-to-image calls made before edits stay valid)
         canonical["edit"] = {"inputs": [i.sha256 for i in request.images], "strength": request.strength,
                              "mask": request.mask.sha256 if request.mask else None}

@@ -168,6 +168,8 @@ async def _finish(view: CallView, log: CallLog, outcome: Success) -> ImageResult
     for name, items in (("control", log.request.control), ("image_prompts", log.request.image_prompts)):
         if items and name not in applied:   # what every provider was given, whatever its own fields say
             applied[name] = [item.describe() for item in items]
+    if dropped := [d.removeprefix("control ") for d in outcome.candidate.dropped if d.startswith("control ")]:
+        applied["control"] = [{**c, "dropped": dropped} for c in applied.get("control", [])]   # not sent
     if log.request.aspect_ratio and not log.request.width:   # how the aspect ratio was resolved for it
         res = f" @ {log.request.resolution}" if log.request.resolution else ""
         applied["size_resolved"] = f"{log.request.aspect_ratio}{res} -> {outcome.candidate.size}"

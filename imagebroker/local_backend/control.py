@@ -98,12 +98,18 @@ def image_prompts(loaded: Loaded, pipe: Any, request: ImageRequest, setting: IpA
         return
     if setting is None:
         raise RequestError("image prompts need an IP-Adapter: declare local.models.NAME.ip_adapter")
+    if not hasattr(pipe, "load_ip_adapter"):
+        raise RequestError(f"image prompts are not available for a {loaded.family} model's {type(pipe).__name__}")
     weights, encoder = _ip_adapter(loaded, setting)
     count = len(request.image_prompts)
-    pipe.register_modules(image_encoder=encoder)
-    pipe.load_ip_adapter([weights] * count, subfolder=[""] * count, weight_name=[""] * count,
-                         image_encoder_folder=None)
-    try:
+    try:   # from the first change on: a load that fails half-way (a wrong adapter) is undone too
+        pipe.register_modules(image_encoder=encoder)
+        try:
+            pipe.load_ip_adapter([weights] * count, subfolder=[""] * count, weight_name=[""] * count,
+                                 image_encoder_folder=None)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelNotFound(f"IP-Adapter {setting.source!r} does not fit this model: {exc}",
+                                provider="local") from None
         pipe.set_ip_adapter_scale([p.scale for p in request.image_prompts])
         yield {"ip_adapter_image": [p.image.pil().convert("RGB") for p in request.image_prompts]}
     finally:
@@ -138,7 +144,7 @@ def _ip_adapter(loaded: Loaded, setting: IpAdapterSettings) -> tuple[dict[str, A
                                 provider="local") from None
         weights = {part: {k: v.to(loaded.pipe.dtype) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
                    for part, d in weights.items()}
-        loaded.ip_adapter = (weights, encoder.to(loaded.pipe.device))
+        loaded.ip_adapter = (weights, encoder.to(getattr(loaded.pipe, "_execution_device", loaded.pipe.device)))
     return loaded.ip_adapter
 
 

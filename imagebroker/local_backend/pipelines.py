@@ -296,7 +296,8 @@ class Pipelines:
                        "seeds": job_seeds, "adapters": [a.model_dump() for a in j.request.adapters],
                        "device": self.device, "batch_images": total}
             if quantized := j.offering.settings.get("quantization"):
-                applied["quantization"] = quantized
+                bnb = j.offering.settings.get("quantization_backend") == "bitsandbytes"
+                applied["quantization"] = f"{quantized} (bitsandbytes)" if bnb else quantized
             if j.request.control:
                 applied["control"] = [c.describe() for c in j.request.control]
             if j.request.image_prompts:

@@ -107,8 +107,9 @@ def _control_fields(request: ImageRequest, offering: Offering) -> dict[str, Any]
              "control_mode": c.kind, "conditioning_scale": c.scale, "start_percentage": c.start,
              "end_percentage": c.end} for c in request.control]}]
     if request.image_prompts:
+        weight = {"weight_name": s["ip_adapter_weight_name"]} if s.get("ip_adapter_weight_name") else {}
         out["ip_adapters"] = [{"path": s.get("ip_adapter"), "image_url": p.image.data_url(), "scale": p.scale,
-                               "image_encoder_path": s.get("image_encoder")} for p in request.image_prompts]
+                               "image_encoder_path": s.get("image_encoder"), **weight} for p in request.image_prompts]
     return out
 
 

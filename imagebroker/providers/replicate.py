@@ -53,7 +53,7 @@ class ReplicateProvider(HttpProvider):
         steps = str(offering.settings.get("steps_field", "num_inference_steps"))   # FLUX [pro] models: steps
         inp |= sampling_fields(request, offering, steps=steps,  # SD-style models, else FLUX
                                guidance="guidance_scale" if caps.negative_prompt else "guidance")
-        if request.output_format and "webp" in caps.output_formats:
+        if request.output_format in caps.output_formats and len(caps.output_formats) > 1:
             inp["output_format"] = "jpg" if request.output_format == "jpeg" else request.output_format
         for i, a in enumerate(request.adapters[:2]):  # flux-dev-lora: lora_weights + extra_lora
             prefix = "" if i == 0 else "extra_"

@@ -151,6 +151,9 @@ class LocalModel(_Strict):
                 raise ValueError("quantization gguf loads a FLUX or SD3 transformer: set family: flux or sd3")
         elif self.base:
             raise ValueError("base is only for quantization: gguf")
+        if self.ip_adapter is not None and self.family not in (None, "sd", "sdxl"):
+            raise ValueError(f"ip_adapter: image prompts run on SD and SDXL models here, not {self.family} (FLUX's "
+                             "and SD3's IP-Adapters load differently)")
         if self.quantization_backend == "bitsandbytes" and self.quantization not in ("int8", "int4"):
             raise ValueError("quantization_backend bitsandbytes is for quantization: int8 or int4")
         return self

@@ -9,11 +9,11 @@ imagebroker's `preprocess: true` computes (`imagebroker.control.canny_edges`), s
 exactly what a user's request sends. Half the captions are dropped (the paper's 50%), so the net learns to
 place the shape from the edges alone, not only when the caption is there. Timesteps are drawn mostly from
 the noisy end (t = 1000 (1 - u^3), as T2I-Adapter trains) and the loss is weighted towards the image's
-error there (1/SNR, clipped): that is where a shape's place is decided. With uniform timesteps, the plain
-noise loss and lr 5e-4, the net had moved no sample's layout after 750 steps.
+error there (1/SNR, clipped): that is where a shape's place is decided. With the plain noise loss the net
+had moved no sample's layout after 750 steps (uniform timesteps) or 250 (cubic); see docs/tiny-shapes.md.
 
 The result is a Diffusers `ControlNetModel` directory, written to `controlnet-canny/` beside the model's
-own components and declared in the default policy as `local.models.tiny-shapes.controlnets.canny`.
+own components and declared in the catalog (`providers/data/local.yaml`) as tiny-shapes' `canny` ControlNet.
 """
 
 from __future__ import annotations

@@ -192,6 +192,9 @@ class ComfyUIProvider(HttpProvider):
         w, h = request_size(request, offering)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
         values = request_values(request, (w, h), seed)
+        used = {f"control.{c.kind}" for c in request.control}   # the workflow's other ControlNets hold nothing
+        values |= {f"{k}.scale": 0.0 for k in bindings if k.startswith("control.") and k.count(".") == 1
+                   and k not in used}
         if request.is_edit or request.control:
             values |= await self._upload_inputs(base, request, bindings, where)
         graph = build_graph(template, bindings, values)

@@ -71,7 +71,8 @@ class FakeComfyUI:
         self.timeout_s = 30.0
         self.history: dict[str, Any] = {}
         self.files: dict[str, bytes] = {}  # "type/subfolder/filename" -> bytes
-        self.inputs: dict[str, bytes] = {}   # uploaded with /upload/image, by name
+        # uploaded with /upload/image, by name; a fresh install's input folder has ComfyUI's example.png
+        self.inputs: dict[str, bytes] = {"example.png": _example_png()}
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.interrupted: list[str] = []   # prompt ids the client asked to interrupt
         self.deleted: list[str] = []       # prompt ids the client asked to delete from the queue
@@ -406,6 +407,16 @@ async def _same_origin(request: web.Request, handler: Any) -> web.StreamResponse
 
 class _Interrupted(Exception):
     """The running prompt was interrupted (checked per sampler step)."""
+
+
+def _example_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (512, 512), (128, 128, 128)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 __all__ = ["WORKFLOW", "WORKFLOW_CONTROL", "WORKFLOW_IMG2IMG", "WORKFLOW_INPAINT", "FakeComfyUI"]

@@ -322,7 +322,7 @@ WORKFLOW_CONTROL = WORKFLOW | {
     "3": {"class_type": "KSampler", "inputs": {**WORKFLOW["3"]["inputs"], "positive": ["12", 0],
                                               "negative": ["12", 1]}},
     "10": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "diffusers_xl_canny_full.safetensors"}},
-    "11": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}},
+    "11": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
     "12": {"class_type": "ControlNetApplyAdvanced", "inputs": {
         "positive": ["6", 0], "negative": ["7", 0], "control_net": ["10", 0], "image": ["11", 0], "strength": 1.0,
         "start_percent": 0.0, "end_percent": 1.0}},
