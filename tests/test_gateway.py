@@ -512,3 +512,21 @@ def test_a_key_the_ledger_does_not_know_is_asked_about_once_per_ttl(tmp_path, mo
 
     asyncio.run(go())
     ledger.close()
+
+
+def test_control_and_image_prompts_go_through_the_gateway_as_base64_never_as_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("BFL_API_KEY", FAKES["bfl"].key)
+    edges = png((512, 384))
+    with FAKES["bfl"](["ok"]) as bfl, gateway(tmp_path, monkeypatch, also={"bfl": bfl}) as (base, _):
+        c = client(base)
+        made = c.images.generate(model="bfl/flux-pro-1.0-canny", prompt="a house", extra_body={"control": [
+            {"kind": "canny", "image": "data:image/png;base64," + base64.b64encode(edges).decode()}]})
+        sent = bfl.state["edits"][0]
+        assert (sent["inputs"]["preprocessed_image"].width, sent["inputs"]["preprocessed_image"].height) == (512, 384)
+        assert made.model_extra["imagebroker"]["offering"] == "bfl/flux-pro-1.0-canny"
+        with pytest.raises(openai.BadRequestError, match=r"control\[0\]\.image: not base64"):
+            c.images.generate(model="bfl/flux-pro-1.0-canny", prompt="a house",
+                              extra_body={"control": [{"kind": "canny", "image": "/etc/hostname"}]})
+        with pytest.raises(openai.BadRequestError, match="no image prompts"):
+            c.images.generate(model=SCHNELL, prompt="a house",
+                              extra_body={"image_prompts": [base64.b64encode(edges).decode()]})

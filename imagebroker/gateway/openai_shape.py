@@ -5,6 +5,7 @@ error JSON with the status codes its SDK maps onto its exception classes."""
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import math
 import time
@@ -60,7 +61,40 @@ def request_fields(body: dict[str, Any]) -> dict[str, Any]:
         fields["extra"] = {"openai": extra}
     if body.get("user"):
         fields["tags"] = {"user": str(body["user"])[:200]}
+    fields |= _controls(body)
     return fields
+
+
+def _controls(body: dict[str, Any]) -> dict[str, Any]:
+    """imagebroker's own JSON fields (the SDK's `extra_body`): `control` (a list of {kind, image, scale, start,
+    end, preprocess}) and `image_prompts` (a list of {image, scale}, or images), every image as base64 or a
+    data: URI. Decoded here, so that a string never reaches a reader that would open it as a file."""
+    out: dict[str, Any] = {}
+    for name, image_keys in (("control", ("image", "source")), ("image_prompts", ("image",))):
+        items = body.get(name)
+        if items in (None, "", []):
+            continue
+        if not isinstance(items, list):
+            raise BadRequest(f"{name}: a list")
+        parsed = []
+        for i, item in enumerate(items):
+            entry = dict(item) if isinstance(item, dict) else {"image": item}
+            for key in image_keys:
+                if key in entry:
+                    entry[key] = _decoded(entry[key], f"{name}[{i}].{key}")
+            parsed.append(entry)
+        out[name] = parsed
+    return out
+
+
+def _decoded(value: Any, what: str) -> bytes:
+    text = value.split(",", 1)[1] if isinstance(value, str) and value.startswith("data:") else value
+    if not isinstance(text, str):
+        raise BadRequest(f"{what}: an image as base64 or a data: URI")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{what}: not base64 (give the image as base64 or a data: URI)") from None
 
 
 def streams(body: dict[str, Any]) -> bool:
