@@ -16,20 +16,13 @@ from PIL import Image as PILImage
 from ..errors import ModelNotFound, RequestError
 from ..providers.settings import IpAdapterSettings
 from ..types import ImageRequest
-from .sources import MODELS_DIR
+from .sources import local_path
 
 if TYPE_CHECKING:
     from .pipelines import Loaded
 
 _AUTO = {"text2img": diffusers.AutoPipelineForText2Image, "img2img": diffusers.AutoPipelineForImage2Image,
          "inpaint": diffusers.AutoPipelineForInpainting}
-
-
-def local_path(source: str) -> Path:
-    """`builtin:NAME/...` (inside the bundled models), else the path as given."""
-    if source.startswith("builtin:"):
-        return MODELS_DIR / source.removeprefix("builtin:")
-    return Path(source).expanduser()
 
 
 def with_control(loaded: Loaded, task: str, kinds: tuple[str, ...], sources: dict[str, str]) -> Any:

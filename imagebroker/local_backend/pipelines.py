@@ -298,10 +298,6 @@ class Pipelines:
             if quantized := j.offering.settings.get("quantization"):
                 bnb = j.offering.settings.get("quantization_backend") == "bitsandbytes"
                 applied["quantization"] = f"{quantized} (bitsandbytes)" if bnb else quantized
-            if j.request.control:
-                applied["control"] = [c.describe() for c in j.request.control]
-            if j.request.image_prompts:
-                applied["image_prompts"] = [p.describe() for p in j.request.image_prompts]
             results.append(ProviderResult(raws, usage, None, applied))
         return results
 

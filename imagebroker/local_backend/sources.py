@@ -24,12 +24,18 @@ def hub_cache() -> Path:
     return Path(home) / "hub"
 
 
+def local_path(source: str) -> Path:
+    """`builtin:NAME/...` inside the bundled models, else the path as given (`~` expanded)."""
+    if source.startswith("builtin:"):
+        return MODELS_DIR / source.removeprefix("builtin:")
+    return Path(source).expanduser()
+
+
 def resolve_source(source: str) -> tuple[str, Path | None]:
     """(kind, local path): kind is builtin, dir, file or hub; the path is None when not installed."""
+    path = local_path(source)
     if source.startswith("builtin:"):
-        path = MODELS_DIR / source.removeprefix("builtin:")
         return "builtin", path if (path / "model_index.json").is_file() else None
-    path = Path(source).expanduser()
     if source.endswith((".safetensors", ".ckpt", ".gguf")):
         return "file", path if path.is_file() else None
     if path.is_dir() or source.startswith((".", "/", "~")):

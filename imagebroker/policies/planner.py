@@ -16,7 +16,7 @@ from decimal import Decimal
 from ..errors import RequestError
 from ..providers import schedulers
 from ..providers.catalog import Catalog
-from ..providers.offering import Offering, request_size
+from ..providers.offering import Capabilities, Offering, request_size
 from ..types import Candidate, Cost, ImageRequest, Plan, Rejection, off_ratio, parse_size
 from .pricing import CHARS_PER_TOKEN, bound, estimate
 from .schema import Constraints, Policy, Rule
@@ -118,6 +118,42 @@ def _scale_reasons(what: str, scales: list[float], most: float) -> list[str]:
     return [f"{what} scale {max(scales):g} above its max of {most:g}"] if max(scales) > most else []
 
 
+def _control_reasons(caps: Capabilities, r: ImageRequest, c: Constraints, soft: list[str]) -> list[str]:
+    """Why the offering cannot follow this request's control images or image prompts (or the policy's rule
+    about them); a control setting it would drop goes to `soft`."""
+    hard: list[str] = []
+    if caps.control_required and not r.control:
+        hard.append(f"needs a control image ({', '.join(caps.control)})")
+    if missing := [k.kind for k in r.control if k.kind not in caps.control]:
+        hard.append(f"no ControlNet for {', '.join(dict.fromkeys(missing))}"
+                    + (f" (it has {', '.join(caps.control)})" if caps.control else ""))
+    elif len(r.control) > max(caps.max_controls, 1) and caps.control:
+        hard.append(f"{len(r.control)} controls above its max of {caps.max_controls}")
+    if r.control and caps.control:
+        hard += _scale_reasons("control", [k.scale for k in r.control], caps.max_scale)
+        if "scale" not in caps.control_settings and any(k.scale != 1.0 for k in r.control):
+            soft.append("control scale")
+        if "window" not in caps.control_settings and any((k.start, k.end) != (0.0, 1.0) for k in r.control):
+            soft.append("control start/end")
+    if c.forbid_control and r.control:
+        hard.append("control not allowed by the policy (forbid_control)")
+    if caps.image_prompts_required and not r.image_prompts:
+        hard.append("needs an image prompt (a style reference)")
+    if r.image_prompts and not caps.image_prompts:
+        hard.append("no image prompts (IP-Adapter)")
+    elif len(r.image_prompts) > caps.image_prompts and caps.image_prompts:
+        hard.append(f"{len(r.image_prompts)} image prompts above its max of {caps.image_prompts}")
+    if r.image_prompts and caps.image_prompts:
+        hard += _scale_reasons("image prompt", [p.scale for p in r.image_prompts], caps.max_scale)
+    if c.forbid_image_prompts and r.image_prompts:
+        hard.append("image prompts not allowed by the policy (forbid_image_prompts)")
+    if c.require_control and not caps.control:
+        hard.append("no ControlNet (policy requires control)")
+    if c.require_image_prompts and not caps.image_prompts:
+        hard.append("no image prompts (policy requires them)")
+    return hard
+
+
 def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints, size: tuple[int, int]
                         ) -> tuple[list[str], list[str]]:
     """(hard reasons the offering cannot serve the request, soft fields it would drop); `size` is the
@@ -145,35 +181,7 @@ def _capability_reasons(o: Offering, r: ImageRequest, c: Constraints, size: tupl
         hard.append("no LoRA/adapter support")
     elif len(r.adapters) > caps.max_adapters and caps.adapters:
         hard.append(f"{len(r.adapters)} adapters above its max of {caps.max_adapters}")
-    if caps.control_required and not r.control:
-        hard.append(f"needs a control image ({', '.join(caps.control)})")
-    if missing := [k.kind for k in r.control if k.kind not in caps.control]:
-        hard.append(f"no ControlNet for {', '.join(dict.fromkeys(missing))}"
-                    + (f" (it has {', '.join(caps.control)})" if caps.control else ""))
-    elif len(r.control) > max(caps.max_controls, 1) and caps.control:
-        hard.append(f"{len(r.control)} controls above its max of {caps.max_controls}")
-    if r.control and caps.control:
-        hard += _scale_reasons("control", [k.scale for k in r.control], caps.max_scale)
-        if "scale" not in caps.control_settings and any(k.scale != 1.0 for k in r.control):
-            soft.append("control scale")
-        if "window" not in caps.control_settings and any((k.start, k.end) != (0.0, 1.0) for k in r.control):
-            soft.append("control start/end")
-    if r.image_prompts and caps.image_prompts:
-        hard += _scale_reasons("image prompt", [p.scale for p in r.image_prompts], caps.max_scale)
-    if c.forbid_control and r.control:
-        hard.append("control not allowed by the policy (forbid_control)")
-    if caps.image_prompts_required and not r.image_prompts:
-        hard.append("needs an image prompt (a style reference)")
-    if r.image_prompts and not caps.image_prompts:
-        hard.append("no image prompts (IP-Adapter)")
-    elif len(r.image_prompts) > caps.image_prompts and caps.image_prompts:
-        hard.append(f"{len(r.image_prompts)} image prompts above its max of {caps.image_prompts}")
-    if c.forbid_image_prompts and r.image_prompts:
-        hard.append("image prompts not allowed by the policy (forbid_image_prompts)")
-    if c.require_control and not caps.control:
-        hard.append("no ControlNet (policy requires control)")
-    if c.require_image_prompts and not caps.image_prompts:
-        hard.append("no image prompts (policy requires them)")
+    hard += _control_reasons(caps, r, c, soft)
     if c.require_adapters and not caps.adapters:
         hard.append("no LoRA support (policy requires adapters)")
     if r.background == "transparent" and not caps.transparent_background:

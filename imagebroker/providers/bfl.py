@@ -86,8 +86,6 @@ class BFLProvider(HttpProvider):
         applied = {k: (f"<{len(v)} base64 chars>" if k.startswith(("input_image", "image", "mask", "preprocessed"))
                        else v)
                    for k, v in body.items() if k != "prompt"}
-        if request.control:
-            applied["control"] = [c.describe() for c in request.control]
         return ProviderResult([RawImage(image, seed)], usage, task.get("id"), {"endpoint": path, **applied})
 
 
