@@ -2,12 +2,16 @@
 
 - per-call overhead: the openai SDK calling the fake OpenAI server directly, against the same SDK calling
   `imagebroker serve` (1 worker, SQLite ledger) in front of that fake, sequential calls, medians; and the
-  floor any proxy pays here: a bare pass-through (uvicorn + Starlette + httpx2 forwarding the body, nothing
-  else) in front of the same fake;
+  floor any proxy pays here: a bare pass-through (uvicorn + Starlette + the providers' HTTP client, httpx2 on
+  aiohttp, forwarding the body, nothing else) in front of the same fake;
 - throughput at concurrency 100 (AsyncOpenAI) directly, through 1 worker and through 2 workers;
-- RSS per worker after the run, and the time from `serve` starting to `/readyz` answering 200.
+- RSS per worker after the run, and the time from `serve` starting to `/readyz` answering 200;
+- where `wrk` is installed (Debian's `wrk`): throughput with 1 and 2 workers when the gateway is what limits
+  it. With the SDK as the client, the client and the threaded fake take most of the two cores, so a second
+  worker has nothing to run on; `wrk` (C, one thread) and a fake that answers one recorded reply from raw
+  asyncio cost a few percent of a core, so the workers get the machine.
 
-    .venv/bin/python benchmarks/gateway.py [--calls 200] [--burst 600]
+    .venv/bin/python benchmarks/gateway.py [--calls 200] [--burst 600] [--wrk-seconds 10]
 
 Results go to benchmarks/results/gateway.json; docs/benchmarks.md has the table. Run it on a quiet machine.
 """
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -72,7 +77,10 @@ def bare_proxy(upstream: str, port: int) -> None:
     from starlette.responses import Response
     from starlette.routing import Route
 
-    client = httpx2.AsyncClient()
+    from imagebroker.providers.transport import AiohttpTransport
+
+    limits = httpx2.Limits(max_connections=200, max_keepalive_connections=50)
+    client = httpx2.AsyncClient(transport=AiohttpTransport(limits), limits=limits)   # the providers' own stack
 
     async def forward(request):   # type: ignore[no-untyped-def]
         sent = await client.post(f"{upstream}/images/generations", content=await request.body(),
@@ -99,6 +107,83 @@ def floor_ms(upstream: str, calls: int) -> float:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
+
+
+def canned_fake(reply_file: str, port: int) -> None:
+    """`--canned-fake`: answer every request with the recorded reply, parsing no more than framing needs."""
+    import uvloop
+
+    reply = Path(reply_file).read_bytes()
+
+    class Canned(asyncio.Protocol):
+        def connection_made(self, transport):   # type: ignore[no-untyped-def]
+            self.transport, self.buf = transport, b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+                head = self.buf[:end].lower()
+                at = head.find(b"content-length:")
+                length = int(head[at + 15:].split(b"\r\n", 1)[0]) if at >= 0 else 0
+                if len(self.buf) < end + 4 + length:
+                    return
+                self.buf = self.buf[end + 4 + length:]
+                self.transport.write(reply)
+
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(Canned, "127.0.0.1", port)
+        await server.serve_forever()
+
+    uvloop.run(serve())
+
+
+def wrk_rate(url: str, seconds: int, tmp: Path, connections: int = 100) -> float:
+    """Requests per second `wrk` gets at `connections` open connections; every answer must be a 200."""
+    script = tmp / "post.lua"
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f'wrk.headers["Authorization"] = "Bearer {fakes()["openai"].key}"\n'
+                      f'wrk.body = \'{json.dumps({"model": MODEL, "prompt": "a red fox", "size": SIZE})}\'\n')
+    subprocess.run(["wrk", "-t1", f"-c{connections}", "-d2s", "-s", str(script), url], capture_output=True, check=True)
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+                         capture_output=True, check=True, text=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise SystemExit(f"wrk saw failures:\n{out}")
+    return float(out.split("Requests/sec:")[1].split()[0])
+
+
+def gateway_bound(fake_base: str, seconds: int, tmp: Path) -> dict[str, object]:
+    """Throughput with 1 and 2 workers under `wrk`, against a canned fake replaying the real fake's answer."""
+    reply = httpx.post(f"{fake_base}/images/generations", json={"model": "gpt-image-2", "prompt": "a red fox",
+                                                                 "size": SIZE},
+                       headers={"authorization": f"Bearer {fakes()['openai'].key}"})
+    head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(reply.content)}\r\n\r\n"
+    (tmp / "reply").write_bytes(head.encode() + reply.content)
+    port = free_port()
+    canned = subprocess.Popen([sys.executable, __file__, "--canned-fake", str(tmp / "reply"), str(port)],
+                              start_new_session=True)
+    out: dict[str, object] = {}
+    try:
+        canned_base = f"http://127.0.0.1:{port}/v1"
+        while True:
+            try:
+                httpx.post(f"{canned_base}/images/generations", content=b"{}", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        out["wrk_canned_fake_calls_per_s"] = round(wrk_rate(f"{canned_base}/images/generations", seconds, tmp), 1)
+        for workers in (1, 2):
+            proc, base, _ = start(canned_base, workers, tmp)
+            try:
+                rate = wrk_rate(f"{base}/v1/images/generations", seconds, tmp)
+                out[f"wrk_workers{workers}_calls_per_s"] = round(rate, 1)
+            finally:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(30)
+    finally:
+        os.killpg(canned.pid, signal.SIGTERM)
+        canned.wait(10)
+    out["wrk_ratio_2_workers_vs_1"] = round(out["wrk_workers2_calls_per_s"] / out["wrk_workers1_calls_per_s"], 2)  # type: ignore[operator]
+    return out
 
 
 def rss_mib(proc: subprocess.Popen) -> list[float]:
@@ -145,10 +230,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--burst", type=int, default=600)
+    ap.add_argument("--wrk-seconds", type=int, default=10)
     ap.add_argument("--bare-proxy", nargs=2, metavar=("UPSTREAM", "PORT"), help=argparse.SUPPRESS)
+    ap.add_argument("--canned-fake", nargs=2, metavar=("REPLY", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_proxy:
         bare_proxy(args.bare_proxy[0], int(args.bare_proxy[1]))
+        return
+    if args.canned_fake:
+        canned_fake(args.canned_fake[0], int(args.canned_fake[1]))
         return
     tmp = Path(tempfile.mkdtemp(prefix="imagebroker-gateway-bench-"))
     with fakes()["openai"](["ok"]) as fake:
@@ -175,6 +265,10 @@ def main() -> None:
                 proc.wait(30)
         out["ratio_1_worker_vs_direct"] = round(out["workers1_calls_per_s"] / direct_tput, 2)  # type: ignore[operator]
         out["ratio_2_workers_vs_1"] = round(out["workers2_calls_per_s"] / out["workers1_calls_per_s"], 2)  # type: ignore[operator]
+        if shutil.which("wrk"):
+            out |= gateway_bound(fake.base_url, args.wrk_seconds, tmp)
+        else:
+            print("wrk is not installed (apt-get install wrk): the gateway-bound throughput is not measured")
     save("gateway", out)
 
 

@@ -44,7 +44,8 @@ from .streaming import stream_answer
 log = logging.getLogger("imagebroker.gateway")
 access = logging.getLogger("imagebroker.gateway.access")
 MAX_UPLOAD_BYTES = 64 << 20   # an edit's images, all of them
-JOB_POLL_S = 0.2             # how often an idle worker looks for queued jobs
+JOB_POLL_S = 0.2             # how soon a worker looks again for queued jobs after finding some
+JOB_IDLE_S = 2.0             # ... and at most how long it waits when it finds none (a job it queues wakes it)
 
 
 def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> Starlette:
@@ -75,9 +76,12 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
             await state.pop("broker").aclose()
 
     async def run_jobs() -> None:
-        """Take queued jobs (this worker's share: whoever claims first runs it) and run them one at a time."""
+        """Take queued jobs (this worker's share: whoever claims first runs it) and run them one at a time.
+        An idle worker looks less and less often, up to every JOB_IDLE_S (each look is a ledger transaction),
+        and at once when it queues a job itself; another worker's job waits at most JOB_IDLE_S for it."""
         queue = JobQueue(broker().ledger)
         await asyncio.to_thread(queue.requeue_orphans)
+        idle = JOB_POLL_S
         while True:
             if drain.draining:   # another worker takes what is queued
                 await asyncio.sleep(JOB_POLL_S)
@@ -88,8 +92,13 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
                 log.warning("could not read the job queue", exc_info=True)
                 claimed = None
             if claimed is None:
-                await asyncio.sleep(JOB_POLL_S)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(idle):
+                        await queued.wait()
+                queued.clear()
+                idle = min(idle * 2, JOB_IDLE_S)
                 continue
+            idle = JOB_POLL_S
             drain.in_flight += 1   # a drain waits for it
             try:
                 await run_job(queue, *claimed)
@@ -122,6 +131,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         return state["broker"]
 
     keys = Callers(broker)
+    queued = asyncio.Event()   # set when this worker queues a job, so that its job runner looks now
 
     async def caller(request: Request) -> GatewayKey | JSONResponse | None:
         """The key this request carries (None: the gateway is open), or the 401 to answer."""
@@ -163,6 +173,7 @@ def create_app(policy: Any = None, ledger: Any = None, *, store: Any = None) -> 
         if inputs:
             fields |= await asyncio.to_thread(stash_inputs, b.store, inputs)
         await asyncio.to_thread(JobQueue(b.ledger).submit, job, fields, key.name if key else None)
+        queued.set()
         return JSONResponse({"id": job, "object": "image.job", "status": "queued"}, status_code=202,
                             headers={"location": f"/v1/images/jobs/{job}"})
 
