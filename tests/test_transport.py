@@ -243,3 +243,17 @@ def test_the_provider_says_not_sent_or_unknown_from_the_transports_errors():
 
     with raw(drop) as server, pytest.raises(OutcomeUnknown):
         _send(server.url)
+
+
+def test_a_proxy_named_by_the_environment_is_still_used(monkeypatch):
+    def proxy(conn: socket.socket, server: Raw) -> None:
+        while server.read_request(conn) is not None:
+            conn.sendall(OK)
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with raw(proxy) as server:
+        monkeypatch.setenv("HTTP_PROXY", server.url)
+        assert _send("http://provider.invalid/v1/images").json() == {"ok": True}
+    assert server.received[0].startswith(b"POST http://provider.invalid/v1/images HTTP/1.1")

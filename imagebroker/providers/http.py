@@ -43,7 +43,7 @@ from ..errors import (
     RateLimited,
 )
 from .base import Provider, mark_submitted
-from .transport import AiohttpTransport
+from .transport import transport_for
 
 _TRANSFER_HEADERS = ("content-encoding", "content-length", "transfer-encoding")
 
@@ -215,7 +215,7 @@ class HttpProvider(Provider):
         if self._client is None:
             limits = httpx2.Limits(max_connections=200, max_keepalive_connections=50)
             self._client = httpx2.AsyncClient(timeout=httpx2.Timeout(120.0, connect=10.0), limits=limits,
-                                              transport=AiohttpTransport(limits))
+                                              transport=transport_for(limits))
         return self._client
 
     def headers(self, key: str | None) -> dict[str, str]:

@@ -16,8 +16,9 @@ and the openai SDK's `DefaultAioHttpClient` do the same swap; this one keeps wha
   (DNS, refused, TLS, a pool or connect timeout) is a `ConnectError`/`ConnectTimeout`, nothing sent; anything
   after is a read or protocol error, so a paid call is never taken for one not sent (`http.transport_errors`).
 
-One aiohttp session per event loop (a session belongs to its loop); environment proxies are httpx2's own
-mounts, which it puts in front of this transport when HTTP(S)_PROXY is set.
+One aiohttp session per event loop (a session belongs to its loop). Where the environment names a proxy
+(HTTP_PROXY, HTTPS_PROXY, ALL_PROXY), `transport_for` gives none, so that httpx2 uses its own transport, which
+honours those and NO_PROXY as it always has (httpx2 ignores them for a transport given to it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator, Iterator
+from urllib.request import getproxies
 
 import aiohttp
 import httpx2
@@ -74,6 +76,13 @@ class _Body(httpx2.AsyncByteStream):
             self._response.release()   # back to the pool
         else:
             self._response.close()   # half read: the connection cannot be reused
+
+
+def transport_for(limits: httpx2.Limits) -> AiohttpTransport | None:
+    """The providers' transport, or None (httpx2's own) where the environment names a proxy."""
+    if any(scheme in getproxies() for scheme in ("http", "https", "all")):
+        return None
+    return AiohttpTransport(limits)
 
 
 class AiohttpTransport(httpx2.AsyncBaseTransport):
