@@ -257,3 +257,39 @@ def test_a_proxy_named_by_the_environment_is_still_used(monkeypatch):
         monkeypatch.setenv("HTTP_PROXY", server.url)
         assert _send("http://provider.invalid/v1/images").json() == {"ok": True}
     assert server.received[0].startswith(b"POST http://provider.invalid/v1/images HTTP/1.1")
+
+
+def test_a_reason_phrase_in_any_encoding_is_read_as_the_answer():
+    reply = "HTTP/1.1 200 OK €\r\nContent-Length: 12\r\n\r\n".encode() + b'{"ok": true}'
+    with raw(answer_each(reply)) as server:
+        assert _send(server.url).json() == {"ok": True}
+
+
+def test_credentials_in_the_url_go_as_basic_auth():
+    with raw(answer_each(OK)) as server:
+        assert _send(server.url.replace("http://", "http://user:secret@") + "/prompt").status_code == 200
+    head = server.received[0].split(b"\r\n\r\n")[0]
+    assert head.startswith(b"POST /prompt HTTP/1.1") and b"Authorization: Basic dXNlcjpzZWNyZXQ=" in head
+
+
+def test_an_answer_its_content_encoding_cannot_decode_is_a_bad_response():
+    reply = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!"
+    with raw(answer_each(reply)) as server, pytest.raises(BadProviderResponse, match="could not be decoded"):
+        _send(server.url)
+
+
+def test_a_poll_is_not_sent_again_by_the_transport_when_its_connection_drops():
+    def once_then_drop(conn: socket.socket, server: Raw) -> None:
+        server.read_request(conn)
+        conn.sendall(OK)
+        server.read_request(conn)   # the second request, read and left unanswered
+
+    async def two() -> None:
+        async with client() as c:
+            await c.get(server.url)
+            with pytest.raises(httpx2.RemoteProtocolError):
+                await c.get(server.url)
+
+    with raw(once_then_drop) as server:
+        asyncio.run(two())
+    assert len(server.received) == 2   # not three: aiohttp's own retry of an idempotent request is off

@@ -198,6 +198,8 @@ def transport_errors(where: dict[str, Any], submit: bool = False) -> Iterator[No
         if submit and not isinstance(exc, NOT_SENT):
             raise OutcomeUnknown(f"connection lost after sending: {type(exc).__name__}", **where) from None
         raise ProviderUnavailable(f"connection failed: {type(exc).__name__}", **where) from None
+    except httpx2.DecodingError:   # an answer came, in an encoding it does not hold to (as malformed JSON)
+        raise BadProviderResponse("answer could not be decoded by its Content-Encoding", **where) from None
 
 
 class HttpProvider(Provider):
