@@ -71,16 +71,14 @@ def start(fake_base: str, workers: int, tmp: Path) -> tuple[subprocess.Popen, st
 
 def bare_proxy(upstream: str, port: int) -> None:
     """`--bare-proxy`: forward POST /v1/images/generations to the fake and its answer back, nothing else."""
-    import httpx2
     import uvicorn
     from starlette.applications import Starlette
     from starlette.responses import Response
     from starlette.routing import Route
 
-    from imagebroker.providers.transport import AiohttpTransport
+    from imagebroker.providers.http import new_client
 
-    limits = httpx2.Limits(max_connections=200, max_keepalive_connections=50)
-    client = httpx2.AsyncClient(transport=AiohttpTransport(limits), limits=limits)   # the providers' own stack
+    client = new_client()   # the providers' own HTTP stack
 
     async def forward(request):   # type: ignore[no-untyped-def]
         sent = await client.post(f"{upstream}/images/generations", content=await request.body(),

@@ -202,6 +202,13 @@ def transport_errors(where: dict[str, Any], submit: bool = False) -> Iterator[No
         raise BadProviderResponse("answer could not be decoded by its Content-Encoding", **where) from None
 
 
+def new_client() -> httpx2.AsyncClient:
+    """The providers' HTTP client: httpx2 on the aiohttp transport (`transport.py`)."""
+    limits = httpx2.Limits(max_connections=200, max_keepalive_connections=50)
+    return httpx2.AsyncClient(timeout=httpx2.Timeout(120.0, connect=10.0), limits=limits,
+                              transport=transport_for(limits))
+
+
 class HttpProvider(Provider):
     """A provider that speaks plain HTTP with httpx2."""
 
@@ -215,9 +222,7 @@ class HttpProvider(Provider):
 
     def client(self) -> httpx2.AsyncClient:
         if self._client is None:
-            limits = httpx2.Limits(max_connections=200, max_keepalive_connections=50)
-            self._client = httpx2.AsyncClient(timeout=httpx2.Timeout(120.0, connect=10.0), limits=limits,
-                                              transport=transport_for(limits))
+            self._client = new_client()
         return self._client
 
     def headers(self, key: str | None) -> dict[str, str]:
@@ -235,13 +240,9 @@ class HttpProvider(Provider):
             mark_submitted()
         with transport_errors(where, submit):
             async with self.client().stream(method, url, **kw) as streamed:
-                if self._small_and_plain(streamed):   # the usual answer: read in one go, kept as it is
-                    await streamed.aread()
-                    resp = streamed
-                else:
-                    body = await self._read_bounded(streamed, where)
-                    resp = httpx2.Response(streamed.status_code, headers=_decoded(streamed.headers), content=body,
-                                           request=streamed.request)
+                body = await self._read_bounded(streamed, where)
+        resp = httpx2.Response(streamed.status_code, headers=_decoded(streamed.headers), content=body,
+                              request=streamed.request)
         if resp.is_redirect:
             to = origin(redirect_target(resp, where))
             raise BadProviderResponse(f"{resp.request.url.path} redirected to {to}: not followed", **where)
@@ -310,14 +311,6 @@ class HttpProvider(Provider):
         """The most one answer or result may hold: `providers.NAME.max_response_bytes`, else
         MAX_RESULT_BYTES."""
         return self.settings.max_response_bytes or MAX_RESULT_BYTES
-
-    def _small_and_plain(self, resp: httpx2.Response) -> bool:
-        """Whether the answer declares a length within `max_bytes` and no content encoding: its body, read
-        whole, cannot grow past what it declared (h11 holds the server to its Content-Length), so it needs
-        no chunk-by-chunk bound. A compressed one could inflate without limit, so it is read bounded."""
-        declared = resp.headers.get("content-length", "")
-        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
-        return declared.isdigit() and int(declared) <= self.max_bytes and encoding in ("", "identity")
 
     async def _read_bounded(self, resp: httpx2.Response, where: dict[str, Any]) -> bytes:
         limit = self.max_bytes

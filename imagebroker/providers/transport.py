@@ -3,7 +3,7 @@ decoding, timeouts, its exception classes) over aiohttp's connection pool and C 
 
 Why: a provider call is the one network hop on every request, and httpx2's own transport (httpcore2 on
 anyio, h11's pure-Python parser) costs ~0.75 ms of CPU per loopback POST on this machine, aiohttp ~0.25 ms
-(docs/benchmarks.md, "The provider hop"). Through the gateway that difference is most of its overhead. LiteLLM
+(docs/benchmarks.md, issue 10, step 3). Through the gateway that difference is most of its overhead. LiteLLM
 and the openai SDK's `DefaultAioHttpClient` do the same swap; this one keeps what the adapters rely on:
 
 - nothing is decoded, followed or remembered here: aiohttp's decompression, redirects and cookies are off, so
